@@ -1,0 +1,3 @@
+"""vodq: archive video-on-demand recordings from a prioritized, persistent queue."""
+
+__version__ = "0.1.0"

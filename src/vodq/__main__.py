@@ -1,0 +1,5 @@
+import sys
+
+from vodq.cli import main
+
+sys.exit(main())

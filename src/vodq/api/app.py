@@ -1,0 +1,144 @@
+"""The FastAPI application: routes stay thin and call the service layer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vodq.api.models import (
+    ErrorResponse,
+    HealthOut,
+    PriorityIn,
+    PriorityOut,
+    StatusOut,
+    VodIn,
+    VodOut,
+    VodPage,
+)
+from vodq.errors import (
+    InvalidInput,
+    InvalidTransition,
+    StorageUnavailable,
+    VodNotFound,
+    VodqError,
+)
+from vodq.models import VodState
+from vodq.service import NewVod, Service
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    409: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+}
+
+
+def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
+    """Build the app; with ``manage_lifecycle`` it also starts and stops ``service``."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            service.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                service.stop()
+
+    app = FastAPI(title="vodq", version="0.1.0", lifespan=lifespan)
+    _install_error_handlers(app)
+
+    @app.get("/healthz", response_model=HealthOut)
+    def healthz() -> HealthOut:
+        service.queue.counts()
+        return HealthOut(status="ok")
+
+    @app.get("/status", response_model=StatusOut)
+    def status() -> StatusOut:
+        return StatusOut.model_validate(service.status())
+
+    @app.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(
+            generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    @app.get("/vods", response_model=VodPage, responses=ERRORS)
+    def list_vods(
+        state: VodState | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+    ) -> VodPage:
+        vods = service.queue.list_vods(state=state, limit=limit + 1, after_id=after)
+        page = vods[:limit]
+        next_after = page[-1].id if len(vods) > limit else None
+        return VodPage(
+            items=[VodOut.from_vod(vod) for vod in page], next_after=next_after
+        )
+
+    @app.get("/vods/{vod_id}", response_model=VodOut, responses=ERRORS)
+    def get_vod(vod_id: str) -> VodOut:
+        return VodOut.from_vod(service.get_vod(vod_id))
+
+    @app.post(
+        "/admin/vods",
+        response_model=VodOut,
+        status_code=201,
+        responses={200: {"model": VodOut}, **ERRORS},
+    )
+    def add_vod(body: VodIn, response: Response) -> VodOut:
+        vod, created = service.add_vod(NewVod(**body.model_dump()))
+        response.status_code = 201 if created else 200
+        return VodOut.from_vod(vod)
+
+    @app.post("/admin/vod/priority", response_model=PriorityOut, responses=ERRORS)
+    def set_priority(body: PriorityIn) -> PriorityOut:
+        vod = service.set_priority(body.vod_id, body.priority)
+        return PriorityOut(status="ok", vod_id=vod.vod_id, priority=vod.priority)
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    statuses: list[tuple[type[VodqError], int]] = [
+        (VodNotFound, 404),
+        (InvalidInput, 400),
+        (InvalidTransition, 409),
+        (StorageUnavailable, 503),
+    ]
+
+    async def domain_error(_request: Request, exc: Exception) -> JSONResponse:
+        code = next((c for kind, c in statuses if isinstance(exc, kind)), 500)
+        return JSONResponse({"error": str(exc)}, status_code=code)
+
+    async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"error": _describe_validation(exc)}, status_code=422)
+
+    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    app.add_exception_handler(VodqError, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        location = ".".join(
+            str(part) for part in error.get("loc", ()) if part != "body"
+        )
+        parts.append(f"{location or 'body'}: {error.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)

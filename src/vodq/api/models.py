@@ -1,0 +1,148 @@
+"""Request and response models; every route declares its response shape."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+from vodq.models import Vod
+
+# Times are UTC, written in ISO 8601 with an explicit "+00:00" offset.
+IsoTime = Annotated[
+    datetime, PlainSerializer(lambda value: value.isoformat(), return_type=str)
+]
+Priority = Annotated[int, Field(ge=-(2**63), le=2**63 - 1, examples=[100])]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class VodIn(BaseModel):
+    """A VOD to queue: a bare id (turned into a URL by VOD_URL_TEMPLATE) or a URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vod_id: str | None = Field(default=None, examples=["123456789"])
+    url: str | None = Field(
+        default=None, examples=["https://www.twitch.tv/videos/123456789"]
+    )
+    title: str | None = None
+    date: str | None = Field(default=None, examples=["2024-10-15T18:30:00+00:00"])
+    channel: str | None = None
+    priority: Priority = 0
+
+
+class PriorityIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vod_id: str = Field(examples=["123456789"])
+    priority: Priority
+
+
+class PriorityOut(BaseModel):
+    status: str
+    vod_id: str
+    priority: int
+
+
+class VodOut(BaseModel):
+    vod_id: str
+    source_url: str
+    title: str | None
+    date: IsoTime | None
+    channel: str | None
+    priority: int
+    state: str
+    processed: bool
+    attempts: int
+    next_attempt_at: IsoTime | None
+    last_error: str | None
+    error_class: str | None
+    bytes_done: int
+    bytes_total: int | None
+    progress: float | None = Field(description="bytes_done / bytes_total, 0 to 1")
+    speed_bps: int | None
+    file_path: str | None
+    lease_owner: str | None
+    lease_expires_at: IsoTime | None
+    created_at: IsoTime
+    updated_at: IsoTime
+    started_at: IsoTime | None
+    finished_at: IsoTime | None
+    download_ms: int | None
+
+    @classmethod
+    def from_vod(cls, vod: Vod) -> VodOut:
+        progress = None
+        if vod.bytes_total:
+            progress = min(1.0, vod.bytes_done / vod.bytes_total)
+        return cls(
+            vod_id=vod.vod_id,
+            source_url=vod.source_url,
+            title=vod.title,
+            date=vod.date,
+            channel=vod.channel,
+            priority=vod.priority,
+            state=vod.state.value,
+            processed=vod.processed,
+            attempts=vod.attempts,
+            next_attempt_at=vod.next_attempt_at,
+            last_error=vod.last_error,
+            error_class=vod.error_class,
+            bytes_done=vod.bytes_done,
+            bytes_total=vod.bytes_total,
+            progress=progress,
+            speed_bps=vod.speed_bps,
+            file_path=vod.file_path,
+            lease_owner=vod.lease_owner,
+            lease_expires_at=vod.lease_expires_at,
+            created_at=vod.created_at,
+            updated_at=vod.updated_at,
+            started_at=vod.started_at,
+            finished_at=vod.finished_at,
+            download_ms=vod.download_ms,
+        )
+
+
+class VodPage(BaseModel):
+    items: list[VodOut]
+    next_after: int | None = Field(
+        description="pass as 'after' to get the next page; null on the last page"
+    )
+
+
+class PriorityCount(BaseModel):
+    priority: int
+    count: int
+
+
+class RetryConfig(BaseModel):
+    download_max_attempts: int
+    download_backoff_base: str
+    upload_max_attempts: int
+    upload_backoff_base: str
+    processing_retry_cooldown: str
+
+
+class StatusOut(BaseModel):
+    pending: int
+    queue_by_priority: list[PriorityCount]
+    queue_by_state: dict[str, int]
+    active_downloads: int
+    max_concurrent_downloads: int
+    retry_config: RetryConfig
+    download_rate_limit: str | None
+    download_rate_limit_bytes: int | None
+    circuit_state: str
+    circuit_failures: int
+    circuit_open_until: str | None
+    last_process_run: IsoTime | None
+    avg_download_ms: int
+    worker_id: str | None
+
+
+class HealthOut(BaseModel):
+    status: str

@@ -1,0 +1,254 @@
+"""The ``vodq`` command.
+
+``serve`` runs the API and the scheduler in one process; ``migrate`` works on
+the database directly. ``add``, ``priority`` and ``status`` talk to the running
+service over HTTP, so they work from any machine that reaches it and never
+bypass its wake-ups or its auth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from vodq.config import Settings, load_settings
+from vodq.errors import ConfigError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"vodq: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    handler = args.handler
+    return int(handler(args, settings))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vodq",
+        description=(
+            "Archive video-on-demand recordings from a prioritized queue. "
+            "Configuration comes from the environment and ./.env."
+        ),
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the HTTP API and the download scheduler in one process"
+    )
+    serve.add_argument("--host", help="listen address (overrides HTTP_ADDR)")
+    serve.add_argument("--port", type=int, help="listen port (overrides HTTP_ADDR)")
+    serve.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not apply database migrations at start-up",
+    )
+    serve.set_defaults(handler=_serve, run_api=True, run_worker=True)
+
+    api = commands.add_parser(
+        "api", help="run only the HTTP API (scale downloads with 'vodq worker')"
+    )
+    api.add_argument("--host", help="listen address (overrides HTTP_ADDR)")
+    api.add_argument("--port", type=int, help="listen port (overrides HTTP_ADDR)")
+    api.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not apply database migrations at start-up",
+    )
+    api.set_defaults(handler=_serve, run_api=True, run_worker=False)
+
+    worker = commands.add_parser(
+        "worker", help="run only the download scheduler, sharing DB_DSN with others"
+    )
+    worker.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not apply database migrations at start-up",
+    )
+    worker.set_defaults(handler=_serve, run_api=False, run_worker=True)
+
+    migrate = commands.add_parser(
+        "migrate", help="apply database migrations to DB_DSN (works on the database)"
+    )
+    migrate.set_defaults(handler=_migrate)
+
+    server_help = (
+        "base URL of the running service (default: $VODQ_SERVER, else "
+        "http://127.0.0.1:PORT from HTTP_ADDR)"
+    )
+    add = commands.add_parser(
+        "add", help="queue a VOD by id or URL (talks to the running service)"
+    )
+    add.add_argument("target", metavar="URL_OR_ID", help="a VOD id or an http(s) URL")
+    add.add_argument(
+        "--priority", type=int, default=0, help="higher runs first (default 0)"
+    )
+    add.add_argument("--title", help="title to store with the VOD")
+    add.add_argument("--date", help="ISO 8601 date of the VOD, e.g. 2024-10-15")
+    add.add_argument("--channel", help="channel name to store with the VOD")
+    add.add_argument("--server", help=server_help)
+    add.set_defaults(handler=_add)
+
+    priority = commands.add_parser(
+        "priority", help="set a VOD's priority (talks to the running service)"
+    )
+    priority.add_argument("vod_id", metavar="VOD_ID")
+    priority.add_argument("priority", type=int, metavar="PRIORITY")
+    priority.add_argument("--server", help=server_help)
+    priority.set_defaults(handler=_priority)
+
+    status = commands.add_parser(
+        "status", help="print the queue status (talks to the running service)"
+    )
+    status.add_argument("--server", help=server_help)
+    status.set_defaults(handler=_status)
+    return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from vodq.api.app import create_app
+    from vodq.logs import configure_logging
+    from vodq.service import Service
+
+    configure_logging(settings.log_level, settings.log_format)
+    service = Service(settings, run_worker=args.run_worker)
+    if not args.run_api:
+        return _run_worker_only(service, migrate=not args.no_migrate)
+
+    host = args.host or settings.http_host
+    port = args.port or settings.http_port
+    if args.no_migrate:
+        app = create_app(service, manage_lifecycle=False)
+        service.start(migrate=False)
+    else:
+        app = create_app(service)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+    if args.no_migrate:
+        service.stop()
+    return 0
+
+
+def _run_worker_only(service: Any, *, migrate: bool) -> int:
+    """Run the scheduler until SIGTERM or SIGINT; a second signal exits at once."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service.start(migrate=migrate)
+    stop.wait()
+    service.stop()
+    return 0
+
+
+def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    from vodq.db.engine import make_engine
+    from vodq.db.migrate import upgrade
+
+    engine = make_engine(settings.db_dsn)
+    upgrade(engine)
+    engine.dispose()
+    print(f"database at {_redacted(settings.db_dsn)} is up to date")
+    return 0
+
+
+def _add(args: argparse.Namespace, settings: Settings) -> int:
+    target: str = args.target
+    body: dict[str, Any] = {"priority": args.priority}
+    if target.startswith(("http://", "https://")):
+        body["url"] = target
+    else:
+        body["vod_id"] = target
+    for name in ("title", "date", "channel"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    return _call(settings, args.server, "POST", "/admin/vods", body)
+
+
+def _priority(args: argparse.Namespace, settings: Settings) -> int:
+    body = {"vod_id": args.vod_id, "priority": args.priority}
+    return _call(settings, args.server, "POST", "/admin/vod/priority", body)
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    return _call(settings, args.server, "GET", "/status", None)
+
+
+def _call(
+    settings: Settings,
+    server: str | None,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+) -> int:
+    base = (
+        server
+        or os.environ.get("VODQ_SERVER")
+        or f"http://127.0.0.1:{settings.http_port}"
+    )
+    headers: dict[str, str] = {}
+    auth: tuple[str, str] | None = None
+    if settings.admin_token:
+        headers["X-Admin-Token"] = settings.admin_token
+    elif settings.admin_username and settings.admin_password:
+        auth = (settings.admin_username, settings.admin_password)
+    try:
+        response = httpx.request(
+            method,
+            base.rstrip("/") + path,
+            json=body,
+            headers=headers,
+            auth=auth,
+            timeout=10,
+        )
+    except httpx.HTTPError as exc:
+        print(
+            f"vodq: cannot reach the service at {base}: {exc}; start it with "
+            "'vodq serve' or pass --server",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = {"error": response.text}
+    if response.is_error:
+        message = (
+            payload.get("error", payload) if isinstance(payload, dict) else payload
+        )
+        print(f"vodq: {response.status_code}: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(payload, indent=2))
+    return 0
+
+
+def _redacted(dsn: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(dsn).render_as_string(hide_password=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

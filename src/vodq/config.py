@@ -1,0 +1,332 @@
+"""Settings from the environment and an optional ``.env`` file, validated at start-up.
+
+Every variable is parsed with one grammar (see ``vodq.units``). A value that
+does not parse, or that makes no sense (zero concurrency, a negative
+duration), stops start-up with a message naming the variable, the value and
+a valid example. Nothing is silently replaced by its default.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import TypeVar
+
+from dotenv import dotenv_values
+
+from vodq.errors import ConfigError
+from vodq.units import parse_duration, parse_rate
+
+T = TypeVar("T")
+
+# Every environment variable that vodq reads.
+KNOWN_VARIABLES = (
+    "MAX_CONCURRENT_DOWNLOADS",
+    "DOWNLOAD_RATE_LIMIT",
+    "DOWNLOAD_MAX_ATTEMPTS",
+    "DOWNLOAD_BACKOFF_BASE",
+    "UPLOAD_MAX_ATTEMPTS",
+    "UPLOAD_BACKOFF_BASE",
+    "PROCESSING_RETRY_COOLDOWN",
+    "CIRCUIT_FAILURE_THRESHOLD",
+    "CIRCUIT_OPEN_COOLDOWN",
+    "DATA_DIR",
+    "DB_DSN",
+    "HTTP_ADDR",
+    "VOD_URL_TEMPLATE",
+    "ADMIN_USERNAME",
+    "ADMIN_PASSWORD",
+    "ADMIN_TOKEN",
+    "TRUSTED_PROXIES",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "LEASE_DURATION",
+    "DOWNLOAD_SOCKET_TIMEOUT",
+    "WORKER_ID",
+    "VODQ_SERVER",
+)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The configuration in force; durations in seconds, rates in bytes per second."""
+
+    max_concurrent_downloads: int = 1
+    download_rate_limit: int | None = None
+    download_max_attempts: int = 5
+    download_backoff_base: float = 2.0
+    upload_max_attempts: int = 5
+    upload_backoff_base: float = 2.0
+    processing_retry_cooldown: float = 600.0
+    circuit_failure_threshold: int = 5
+    circuit_open_cooldown: float = 300.0
+    data_dir: Path = Path("data")
+    db_dsn: str = field(default="", repr=False)
+    http_host: str = "0.0.0.0"  # noqa: S104 - the documented default listens on all interfaces
+    http_port: int = 8080
+    vod_url_template: str = "https://www.twitch.tv/videos/{id}"
+    admin_username: str | None = field(default=None, repr=False)
+    admin_password: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    log_level: str = "INFO"
+    log_format: str = "text"
+    lease_duration: float = 30.0
+    socket_timeout: float = 20.0
+    worker_id: str = ""
+
+    @property
+    def sqlite_path(self) -> Path:
+        """Default database file, used when DB_DSN is not set."""
+        return self.data_dir / "vodq.db"
+
+
+class _Reader:
+    """Parse variables from one mapping and collect every error before raising."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = values
+        self.errors: list[str] = []
+
+    def get(self, name: str, parse: Callable[[str], T], default: T, example: str) -> T:
+        raw = self.values.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            shown = _redact_dsn(raw) if name == "DB_DSN" else raw
+            self.errors.append(
+                f"{name}={shown!r} is invalid: {exc}; use for example {example}"
+            )
+            return default
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    seconds = _duration(text)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise ValueError(
+            "not a duration (a number of seconds, or parts like 2s, 5m, 1h30m)"
+        ) from None
+
+
+def _rate(text: str) -> int:
+    try:
+        rate = parse_rate(text)
+    except ValueError:
+        raise ValueError(
+            "not a rate (bytes per second with an optional K, M or G)"
+        ) from None
+    if rate < 1:
+        raise ValueError("must be at least 1 byte per second; unset it for no limit")
+    return rate
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError("not HOST:PORT")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError("the port is not a number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError("the port must be between 1 and 65535")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ':8080' means every interface
+    return host, port
+
+
+def _url_template(text: str) -> str:
+    if "{id}" not in text:
+        raise ValueError("it must contain {id}")
+    try:
+        text.format(id="1")
+    except (AttributeError, IndexError, KeyError, ValueError):
+        raise ValueError("only the placeholder {id} is allowed") from None
+    return text
+
+
+def _dsn(text: str) -> str:
+    if text.startswith(("postgres://", "postgresql://")):
+        return "postgresql+psycopg://" + text.split("://", 1)[1]
+    if text.startswith(("postgresql+psycopg://", "sqlite:///")):
+        return text
+    raise ValueError("only postgres://... and sqlite:///PATH are supported")
+
+
+def _redact_dsn(text: str) -> str:
+    """Replace the password of a DSN with ***, so errors never show it."""
+    scheme, sep, rest = text.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return text
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def _choice(options: tuple[str, ...], *, upper: bool) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.upper() if upper else text.lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> Settings:
+    """Build the settings from ``environ`` (default ``os.environ``) over ``env_file``.
+
+    Variables set in the environment win over the file. Raises ConfigError
+    listing every invalid variable.
+    """
+    values: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        values.update(
+            {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        )
+    values.update(os.environ if environ is None else environ)
+
+    reader = _Reader(values)
+    defaults = Settings()
+    host, port = reader.get("HTTP_ADDR", _address, ("0.0.0.0", 8080), ":8080")  # noqa: S104
+    data_dir = reader.get("DATA_DIR", Path, defaults.data_dir, "/var/lib/vodq")
+    settings = Settings(
+        max_concurrent_downloads=reader.get(
+            "MAX_CONCURRENT_DOWNLOADS", _positive_int, 1, "3"
+        ),
+        download_rate_limit=reader.get("DOWNLOAD_RATE_LIMIT", _rate, None, "1.5M"),
+        download_max_attempts=reader.get(
+            "DOWNLOAD_MAX_ATTEMPTS", _positive_int, 5, "5"
+        ),
+        download_backoff_base=reader.get(
+            "DOWNLOAD_BACKOFF_BASE", _positive_duration, 2.0, "2s"
+        ),
+        upload_max_attempts=reader.get("UPLOAD_MAX_ATTEMPTS", _positive_int, 5, "5"),
+        upload_backoff_base=reader.get(
+            "UPLOAD_BACKOFF_BASE", _positive_duration, 2.0, "2s"
+        ),
+        processing_retry_cooldown=reader.get(
+            "PROCESSING_RETRY_COOLDOWN", _non_negative_duration, 600.0, "600s"
+        ),
+        circuit_failure_threshold=reader.get(
+            "CIRCUIT_FAILURE_THRESHOLD", _positive_int, 5, "5"
+        ),
+        circuit_open_cooldown=reader.get(
+            "CIRCUIT_OPEN_COOLDOWN", _positive_duration, 300.0, "5m"
+        ),
+        data_dir=data_dir,
+        db_dsn=reader.get(
+            "DB_DSN",
+            _dsn,
+            f"sqlite:///{data_dir / 'vodq.db'}",
+            "postgres://vod:secret@127.0.0.1:5432/vod",
+        ),
+        http_host=host,
+        http_port=port,
+        vod_url_template=reader.get(
+            "VOD_URL_TEMPLATE",
+            _url_template,
+            defaults.vod_url_template,
+            "https://www.twitch.tv/videos/{id}",
+        ),
+        admin_username=reader.get("ADMIN_USERNAME", _text, None, "admin"),
+        admin_password=(values.get("ADMIN_PASSWORD") or "").strip() or None,
+        admin_token=(values.get("ADMIN_TOKEN") or "").strip() or None,
+        trusted_proxies=reader.get(
+            "TRUSTED_PROXIES", _networks, (), "127.0.0.1,10.0.0.0/8"
+        ),
+        log_level=reader.get(
+            "LOG_LEVEL", _choice(LOG_LEVELS, upper=True), "INFO", "INFO"
+        ),
+        log_format=reader.get(
+            "LOG_FORMAT", _choice(LOG_FORMATS, upper=False), "text", "json"
+        ),
+        lease_duration=reader.get("LEASE_DURATION", _lease_duration, 30.0, "30s"),
+        socket_timeout=reader.get(
+            "DOWNLOAD_SOCKET_TIMEOUT", _positive_duration, 20.0, "20s"
+        ),
+        worker_id=reader.get(
+            "WORKER_ID", _worker_id, f"{socket.gethostname()}-{os.getpid()}", "worker-1"
+        ),
+    )
+
+    # Half of a Basic credential would leave the admin API open or unusable,
+    # so it stops start-up like any other invalid value. The secret itself is
+    # never part of the message.
+    if bool(settings.admin_username) != bool(settings.admin_password):
+        missing = "ADMIN_PASSWORD" if settings.admin_username else "ADMIN_USERNAME"
+        present = "ADMIN_USERNAME" if settings.admin_username else "ADMIN_PASSWORD"
+        reader.errors.append(
+            f"{present} is set but {missing} is not; set both for Basic auth, "
+            "or neither (ADMIN_TOKEN alone is enough for token auth)"
+        )
+
+    if reader.errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(reader.errors))
+    return settings
+
+
+def _non_negative_duration(text: str) -> float:
+    seconds = _duration(text)
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def _lease_duration(text: str) -> float:
+    seconds = _positive_duration(text)
+    if seconds < 3:
+        raise ValueError("must be at least 3s, so that heartbeats can renew it")
+    return seconds
+
+
+def _networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{part.strip()!r} is not an IP address or network"
+            ) from None
+    return tuple(networks)
+
+
+def _worker_id(text: str) -> str:
+    if not text.isprintable() or len(text) > 200:
+        raise ValueError("must be printable and at most 200 characters")
+    return text

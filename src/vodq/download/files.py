@@ -1,0 +1,87 @@
+"""Where a VOD's files live, named safely from its id, and how they are finalised.
+
+Partial files stay in ``DATA_DIR/partial`` so that a later attempt resumes
+them; a file reaches ``DATA_DIR/vods`` only complete and synced to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def safe_stem(vod_id: str) -> str:
+    """Return a file name stem for ``vod_id`` that cannot leave its folder.
+
+    A plain id (letters, digits, ``_`` and ``-``) is used as it is. Any other
+    id is reduced to those characters and joined with ``~`` to 64 bits of a
+    hash of the whole id. A plain id cannot contain ``~``, so the two kinds
+    never meet, and two other ids share a stem only on a hash collision.
+    """
+    if _PLAIN_ID.fullmatch(vod_id):
+        return vod_id
+    digest = hashlib.sha256(vod_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    cleaned = _UNSAFE.sub("_", vod_id).strip("_")[:60]
+    return f"{cleaned}~{digest}"
+
+
+class ArchiveLayout:
+    """The folders under DATA_DIR that hold partial and finished downloads."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir = data_dir.absolute()
+        self.partial_dir = data_dir / "partial"
+        self.archive_dir = data_dir / "vods"
+
+    def ensure(self) -> None:
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self.archive_dir.mkdir(parents=True, exist_ok=True)
+
+    def partial_template(self, vod_id: str) -> str:
+        """Return yt-dlp's output template for ``vod_id``, extension left to yt-dlp."""
+        return str(self.partial_dir / f"{safe_stem(vod_id)}.%(ext)s")
+
+    def partial_files(self, vod_id: str) -> list[Path]:
+        """List every file an attempt for ``vod_id`` may have left behind."""
+        stem = safe_stem(vod_id)
+        return sorted(self.partial_dir.glob(f"{glob_escape(stem)}.*"))
+
+    def remove_stray_fragments(self, vod_id: str) -> list[Path]:
+        """Delete fragment files of an interrupted HLS download, keeping ``.ytdl``.
+
+        A fragment written but not yet merged answers 416 on resume, and yt-dlp
+        then skips it and reports success with data missing (yt-dlp 2026.11),
+        so such fragments are fetched again instead.
+        """
+        removed = [
+            path for path in self.partial_files(vod_id) if ".part-Frag" in path.name
+        ]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
+
+    def finalise(self, downloaded: Path) -> Path:
+        """Sync ``downloaded`` and move it into the archive; return its new path."""
+        target = self.archive_dir / downloaded.name
+        with downloaded.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(downloaded, target)
+        _fsync_dir(self.archive_dir)
+        return target
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

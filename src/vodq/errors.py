@@ -1,0 +1,55 @@
+"""Every domain exception of vodq, under one base class.
+
+Driver and yt-dlp errors are translated into these at the boundary, so the
+HTTP layer maps a small set of classes to status codes and the CLI prints
+their messages as they are.
+"""
+
+from __future__ import annotations
+
+
+class VodqError(Exception):
+    """Base class of every error that vodq raises on purpose."""
+
+
+class ConfigError(VodqError):
+    """A configuration value is invalid; start-up stops with this message."""
+
+
+class InvalidInput(VodqError):
+    """A request or command carries a value that vodq cannot accept."""
+
+
+class VodNotFound(VodqError):
+    """No VOD with the given id exists."""
+
+    def __init__(self, vod_id: str) -> None:
+        super().__init__(
+            f"VOD {vod_id!r} was not found; list known VODs with GET /vods"
+        )
+        self.vod_id = vod_id
+
+
+class InvalidTransition(VodqError):
+    """The VOD's current state does not allow the requested operation."""
+
+
+class StorageUnavailable(VodqError):
+    """The database cannot be reached or answered with an error."""
+
+
+class DownloadFailed(VodqError):
+    """A download attempt failed; ``error_class`` tells whether to retry.
+
+    ``retryable`` is False for errors that cannot succeed on a later attempt,
+    such as a missing video or an unsupported URL.
+    """
+
+    def __init__(self, message: str, *, error_class: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.retryable = retryable
+
+
+class DownloadCancelled(VodqError):
+    """A running download was stopped on purpose (cancel, shutdown, lost lease)."""

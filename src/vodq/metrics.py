@@ -1,0 +1,103 @@
+"""The Prometheus registry and its instruments.
+
+Each event is counted once, at the one place that decides it: the scheduler
+counts a download as started when its attempt begins and as succeeded or
+failed when that attempt ends. Queue depth is read from the database at
+scrape time, so SQL changes made behind the service's back are counted too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from vodq.queue import QueueCounts
+
+# Buckets of the download duration histogram, in seconds: VODs take from
+# seconds (short clips on a fast link) to many hours.
+DURATION_BUCKETS_S = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400)
+
+
+class _QueueCollector(Collector):
+    def __init__(self, read_counts: Callable[[], QueueCounts]) -> None:
+        self.read_counts = read_counts
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Describing must not touch the database: the registry calls this at
+        # registration, before migrations have run.
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.read_counts()
+        depth, by_state = self._families()
+        depth.add_metric([], counts.by_state.get("queued", 0))
+        for state, count in sorted(counts.by_state.items()):
+            by_state.add_metric([state], count)
+        yield depth
+        yield by_state
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "vod_queue_depth", "VODs waiting to be downloaded (state queued)."
+        )
+        by_state = GaugeMetricFamily(
+            "vod_queue_vods", "VODs in the database by state.", labels=["state"]
+        )
+        return depth, by_state
+
+
+class Metrics:
+    """Every instrument vodq exports, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.downloads_started = Counter(
+            "vod_downloads_started",
+            "Download attempts started.",
+            registry=self.registry,
+        )
+        self.downloads_succeeded = Counter(
+            "vod_downloads_succeeded",
+            "Download attempts that ended with a complete file.",
+            registry=self.registry,
+        )
+        self.downloads_failed = Counter(
+            "vod_downloads_failed",
+            "Download attempts that failed, by error class.",
+            ["error_class"],
+            registry=self.registry,
+        )
+        self.downloads_cancelled = Counter(
+            "vod_downloads_cancelled",
+            "Download attempts stopped by cancel, shutdown or a lost lease.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.retries_scheduled = Counter(
+            "vod_download_retries",
+            "Failed attempts that were queued for another attempt.",
+            registry=self.registry,
+        )
+        self.bytes_downloaded = Counter(
+            "vod_downloaded_bytes",
+            "Bytes written by downloads, counted as they arrive.",
+            registry=self.registry,
+        )
+        self.download_duration = Histogram(
+            "vod_download_duration_seconds",
+            "Duration of successful download attempts.",
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.active_downloads = Gauge(
+            "vod_active_downloads",
+            "Downloads running in this process.",
+            registry=self.registry,
+        )
+
+    def watch_queue(self, read_counts: Callable[[], QueueCounts]) -> None:
+        """Export queue gauges read through ``read_counts`` at every scrape."""
+        self.registry.register(_QueueCollector(read_counts))

@@ -1,0 +1,506 @@
+"""The persistent VOD queue: add, claim with a lease, renew, finish, fail, reprioritise.
+
+Every state change is one short transaction. Claims are atomic: on SQLite the
+transaction takes the write lock at BEGIN, on PostgreSQL it takes a
+transaction-level advisory lock and then locks candidate rows with
+``FOR UPDATE SKIP LOCKED``. Either way, counting the running downloads and
+claiming new ones happen under the same lock, so the concurrency limit holds
+for every process that shares the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from vodq.db.schema import kv, vods
+from vodq.errors import InvalidTransition, StorageUnavailable, VodNotFound
+from vodq.models import Progress, Vod, VodState
+
+log = logging.getLogger(__name__)
+
+# Key of the PostgreSQL advisory lock that serialises claims across workers.
+CLAIM_LOCK_KEY = 0x766F6471  # "vodq"
+
+# The claim order: highest priority first, then oldest date, VODs without a
+# date after those with one, then the order of insertion. ix_vods_claim
+# indexes the same expressions so the query stops after the first rows.
+CLAIM_ORDER = (
+    vods.c.priority.desc(),
+    vods.c.date.is_(None),
+    vods.c.date.asc(),
+    vods.c.id.asc(),
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """Counts that ``/status`` reports; ``by_priority`` covers queued VODs only."""
+
+    by_state: dict[str, int]
+    by_priority: list[tuple[int, int]]
+    active: int
+
+
+class VodQueue:
+    """Queue operations over one SQLAlchemy engine, SQLite or PostgreSQL."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    # -- reading --------------------------------------------------------
+
+    def get(self, vod_id: str) -> Vod:
+        """Return the VOD with ``vod_id``; raise VodNotFound when there is none."""
+        with self._read() as conn:
+            row = conn.execute(select(vods).where(vods.c.vod_id == vod_id)).first()
+        if row is None:
+            raise VodNotFound(vod_id)
+        return to_vod(row)
+
+    def list_vods(
+        self, *, state: VodState | None = None, limit: int = 50, after_id: int = 0
+    ) -> list[Vod]:
+        """List VODs in insertion order, ``limit`` at a time after row ``after_id``."""
+        query = select(vods).where(vods.c.id > after_id)
+        if state is not None:
+            query = query.where(vods.c.state == state.value)
+        query = query.order_by(vods.c.id).limit(limit)
+        with self._read() as conn:
+            return [to_vod(row) for row in conn.execute(query)]
+
+    def counts(self) -> QueueCounts:
+        """Count VODs by state, queued VODs by priority, and unexpired claims."""
+        now = self.clock()
+        with self._read() as conn:
+            by_state = {
+                str(state): int(count)
+                for state, count in conn.execute(
+                    select(vods.c.state, func.count()).group_by(vods.c.state)
+                )
+            }
+            by_priority = [
+                (int(priority), int(count))
+                for priority, count in conn.execute(
+                    select(vods.c.priority, func.count())
+                    .where(vods.c.state == VodState.QUEUED.value)
+                    .group_by(vods.c.priority)
+                    .order_by(vods.c.priority.desc())
+                )
+            ]
+            active = self._count_active(conn, now)
+        return QueueCounts(by_state=by_state, by_priority=by_priority, active=active)
+
+    def next_eligible_at(self) -> datetime | None:
+        """Return when the earliest VOD waiting for a retry becomes eligible."""
+        with self._read() as conn:
+            value = conn.execute(
+                select(func.min(vods.c.next_attempt_at)).where(
+                    vods.c.state == VodState.QUEUED.value
+                )
+            ).scalar_one_or_none()
+        return value if isinstance(value, datetime) else None
+
+    # -- adding and changing --------------------------------------------
+
+    def add(
+        self,
+        *,
+        vod_id: str,
+        source_url: str,
+        title: str | None = None,
+        date: datetime | None = None,
+        channel: str | None = None,
+        priority: int = 0,
+    ) -> tuple[Vod, bool]:
+        """Insert a queued VOD; return it and whether it was new.
+
+        Adding an id that exists changes nothing and returns the stored VOD.
+        """
+        now = self.clock()
+        values = {
+            "vod_id": vod_id,
+            "source_url": source_url,
+            "title": title,
+            "date": date,
+            "channel": channel,
+            "priority": priority,
+            "state": VodState.QUEUED.value,
+            "created_at": now,
+            "updated_at": now,
+        }
+        try:
+            with self._write() as conn:
+                row = conn.execute(insert(vods).values(values).returning(vods)).one()
+        except IntegrityError:
+            return self.get(vod_id), False
+        log.info(
+            "queued VOD %s at priority %d",
+            vod_id,
+            priority,
+            extra={"vod_id": vod_id, "priority": priority, "action": "add"},
+        )
+        return to_vod(row), True
+
+    def set_priority(self, vod_id: str, priority: int) -> Vod:
+        """Set a VOD's priority, leaving its attempts and retry clocks alone."""
+        with self._write() as conn:
+            row = conn.execute(
+                update(vods)
+                .where(vods.c.vod_id == vod_id)
+                .values(priority=priority, updated_at=self.clock())
+                .returning(vods)
+            ).first()
+        if row is None:
+            raise VodNotFound(vod_id)
+        return to_vod(row)
+
+    def requeue(self, vod_id: str) -> Vod:
+        """Put a failed, cancelled or finished VOD back in the queue, attempts reset."""
+        allowed = (VodState.FAILED.value, VodState.CANCELLED.value, VodState.DONE.value)
+        with self._write() as conn:
+            row = conn.execute(
+                update(vods)
+                .where(vods.c.vod_id == vod_id, vods.c.state.in_(allowed))
+                .values(
+                    state=VodState.QUEUED.value,
+                    attempts=0,
+                    next_attempt_at=None,
+                    last_error=None,
+                    error_class=None,
+                    updated_at=self.clock(),
+                )
+                .returning(vods)
+            ).first()
+        if row is None:
+            vod = self.get(vod_id)
+            raise InvalidTransition(
+                f"VOD {vod_id!r} is {vod.state}; only failed, cancelled or done "
+                "VODs can be reprocessed"
+            )
+        return to_vod(row)
+
+    # -- the worker's side ----------------------------------------------
+
+    def claim(
+        self, owner: str, *, wanted: int, limit: int, lease_s: float
+    ) -> list[Vod]:
+        """Claim up to ``wanted`` eligible VODs for ``owner``, in claim order.
+
+        Expired leases are released first, and no more VODs are claimed than
+        leave ``limit`` downloads running in the whole database.
+        """
+        if wanted < 1:
+            return []
+        now = self.clock()
+        with self._write() as conn:
+            if self.is_postgres:
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY}
+                )
+            self._release_expired(conn, now)
+            room = min(wanted, limit - self._count_active(conn, now))
+            if room < 1:
+                return []
+
+            candidates = (
+                select(vods.c.id)
+                .where(
+                    vods.c.state == VodState.QUEUED.value,
+                    or_(
+                        vods.c.next_attempt_at.is_(None), vods.c.next_attempt_at <= now
+                    ),
+                )
+                .order_by(*CLAIM_ORDER)
+                .limit(room)
+            )
+            if self.is_postgres:
+                candidates = candidates.with_for_update(skip_locked=True)
+            ids = list(conn.execute(candidates).scalars())
+            if not ids:
+                return []
+
+            rows = conn.execute(
+                update(vods)
+                .where(vods.c.id.in_(ids), vods.c.state == VodState.QUEUED.value)
+                .values(
+                    state=VodState.DOWNLOADING.value,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
+                    started_at=now,
+                    updated_at=now,
+                    speed_bps=None,
+                )
+                .returning(vods)
+            ).all()
+        claimed = sorted(
+            (to_vod(row) for row in rows), key=lambda vod: ids.index(vod.id)
+        )
+        return claimed
+
+    def renew(
+        self, owner: str, progress: Mapping[int, Progress], *, lease_s: float
+    ) -> set[int]:
+        """Extend ``owner``'s leases and record progress; return the ids still held."""
+        if not progress:
+            return set()
+        now = self.clock()
+        held: set[int] = set()
+        with self._write() as conn:
+            for row_id, report in progress.items():
+                result = conn.execute(
+                    update(vods)
+                    .where(
+                        vods.c.id == row_id,
+                        vods.c.lease_owner == owner,
+                        vods.c.state == VodState.DOWNLOADING.value,
+                    )
+                    .values(
+                        lease_expires_at=now + timedelta(seconds=lease_s),
+                        bytes_done=report.bytes_done,
+                        bytes_total=report.bytes_total,
+                        speed_bps=report.speed_bps,
+                        updated_at=now,
+                    )
+                )
+                if result.rowcount == 1:
+                    held.add(row_id)
+        return held
+
+    def finish(
+        self,
+        row_id: int,
+        owner: str,
+        *,
+        file_path: str,
+        size: int,
+        download_ms: int,
+    ) -> bool:
+        """Mark a claimed VOD done; return False when ``owner`` no longer holds it."""
+        now = self.clock()
+        with self._write() as conn:
+            result = conn.execute(
+                self._owned(row_id, owner).values(
+                    state=VodState.DONE.value,
+                    attempts=vods.c.attempts + 1,
+                    file_path=file_path,
+                    bytes_done=size,
+                    bytes_total=size,
+                    speed_bps=None,
+                    next_attempt_at=None,
+                    last_error=None,
+                    error_class=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    finished_at=now,
+                    updated_at=now,
+                    download_ms=download_ms,
+                )
+            )
+            if result.rowcount != 1:
+                return False
+            self._record_download_time(conn, download_ms, now)
+        return True
+
+    def fail(
+        self,
+        row_id: int,
+        owner: str,
+        *,
+        error: str,
+        error_class: str,
+        retry_at: datetime | None,
+    ) -> VodState | None:
+        """Record a failed attempt; requeue it for ``retry_at`` or fail it for good.
+
+        Returns the new state, or None when ``owner`` no longer holds the VOD.
+        """
+        now = self.clock()
+        state = VodState.QUEUED if retry_at is not None else VodState.FAILED
+        with self._write() as conn:
+            result = conn.execute(
+                self._owned(row_id, owner).values(
+                    state=state.value,
+                    attempts=vods.c.attempts + 1,
+                    next_attempt_at=retry_at,
+                    last_error=error,
+                    error_class=error_class,
+                    speed_bps=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    finished_at=now if state is VodState.FAILED else None,
+                    updated_at=now,
+                )
+            )
+        return state if result.rowcount == 1 else None
+
+    def release(self, row_id: int, owner: str, *, state: VodState) -> bool:
+        """Give a claimed VOD back without counting an attempt (cancel, shutdown)."""
+        now = self.clock()
+        with self._write() as conn:
+            result = conn.execute(
+                self._owned(row_id, owner).values(
+                    state=state.value,
+                    speed_bps=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+        return bool(result.rowcount == 1)
+
+    # -- key-value state --------------------------------------------------
+
+    def get_kv(self, keys: Iterable[str]) -> dict[str, str]:
+        """Read the values of ``keys`` that exist in the ``kv`` table."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(kv.c.key, kv.c.value).where(kv.c.key.in_(list(keys)))
+            )
+            return {str(key): str(value) for key, value in rows}
+
+    def set_kv(self, values: Mapping[str, str]) -> None:
+        """Insert or replace ``values`` in the ``kv`` table."""
+        with self._write() as conn:
+            self._upsert_kv(conn, values, self.clock())
+
+    # -- helpers --------------------------------------------------------
+
+    def _read(self) -> Connection:
+        try:
+            return self.engine.connect().execution_options(sqlite_begin="DEFERRED")
+        except OperationalError as exc:
+            raise StorageUnavailable(
+                f"the database is unavailable: {exc.orig}"
+            ) from exc
+
+    def _write(self) -> Any:
+        try:
+            return self.engine.begin()
+        except SQLAlchemyError as exc:
+            raise StorageUnavailable(f"the database is unavailable: {exc}") from exc
+
+    def _owned(self, row_id: int, owner: str) -> Any:
+        return update(vods).where(
+            vods.c.id == row_id,
+            vods.c.lease_owner == owner,
+            vods.c.state == VodState.DOWNLOADING.value,
+        )
+
+    def _count_active(self, conn: Connection, now: datetime) -> int:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    vods.c.state == VodState.DOWNLOADING.value,
+                    vods.c.lease_expires_at > now,
+                )
+            ).scalar_one()
+        )
+
+    def _release_expired(self, conn: Connection, now: datetime) -> None:
+        rows = conn.execute(
+            update(vods)
+            .where(
+                vods.c.state == VodState.DOWNLOADING.value,
+                or_(vods.c.lease_expires_at.is_(None), vods.c.lease_expires_at <= now),
+            )
+            .values(
+                state=VodState.QUEUED.value,
+                lease_owner=None,
+                lease_expires_at=None,
+                speed_bps=None,
+                updated_at=now,
+            )
+            .returning(vods.c.vod_id)
+        ).all()
+        for (vod_id,) in rows:
+            log.warning(
+                "lease of VOD %s expired; its worker is gone, so it is queued again",
+                vod_id,
+                extra={"vod_id": vod_id, "action": "lease_expired"},
+            )
+
+    def _record_download_time(
+        self, conn: Connection, download_ms: int, now: datetime
+    ) -> None:
+        stored = dict(
+            conn.execute(
+                select(kv.c.key, kv.c.value).where(
+                    kv.c.key.in_(["avg_download_ms", "downloads_completed"])
+                )
+            ).all()
+        )
+        count = int(stored.get("downloads_completed", "0"))
+        average = float(stored.get("avg_download_ms", "0"))
+        average += (download_ms - average) / (count + 1)
+        self._upsert_kv(
+            conn,
+            {
+                "avg_download_ms": f"{average:.0f}",
+                "downloads_completed": str(count + 1),
+            },
+            now,
+        )
+
+    def _upsert_kv(
+        self, conn: Connection, values: Mapping[str, str], now: datetime
+    ) -> None:
+        for key, value in values.items():
+            changed = conn.execute(
+                update(kv).where(kv.c.key == key).values(value=value, updated_at=now)
+            )
+            if changed.rowcount == 0:
+                conn.execute(insert(kv).values(key=key, value=value, updated_at=now))
+
+
+def to_vod(row: Row[Any]) -> Vod:
+    """Build a Vod from a full row of ``vods``."""
+    data = row._mapping
+    return Vod(
+        id=data["id"],
+        vod_id=data["vod_id"],
+        source_url=data["source_url"],
+        title=data["title"],
+        date=data["date"],
+        channel=data["channel"],
+        priority=int(data["priority"]),
+        state=VodState(data["state"]),
+        processed=bool(data["processed"]),
+        attempts=int(data["attempts"]),
+        next_attempt_at=data["next_attempt_at"],
+        last_error=data["last_error"],
+        error_class=data["error_class"],
+        bytes_done=int(data["bytes_done"]),
+        bytes_total=data["bytes_total"],
+        speed_bps=data["speed_bps"],
+        file_path=data["file_path"],
+        lease_owner=data["lease_owner"],
+        lease_expires_at=data["lease_expires_at"],
+        created_at=data["created_at"],
+        updated_at=data["updated_at"],
+        started_at=data["started_at"],
+        finished_at=data["finished_at"],
+        download_ms=data["download_ms"],
+    )

@@ -1,0 +1,443 @@
+"""Slots, wake-ups, lease heartbeats and shutdown for one worker process.
+
+The scheduler thread decides what runs. It claims VODs whenever a slot is
+free and it is woken: by a download that ends, by an API call that adds or
+re-prioritises a VOD, or by a timer every ``POLL_INTERVAL_S`` that picks up
+changes made with SQL behind the service's back and leases that expired.
+Each claimed VOD downloads on a thread of its own. A heartbeat thread renews
+the leases and writes progress to the database once per ``HEARTBEAT_S``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from vodq.bandwidth import TokenBucket
+from vodq.config import Settings
+from vodq.download import Downloader, DownloadJob, DownloadResult
+from vodq.errors import DownloadCancelled, DownloadFailed, StorageUnavailable
+from vodq.metrics import Metrics
+from vodq.models import Progress, Vod, VodState
+from vodq.queue import VodQueue, utcnow
+from vodq.retry import RetryPolicy, next_attempt_at
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Longest a change made with SQL waits before the scheduler sees it, in seconds.
+POLL_INTERVAL_S = 1.0
+# How often leases are renewed and progress written, in seconds.
+HEARTBEAT_S = 1.0
+# How often last_process_run is written to the kv table, in seconds.
+LAST_RUN_WRITE_S = 5.0
+
+
+class CancelReason:
+    """Why a running download was stopped; decides the state it returns to."""
+
+    CANCEL = "cancel"
+    SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass
+class RunningDownload:
+    """A download this process runs: its VOD, cancel flag, throttle and progress."""
+
+    vod: Vod
+    attempt: int
+    bucket: TokenBucket
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str | None = None
+    progress: Progress = field(default_factory=lambda: Progress(0, None, None))
+    started_monotonic: float = field(default_factory=time.monotonic)
+    bytes_counted: int = 0
+    thread: threading.Thread | None = None
+
+
+class Scheduler:
+    """Runs up to MAX_CONCURRENT_DOWNLOADS downloads from the queue."""
+
+    def __init__(
+        self,
+        queue: VodQueue,
+        downloader: Downloader,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self.queue = queue
+        self.downloader = downloader
+        self.settings = settings
+        self.metrics = metrics
+        self.worker_id = settings.worker_id
+        self.last_process_run: datetime | None = None
+        self._last_run_written = 0.0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[int, RunningDownload] = {}
+        self._threads: list[threading.Thread] = []
+        # Earliest retry this process scheduled (time.monotonic()), so the
+        # loop wakes for it instead of waiting for the next poll.
+        self._next_retry: float | None = None
+
+    # -- control ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler and heartbeat threads."""
+        for target, name in (
+            (self._loop, "vodq-scheduler"),
+            (self._heartbeat, "vodq-heartbeat"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info(
+            "scheduler started with %d download slots",
+            self.settings.max_concurrent_downloads,
+            extra={"worker_id": self.worker_id, "action": "start"},
+        )
+
+    def wake(self) -> None:
+        """Look for work now: something was added, re-prioritised or finished."""
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop claiming, stop running downloads (keeping partial files) and wait."""
+        self._stopping.set()
+        self._wake.set()
+        with self._lock:
+            running = list(self._running.values())
+        for entry in running:
+            self._cancel(entry, CancelReason.SHUTDOWN)
+
+        deadline = time.monotonic() + timeout_s
+        for entry in running:
+            if entry.thread is not None:
+                entry.thread.join(max(0.0, deadline - time.monotonic()))
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        log.info(
+            "scheduler stopped", extra={"worker_id": self.worker_id, "action": "stop"}
+        )
+
+    def cancel_running(self, vod_id: str) -> bool:
+        """Stop ``vod_id`` if this process downloads it; return whether it did."""
+        with self._lock:
+            entry = next(
+                (e for e in self._running.values() if e.vod.vod_id == vod_id), None
+            )
+        if entry is None:
+            return False
+        self._cancel(entry, CancelReason.CANCEL)
+        return True
+
+    def running(self) -> list[RunningDownload]:
+        """Return the downloads running in this process now."""
+        with self._lock:
+            return list(self._running.values())
+
+    # -- the scheduler thread --------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                self._fill_slots()
+            except (StorageUnavailable, SQLAlchemyError) as exc:
+                log.warning(
+                    "could not claim VODs, retrying in %.0fs: %s",
+                    POLL_INTERVAL_S,
+                    exc,
+                    extra={"worker_id": self.worker_id, "action": "claim"},
+                )
+            self._wake.wait(self._sleep_s())
+
+    def _sleep_s(self) -> float:
+        with self._lock:
+            next_retry = self._next_retry
+            if next_retry is not None and next_retry <= time.monotonic():
+                self._next_retry = None
+        if next_retry is None:
+            return POLL_INTERVAL_S
+        return min(POLL_INTERVAL_S, max(0.0, next_retry - time.monotonic()))
+
+    def _fill_slots(self) -> None:
+        settings = self.settings
+        with self._lock:
+            free = settings.max_concurrent_downloads - len(self._running)
+        if free > 0:
+            claimed = self.queue.claim(
+                self.worker_id,
+                wanted=free,
+                limit=settings.max_concurrent_downloads,
+                lease_s=settings.lease_duration,
+            )
+            for vod in claimed:
+                self._start_download(vod)
+        self._record_run()
+
+    def _record_run(self) -> None:
+        self.last_process_run = utcnow()
+        if time.monotonic() - self._last_run_written >= LAST_RUN_WRITE_S:
+            self.queue.set_kv({"last_process_run": self.last_process_run.isoformat()})
+            self._last_run_written = time.monotonic()
+
+    def _start_download(self, vod: Vod) -> None:
+        entry = RunningDownload(
+            vod=vod,
+            attempt=vod.attempts + 1,
+            bucket=TokenBucket(self.settings.download_rate_limit),
+        )
+        thread = threading.Thread(
+            target=self._run, args=(entry,), name=f"vodq-download-{vod.id}", daemon=True
+        )
+        entry.thread = thread
+        with self._lock:
+            self._running[vod.id] = entry
+        self.metrics.active_downloads.set(len(self._running))
+        thread.start()
+
+    # -- a download thread ----------------------------------------------
+
+    def _run(self, entry: RunningDownload) -> None:
+        vod = entry.vod
+        fields = {
+            "vod_id": vod.vod_id,
+            "attempt": entry.attempt,
+            "priority": vod.priority,
+        }
+        log.info("download started", extra={**fields, "action": "download_start"})
+        self.metrics.downloads_started.inc()
+        job = DownloadJob(
+            vod_id=vod.vod_id, source_url=vod.source_url, attempt=entry.attempt
+        )
+
+        try:
+            result = self.downloader.download(
+                job,
+                on_progress=lambda progress: self._on_progress(entry, progress),
+                cancelled=entry.cancelled,
+                bucket=entry.bucket,
+            )
+        except DownloadCancelled:
+            self._after_cancel(entry)
+        except DownloadFailed as exc:
+            self._after_failure(entry, exc)
+        except Exception as exc:
+            log.exception(
+                "download crashed", extra={**fields, "action": "download_crash"}
+            )
+            self._after_failure(
+                entry,
+                DownloadFailed(
+                    f"unexpected error: {exc}", error_class="error", retryable=True
+                ),
+            )
+        else:
+            self._after_success(entry, result)
+        finally:
+            with self._lock:
+                self._running.pop(vod.id, None)
+                active = len(self._running)
+            self.metrics.active_downloads.set(active)
+            self.wake()
+
+    def _on_progress(self, entry: RunningDownload, progress: Progress) -> None:
+        entry.progress = progress
+        # Resumed downloads report the resumed offset first; count only growth.
+        grown = progress.bytes_done - entry.bytes_counted
+        if entry.bytes_counted == 0:
+            entry.bytes_counted = progress.bytes_done
+        elif grown > 0:
+            self.metrics.bytes_downloaded.inc(grown)
+            entry.bytes_counted = progress.bytes_done
+
+    def _after_success(self, entry: RunningDownload, result: DownloadResult) -> None:
+        vod = entry.vod
+        duration_s = time.monotonic() - entry.started_monotonic
+        recorded = self._store(
+            lambda: self.queue.finish(
+                vod.id,
+                self.worker_id,
+                file_path=str(result.path),
+                size=result.size,
+                download_ms=round(duration_s * 1000),
+            )
+        )
+        if not recorded:
+            log.warning(
+                "download finished after this worker lost its lease; the other "
+                "worker's result stands",
+                extra={
+                    "vod_id": vod.vod_id,
+                    "attempt": entry.attempt,
+                    "action": "lease_lost",
+                },
+            )
+            return
+        self.metrics.downloads_succeeded.inc()
+        self.metrics.download_duration.observe(duration_s)
+        rate = result.size / duration_s if duration_s > 0 else 0.0
+        log.info(
+            "download finished: %d bytes in %.1fs (%.0f B/s)",
+            result.size,
+            duration_s,
+            rate,
+            extra={
+                "vod_id": vod.vod_id,
+                "attempt": entry.attempt,
+                "bytes": result.size,
+                "duration_ms": round(duration_s * 1000),
+                "rate_bps": round(rate),
+                "path": str(result.path),
+                "action": "download_done",
+            },
+        )
+
+    def _after_failure(self, entry: RunningDownload, error: DownloadFailed) -> None:
+        vod = entry.vod
+        settings = self.settings
+        policy = RetryPolicy(
+            max_attempts=settings.download_max_attempts,
+            backoff_base_s=settings.download_backoff_base,
+            cooldown_s=settings.processing_retry_cooldown,
+        )
+        retry_at = next_attempt_at(error, entry.attempt, policy, utcnow())
+        state = self._store(
+            lambda: self.queue.fail(
+                vod.id,
+                self.worker_id,
+                error=str(error),
+                error_class=error.error_class,
+                retry_at=retry_at,
+            )
+        )
+        self.metrics.downloads_failed.labels(error_class=error.error_class).inc()
+        fields = {
+            "vod_id": vod.vod_id,
+            "attempt": entry.attempt,
+            "error_class": error.error_class,
+            "error": str(error),
+        }
+        if state is VodState.QUEUED and retry_at is not None:
+            self._note_retry(retry_at)
+            self.metrics.retries_scheduled.inc()
+            log.warning(
+                "download failed, retrying at %s: %s",
+                retry_at.isoformat(),
+                error,
+                extra={**fields, "retry_at": retry_at.isoformat(), "action": "retry"},
+            )
+        elif state is VodState.FAILED:
+            reason = (
+                "cannot succeed on retry"
+                if not error.retryable
+                else f"all {policy.max_attempts} attempts used"
+            )
+            log.error(
+                "download failed for good (%s): %s",
+                reason,
+                error,
+                extra={**fields, "action": "download_failed"},
+            )
+        else:
+            log.warning(
+                "download failed after this worker lost its lease: %s",
+                error,
+                extra={**fields, "action": "lease_lost"},
+            )
+
+    def _note_retry(self, retry_at: datetime) -> None:
+        due = time.monotonic() + max(0.0, (retry_at - utcnow()).total_seconds())
+        with self._lock:
+            if self._next_retry is None or due < self._next_retry:
+                self._next_retry = due
+
+    def _after_cancel(self, entry: RunningDownload) -> None:
+        vod = entry.vod
+        reason = entry.cancel_reason or CancelReason.SHUTDOWN
+        state = VodState.CANCELLED if reason == CancelReason.CANCEL else VodState.QUEUED
+        if reason != CancelReason.LEASE_LOST:
+            self._store(lambda: self.queue.release(vod.id, self.worker_id, state=state))
+        self.metrics.downloads_cancelled.labels(reason=reason).inc()
+        log.warning(
+            "download stopped (%s); the partial file is kept for resume",
+            reason,
+            extra={
+                "vod_id": vod.vod_id,
+                "attempt": entry.attempt,
+                "bytes": entry.progress.bytes_done,
+                "action": "download_stopped",
+                "reason": reason,
+            },
+        )
+
+    def _cancel(self, entry: RunningDownload, reason: str) -> None:
+        if entry.cancel_reason is None:
+            entry.cancel_reason = reason
+        entry.cancelled.set()
+
+    def _store(self, write: Callable[[], T]) -> T | None:
+        """Run a result write, retrying while the database is briefly unavailable.
+
+        The outcome of a finished attempt must not be lost to a database
+        restart, so the write is retried until the lease would have expired
+        anyway.
+        """
+        deadline = time.monotonic() + self.settings.lease_duration
+        while True:
+            try:
+                return write()
+            except (StorageUnavailable, SQLAlchemyError) as exc:
+                if time.monotonic() >= deadline:
+                    log.error(
+                        "could not record a download result, giving up: %s",
+                        exc,
+                        extra={"worker_id": self.worker_id, "action": "store"},
+                    )
+                    return None
+                time.sleep(0.5)
+
+    # -- the heartbeat thread ---------------------------------------------
+
+    def _heartbeat(self) -> None:
+        while not self._stopping.wait(HEARTBEAT_S):
+            running = self.running()
+            if not running:
+                continue
+            progress = {entry.vod.id: entry.progress for entry in running}
+            try:
+                held = self.queue.renew(
+                    self.worker_id, progress, lease_s=self.settings.lease_duration
+                )
+            except (StorageUnavailable, SQLAlchemyError) as exc:
+                log.warning(
+                    "could not renew leases: %s",
+                    exc,
+                    extra={"worker_id": self.worker_id, "action": "heartbeat"},
+                )
+                continue
+            for entry in running:
+                if (
+                    entry.vod.id not in held
+                    and entry.thread is not None
+                    and entry.thread.is_alive()
+                ):
+                    if entry.cancelled.is_set():
+                        continue
+                    log.warning(
+                        "lost the lease of VOD %s; stopping its download",
+                        entry.vod.vod_id,
+                        extra={"vod_id": entry.vod.vod_id, "action": "lease_lost"},
+                    )
+                    self._cancel(entry, CancelReason.LEASE_LOST)

@@ -1,0 +1,338 @@
+"""The storage contract of VodQueue, run on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from vodq.db.engine import make_engine
+from vodq.db.migrate import upgrade
+from vodq.errors import InvalidTransition, VodNotFound
+from vodq.models import Progress, VodState
+from vodq.queue import VodQueue
+
+LEASE_S = 30.0
+
+
+class Clock:
+    """A settable clock, so lease and retry times are exact."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def queue(db_dsn: str, clock: Clock) -> Iterator[VodQueue]:
+    engine = make_engine(db_dsn)
+    upgrade(engine)
+    yield VodQueue(engine, clock=clock)
+    engine.dispose()
+
+
+def add(
+    queue: VodQueue, vod_id: str, priority: int = 0, date: str | None = None
+) -> None:
+    parsed = datetime.fromisoformat(date).replace(tzinfo=UTC) if date else None
+    queue.add(
+        vod_id=vod_id,
+        source_url=f"http://127.0.0.1:1/{vod_id}.mp4",
+        priority=priority,
+        date=parsed,
+    )
+
+
+def claim_ids(
+    queue: VodQueue, owner: str = "w1", wanted: int = 10, limit: int = 10
+) -> list[str]:
+    return [
+        vod.vod_id
+        for vod in queue.claim(owner, wanted=wanted, limit=limit, lease_s=LEASE_S)
+    ]
+
+
+def test_add_new_vod_is_queued(queue: VodQueue) -> None:
+    vod, created = queue.add(vod_id="1", source_url="http://127.0.0.1:1/a.mp4")
+    assert created
+    assert vod.state is VodState.QUEUED
+    assert vod.priority == 0
+    assert vod.processed is False
+
+
+def test_add_existing_vod_changes_nothing(queue: VodQueue) -> None:
+    queue.add(
+        vod_id="1", source_url="http://127.0.0.1:1/a.mp4", priority=5, title="first"
+    )
+    vod, created = queue.add(
+        vod_id="1", source_url="http://127.0.0.1:1/b.mp4", priority=9, title="second"
+    )
+    assert not created
+    assert vod.title == "first"
+    assert vod.priority == 5
+    assert vod.source_url == "http://127.0.0.1:1/a.mp4"
+
+
+def test_claim_order_priority_then_oldest_date(queue: VodQueue) -> None:
+    add(queue, "low", priority=-10, date="2024-01-01")
+    add(queue, "new", priority=0, date="2024-03-01")
+    add(queue, "undated", priority=0)
+    add(queue, "old", priority=0, date="2024-02-01")
+    add(queue, "high", priority=100, date="2024-05-01")
+    assert claim_ids(queue) == ["high", "old", "new", "undated", "low"]
+
+
+def test_claim_respects_limit_across_owners(queue: VodQueue) -> None:
+    for index in range(5):
+        add(queue, f"v{index}")
+    first = claim_ids(queue, "w1", wanted=2, limit=3)
+    second = claim_ids(queue, "w2", wanted=2, limit=3)
+    third = claim_ids(queue, "w3", wanted=2, limit=3)
+    assert len(first) == 2
+    assert len(second) == 1
+    assert third == []
+
+
+def test_claim_never_returns_claimed_vod(queue: VodQueue) -> None:
+    add(queue, "a")
+    add(queue, "b")
+    first = claim_ids(queue, "w1", wanted=1)
+    second = claim_ids(queue, "w2", wanted=5)
+    assert set(first).isdisjoint(second)
+    assert sorted(first + second) == ["a", "b"]
+
+
+def test_claim_skips_vod_waiting_for_retry(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a", priority=10)
+    add(queue, "b")
+    (vod,) = queue.claim("w1", wanted=1, limit=5, lease_s=LEASE_S)
+    queue.fail(
+        vod.id,
+        "w1",
+        error="boom",
+        error_class="transient",
+        retry_at=clock.now + timedelta(seconds=20),
+    )
+    assert claim_ids(queue) == ["b"]
+    clock.advance(21)
+    assert claim_ids(queue, "w2") == ["a"]
+
+
+def test_expired_lease_is_reclaimed(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a")
+    claim_ids(queue, "dead-worker")
+    clock.advance(LEASE_S + 1)
+    assert claim_ids(queue, "w2") == ["a"]
+    assert queue.get("a").lease_owner == "w2"
+
+
+def test_expired_lease_frees_its_slot(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a")
+    add(queue, "b")
+    claim_ids(queue, "dead-worker", wanted=1, limit=1)
+    assert claim_ids(queue, "w2", wanted=1, limit=1) == []
+    clock.advance(LEASE_S + 1)
+    assert len(claim_ids(queue, "w2", wanted=1, limit=1)) == 1
+
+
+def test_renew_extends_lease_and_records_progress(
+    queue: VodQueue, clock: Clock
+) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    clock.advance(20)
+    held = queue.renew("w1", {vod.id: Progress(500, 1000, 250)}, lease_s=LEASE_S)
+    clock.advance(20)
+    stored = queue.get("a")
+    assert held == {vod.id}
+    assert stored.bytes_done == 500
+    assert stored.bytes_total == 1000
+    assert stored.speed_bps == 250
+    assert claim_ids(queue, "w2") == []
+
+
+def test_renew_by_other_owner_holds_nothing(queue: VodQueue) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    assert (
+        queue.renew("w2", {vod.id: Progress(1, None, None)}, lease_s=LEASE_S) == set()
+    )
+
+
+def test_finish_marks_done_and_processed(queue: VodQueue) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    assert queue.finish(vod.id, "w1", file_path="/x/a.mp4", size=10, download_ms=1500)
+    stored = queue.get("a")
+    assert stored.state is VodState.DONE
+    assert stored.processed is True
+    assert stored.attempts == 1
+    assert stored.lease_owner is None
+
+
+def test_finish_by_former_owner_is_rejected(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    clock.advance(LEASE_S + 1)
+    claim_ids(queue, "w2")
+    assert not queue.finish(vod.id, "w1", file_path="/x", size=1, download_ms=1)
+    assert queue.get("a").lease_owner == "w2"
+
+
+def test_finish_keeps_running_average(queue: VodQueue) -> None:
+    for vod_id, duration_ms in (("a", 1000), ("b", 3000)):
+        add(queue, vod_id)
+        (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+        queue.finish(vod.id, "w1", file_path="/x", size=1, download_ms=duration_ms)
+    assert queue.get_kv(["avg_download_ms"]) == {"avg_download_ms": "2000"}
+
+
+def test_fail_without_retry_is_failed(queue: VodQueue) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    state = queue.fail(
+        vod.id, "w1", error="HTTP Error 404", error_class="gone", retry_at=None
+    )
+    stored = queue.get("a")
+    assert state is VodState.FAILED
+    assert stored.state is VodState.FAILED
+    assert stored.last_error == "HTTP Error 404"
+    assert stored.error_class == "gone"
+    assert stored.attempts == 1
+
+
+def test_release_counts_no_attempt(queue: VodQueue) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    assert queue.release(vod.id, "w1", state=VodState.CANCELLED)
+    stored = queue.get("a")
+    assert stored.state is VodState.CANCELLED
+    assert stored.attempts == 0
+
+
+def test_set_priority_keeps_retry_clock(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    retry_at = clock.now + timedelta(seconds=600)
+    queue.fail(vod.id, "w1", error="e", error_class="error", retry_at=retry_at)
+    bumped = queue.set_priority("a", 1000)
+    assert bumped.priority == 1000
+    assert bumped.next_attempt_at == retry_at
+    assert bumped.attempts == 1
+    assert claim_ids(queue) == []
+
+
+def test_set_priority_unknown_vod_raises(queue: VodQueue) -> None:
+    with pytest.raises(VodNotFound):
+        queue.set_priority("missing", 1)
+
+
+@pytest.mark.parametrize("priority", [2**63 - 1, -(2**63)], ids=["max", "min"])
+def test_priority_stores_64_bit_extremes(queue: VodQueue, priority: int) -> None:
+    add(queue, "a", priority=priority)
+    assert queue.get("a").priority == priority
+
+
+def test_requeue_failed_resets_attempts(queue: VodQueue) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    queue.fail(vod.id, "w1", error="e", error_class="gone", retry_at=None)
+    requeued = queue.requeue("a")
+    assert requeued.state is VodState.QUEUED
+    assert requeued.attempts == 0
+    assert requeued.last_error is None
+
+
+def test_requeue_queued_vod_raises(queue: VodQueue) -> None:
+    add(queue, "a")
+    with pytest.raises(InvalidTransition):
+        queue.requeue("a")
+
+
+def test_counts_by_priority_highest_first(queue: VodQueue) -> None:
+    for vod_id, priority in (("a", 0), ("b", 100), ("c", 0), ("d", -10), ("e", 100)):
+        add(queue, vod_id, priority=priority)
+    claim_ids(queue, wanted=1)
+    counts = queue.counts()
+    assert counts.by_priority == [(100, 1), (0, 2), (-10, 1)]
+    assert counts.by_state == {"queued": 4, "downloading": 1}
+    assert counts.active == 1
+
+
+def test_operator_sql_priority_update_changes_order(queue: VodQueue) -> None:
+    add(queue, "sept", date="2024-09-15")
+    add(queue, "oct", date="2024-10-15")
+    add(queue, "nov", date="2024-11-15")
+    with queue.engine.begin() as conn:
+        changed = conn.execute(
+            text(
+                "UPDATE vods SET priority = 50 WHERE date >= '2024-10-01' "
+                "AND date < '2024-11-01' AND processed = false"
+            )
+        )
+    assert changed.rowcount == 1
+    assert claim_ids(queue) == ["oct", "sept", "nov"]
+
+
+def test_operator_sql_cannot_desync_processed(queue: VodQueue) -> None:
+    add(queue, "a")
+    with pytest.raises(DBAPIError), queue.engine.begin() as conn:
+        conn.execute(text("UPDATE vods SET processed = true WHERE vod_id = 'a'"))
+    with queue.engine.begin() as conn:
+        conn.execute(text("UPDATE vods SET state = 'done' WHERE vod_id = 'a'"))
+    assert queue.get("a").processed is True
+
+
+def test_operator_sql_breaker_reset_runs(queue: VodQueue) -> None:
+    queue.set_kv(
+        {"circuit_state": "open", "circuit_failures": "7", "circuit_open_until": "x"}
+    )
+    with queue.engine.begin() as conn:
+        conn.execute(text("UPDATE kv SET value='closed' WHERE key='circuit_state'"))
+        conn.execute(text("UPDATE kv SET value='0' WHERE key='circuit_failures'"))
+        conn.execute(text("DELETE FROM kv WHERE key='circuit_open_until'"))
+    stored = queue.get_kv(["circuit_state", "circuit_failures", "circuit_open_until"])
+    assert stored == {"circuit_state": "closed", "circuit_failures": "0"}
+
+
+def test_list_vods_pages_in_insertion_order(queue: VodQueue) -> None:
+    for index in range(5):
+        add(queue, f"v{index}")
+    first = queue.list_vods(limit=2)
+    second = queue.list_vods(limit=2, after_id=first[-1].id)
+    assert [vod.vod_id for vod in first] == ["v0", "v1"]
+    assert [vod.vod_id for vod in second] == ["v2", "v3"]
+
+
+def test_list_vods_filters_by_state(queue: VodQueue) -> None:
+    add(queue, "a")
+    add(queue, "b")
+    claim_ids(queue, wanted=1)
+    running = queue.list_vods(state=VodState.DOWNLOADING)
+    assert [vod.vod_id for vod in running] == ["a"]
+
+
+def test_times_are_utc_aware(queue: VodQueue) -> None:
+    add(queue, "a", date="2024-10-15T18:30:00")
+    vod = queue.get("a")
+    assert vod.date == datetime(2024, 10, 15, 18, 30, tzinfo=UTC)
+    assert vod.created_at.tzinfo is not None
+
+
+def test_migrations_are_idempotent(queue: VodQueue) -> None:
+    upgrade(queue.engine)
+    add(queue, "a")
+    assert queue.get("a").vod_id == "a"

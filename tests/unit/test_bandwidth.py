@@ -1,0 +1,161 @@
+"""Behaviour checks of the token bucket on the real clock, with small numbers.
+
+The bounds are loose on purpose, because these check that throttling happens
+at about the configured rate, not how precise the sleeps are.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from vodq.bandwidth import BURST_S, TokenBucket
+
+
+def _consume_in_chunks(bucket: TokenBucket, total: int, chunk: int) -> float:
+    started = time.monotonic()
+    for _ in range(total // chunk):
+        bucket.consume(chunk)
+    return time.monotonic() - started
+
+
+def test_token_bucket_unlimited_never_sleeps() -> None:
+    bucket = TokenBucket(None)
+
+    elapsed_s = _consume_in_chunks(bucket, 10**10, 10**8)
+
+    assert elapsed_s < 0.1
+
+
+def test_token_bucket_reports_rate() -> None:
+    assert TokenBucket(1500.0).rate == 1500.0
+
+
+def test_token_bucket_throttles_to_rate() -> None:
+    # 6000 bytes at 20000 bytes per second take about 0.3 s.
+    bucket = TokenBucket(20_000)
+
+    elapsed_s = _consume_in_chunks(bucket, 6000, 500)
+
+    assert elapsed_s >= 0.2
+    assert elapsed_s < 1.0
+
+
+def test_token_bucket_one_large_chunk() -> None:
+    bucket = TokenBucket(20_000)
+
+    started = time.monotonic()
+    bucket.consume(4000)
+    elapsed_s = time.monotonic() - started
+
+    assert elapsed_s >= 0.15
+    assert elapsed_s < 0.8
+
+
+def test_token_bucket_idle_burst_is_capped() -> None:
+    # After 0.5 s idle the bucket contains only BURST_S seconds of tokens, so
+    # taking 0.45 s worth of bytes still waits about 0.2 s.
+    rate = 20_000
+    bucket = TokenBucket(rate)
+    time.sleep(0.5)
+
+    started = time.monotonic()
+    bucket.consume(int(rate * (BURST_S + 0.2)))
+    elapsed_s = time.monotonic() - started
+
+    assert elapsed_s >= 0.1
+    assert elapsed_s < 0.8
+
+
+def test_set_rate_raises_limit() -> None:
+    bucket = TokenBucket(1000)
+    bucket.set_rate(1_000_000)
+
+    elapsed_s = _consume_in_chunks(bucket, 20_000, 1000)
+
+    assert elapsed_s < 0.3
+    assert bucket.rate == 1_000_000
+
+
+def test_set_rate_none_removes_limit() -> None:
+    bucket = TokenBucket(1000)
+    bucket.set_rate(None)
+
+    elapsed_s = _consume_in_chunks(bucket, 10**9, 10**7)
+
+    assert elapsed_s < 0.1
+    assert bucket.rate is None
+
+
+def test_set_rate_forgets_old_debt() -> None:
+    # 1000 bytes at 100 bytes per second leave a 10 s debt, which the new
+    # rate does not inherit.
+    bucket = TokenBucket(100)
+    cancelled = threading.Event()
+    cancelled.set()
+    bucket.consume(1000, cancelled)
+    bucket.set_rate(100_000)
+
+    started = time.monotonic()
+    bucket.consume(1000)
+    elapsed_s = time.monotonic() - started
+
+    assert elapsed_s < 0.3
+
+
+def test_set_rate_limits_unlimited_bucket() -> None:
+    bucket = TokenBucket(None)
+    bucket.set_rate(20_000)
+
+    elapsed_s = _consume_in_chunks(bucket, 4000, 500)
+
+    assert elapsed_s >= 0.1
+    assert elapsed_s < 0.8
+
+
+def test_consume_set_cancel_returns_promptly() -> None:
+    # Without the cancel, 10000 bytes at 100 bytes per second wait 100 s.
+    bucket = TokenBucket(100)
+    cancelled = threading.Event()
+    cancelled.set()
+
+    started = time.monotonic()
+    bucket.consume(10_000, cancelled)
+    elapsed_s = time.monotonic() - started
+
+    assert elapsed_s < 0.1
+
+
+def test_consume_cancel_while_waiting_returns() -> None:
+    bucket = TokenBucket(100)
+    cancelled = threading.Event()
+    consumer = threading.Thread(target=bucket.consume, args=(10_000, cancelled))
+
+    started = time.monotonic()
+    consumer.start()
+    time.sleep(0.05)
+    cancelled.set()
+    consumer.join(timeout=2.0)
+    elapsed_s = time.monotonic() - started
+
+    assert not consumer.is_alive()
+    assert elapsed_s < 0.5
+
+
+def test_token_bucket_shared_by_threads() -> None:
+    # Two fragment threads share one bucket, so together they keep to its rate.
+    bucket = TokenBucket(20_000)
+    threads = [
+        threading.Thread(target=_consume_in_chunks, args=(bucket, 3000, 500))
+        for _ in range(2)
+    ]
+
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5.0)
+    elapsed_s = time.monotonic() - started
+
+    assert elapsed_s >= 0.2
+    assert elapsed_s < 1.0
