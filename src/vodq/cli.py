@@ -140,7 +140,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         service.start(migrate=False)
     else:
         app = create_app(service)
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+    # proxy_headers=False: uvicorn would otherwise replace the client address
+    # with X-Forwarded-For from 127.0.0.1, and TRUSTED_PROXIES alone decides
+    # whom vodq believes.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+    )
     if args.no_migrate:
         service.stop()
     return 0

@@ -1,9 +1,11 @@
 """The Prometheus registry and its instruments.
 
-Each event is counted once, at the one place that decides it: the scheduler
-counts a download as started when its attempt begins and as succeeded or
-failed when that attempt ends. Queue depth is read from the database at
-scrape time, so SQL changes made behind the service's back are counted too.
+Each event is counted once, at the one place that decides it. An attempt is
+counted in ``vod_downloads_started_total`` when it ends, at the same moment
+as its outcome (succeeded, failed or cancelled), so the success rate
+``rate(succeeded) / rate(started)`` stays between 0 and 1 in every window.
+Queue depth is read from the database at scrape time, so SQL changes made
+behind the service's back are counted too.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.downloads_started = Counter(
             "vod_downloads_started",
-            "Download attempts started.",
+            "Download attempts, counted when they end (running ones are "
+            "vod_active_downloads).",
             registry=self.registry,
         )
         self.downloads_succeeded = Counter(

@@ -58,3 +58,4 @@ class Vod:
     started_at: datetime | None
     finished_at: datetime | None
     download_ms: int | None
+    skip_upload: bool = False

@@ -49,6 +49,10 @@ CLAIM_ORDER = (
 )
 
 
+# The kv key that pauses claiming for every worker ("true" or "false").
+PAUSED_KEY = "queue_paused"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -202,6 +206,124 @@ class VodQueue:
             )
         return to_vod(row)
 
+    def cancel(self, vod_id: str) -> tuple[Vod, VodState]:
+        """Cancel a queued or downloading VOD; return it and the state it had.
+
+        A download on another worker stops at that worker's next heartbeat,
+        when renewing its lease finds the VOD no longer downloading.
+        """
+        vod = self.get(vod_id)
+        active = (VodState.QUEUED.value, VodState.DOWNLOADING.value)
+        with self._write() as conn:
+            row = conn.execute(
+                update(vods)
+                .where(vods.c.vod_id == vod_id, vods.c.state.in_(active))
+                .values(
+                    state=VodState.CANCELLED.value,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    speed_bps=None,
+                    next_attempt_at=None,
+                    updated_at=self.clock(),
+                )
+                .returning(vods)
+            ).first()
+        if row is None:
+            raise InvalidTransition(
+                f"VOD {vod_id!r} is {vod.state}; only queued or downloading VODs "
+                "can be cancelled"
+            )
+        return to_vod(row), vod.state
+
+    def delete(self, vod_id: str) -> Vod:
+        """Delete a VOD's row and return what it held."""
+        with self._write() as conn:
+            row = conn.execute(
+                vods.delete().where(vods.c.vod_id == vod_id).returning(vods)
+            ).first()
+        if row is None:
+            raise VodNotFound(vod_id)
+        return to_vod(row)
+
+    def set_priorities(
+        self,
+        priority: int,
+        *,
+        vod_ids: list[str] | None = None,
+        date_from: datetime | None = None,
+        date_to: datetime | None = None,
+        channel: str | None = None,
+        states: list[VodState] | None = None,
+    ) -> int:
+        """Set the priority of every VOD that matches; return how many matched.
+
+        ``date_from`` is inclusive and ``date_to`` exclusive. With no filter at
+        all nothing changes, so a mistyped request never re-prioritises the
+        whole archive.
+        """
+        conditions: list[Any] = []
+        if vod_ids is not None:
+            conditions.append(vods.c.vod_id.in_(vod_ids))
+        if date_from is not None:
+            conditions.append(vods.c.date >= date_from)
+        if date_to is not None:
+            conditions.append(vods.c.date < date_to)
+        if channel is not None:
+            conditions.append(vods.c.channel == channel)
+        if states is not None:
+            conditions.append(vods.c.state.in_([state.value for state in states]))
+        if not conditions:
+            return 0
+        with self._write() as conn:
+            result = conn.execute(
+                update(vods)
+                .where(*conditions)
+                .values(priority=priority, updated_at=self.clock())
+            )
+        return int(result.rowcount)
+
+    def set_skip_upload(self, vod_id: str, skip: bool) -> Vod:
+        """Mark whether the upload stage skips this VOD."""
+        with self._write() as conn:
+            row = conn.execute(
+                update(vods)
+                .where(vods.c.vod_id == vod_id)
+                .values(skip_upload=skip, updated_at=self.clock())
+                .returning(vods)
+            ).first()
+        if row is None:
+            raise VodNotFound(vod_id)
+        return to_vod(row)
+
+    def set_paused(self, paused: bool, *, stop_running: bool = False) -> int:
+        """Pause or resume claiming for every worker; return downloads stopped.
+
+        With ``stop_running`` the running downloads go back to the queue, and
+        their workers stop them at the next heartbeat, keeping partial files.
+        """
+        now = self.clock()
+        stopped = 0
+        with self._write() as conn:
+            self._upsert_kv(conn, {PAUSED_KEY: "true" if paused else "false"}, now)
+            if paused and stop_running:
+                result = conn.execute(
+                    update(vods)
+                    .where(vods.c.state == VodState.DOWNLOADING.value)
+                    .values(
+                        state=VodState.QUEUED.value,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        speed_bps=None,
+                        updated_at=now,
+                    )
+                )
+                stopped = int(result.rowcount)
+        return stopped
+
+    def is_paused(self) -> bool:
+        """Return whether an operator paused the queue."""
+        return self.get_kv([PAUSED_KEY]).get(PAUSED_KEY) == "true"
+
     # -- the worker's side ----------------------------------------------
 
     def claim(
@@ -221,6 +343,9 @@ class VodQueue:
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY}
                 )
             self._release_expired(conn, now)
+            paused = conn.execute(select(kv.c.value).where(kv.c.key == PAUSED_KEY))
+            if paused.scalar_one_or_none() == "true":
+                return []
             room = min(wanted, limit - self._count_active(conn, now))
             if room < 1:
                 return []
@@ -503,4 +628,5 @@ def to_vod(row: Row[Any]) -> Vod:
         started_at=data["started_at"],
         finished_at=data["finished_at"],
         download_ms=data["download_ms"],
+        skip_upload=bool(data["skip_upload"]),
     )

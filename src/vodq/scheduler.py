@@ -23,7 +23,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from vodq.bandwidth import TokenBucket
 from vodq.config import Settings
 from vodq.download import Downloader, DownloadJob, DownloadResult
-from vodq.errors import DownloadCancelled, DownloadFailed, StorageUnavailable
+from vodq.errors import (
+    DownloadCancelled,
+    DownloadFailed,
+    StorageUnavailable,
+    VodqError,
+)
 from vodq.metrics import Metrics
 from vodq.models import Progress, Vod, VodState
 from vodq.queue import VodQueue, utcnow
@@ -45,6 +50,7 @@ class CancelReason:
     """Why a running download was stopped; decides the state it returns to."""
 
     CANCEL = "cancel"
+    PAUSE = "pause"
     SHUTDOWN = "shutdown"
     LEASE_LOST = "lease_lost"
 
@@ -130,7 +136,7 @@ class Scheduler:
             "scheduler stopped", extra={"worker_id": self.worker_id, "action": "stop"}
         )
 
-    def cancel_running(self, vod_id: str) -> bool:
+    def cancel_running(self, vod_id: str, reason: str = CancelReason.CANCEL) -> bool:
         """Stop ``vod_id`` if this process downloads it; return whether it did."""
         with self._lock:
             entry = next(
@@ -138,8 +144,15 @@ class Scheduler:
             )
         if entry is None:
             return False
-        self._cancel(entry, CancelReason.CANCEL)
+        self._cancel(entry, reason)
         return True
+
+    def stop_all_running(self, reason: str) -> int:
+        """Stop every download of this process, keeping partial files."""
+        running = self.running()
+        for entry in running:
+            self._cancel(entry, reason)
+        return len(running)
 
     def running(self) -> list[RunningDownload]:
         """Return the downloads running in this process now."""
@@ -217,7 +230,6 @@ class Scheduler:
             "priority": vod.priority,
         }
         log.info("download started", extra={**fields, "action": "download_start"})
-        self.metrics.downloads_started.inc()
         job = DownloadJob(
             vod_id=vod.vod_id, source_url=vod.source_url, attempt=entry.attempt
         )
@@ -246,6 +258,9 @@ class Scheduler:
         else:
             self._after_success(entry, result)
         finally:
+            # Counted when the attempt ends, together with its outcome, so that
+            # rate(succeeded) / rate(started) over any window stays within 0..1.
+            self.metrics.downloads_started.inc()
             with self._lock:
                 self._running.pop(vod.id, None)
                 active = len(self._running)
@@ -367,6 +382,8 @@ class Scheduler:
         vod = entry.vod
         reason = entry.cancel_reason or CancelReason.SHUTDOWN
         state = VodState.CANCELLED if reason == CancelReason.CANCEL else VodState.QUEUED
+        # A cancel or pause from the API has already written the new state;
+        # this release only matters when the row is still ours.
         if reason != CancelReason.LEASE_LOST:
             self._store(lambda: self.queue.release(vod.id, self.worker_id, state=state))
         self.metrics.downloads_cancelled.labels(reason=reason).inc()
@@ -435,9 +452,25 @@ class Scheduler:
                 ):
                     if entry.cancelled.is_set():
                         continue
-                    log.warning(
-                        "lost the lease of VOD %s; stopping its download",
-                        entry.vod.vod_id,
-                        extra={"vod_id": entry.vod.vod_id, "action": "lease_lost"},
-                    )
-                    self._cancel(entry, CancelReason.LEASE_LOST)
+                    self._on_lease_lost(entry)
+
+    def _on_lease_lost(self, entry: RunningDownload) -> None:
+        vod_id = entry.vod.vod_id
+        try:
+            state: VodState | None = self.queue.get(vod_id).state
+        except VodqError:
+            state = None
+        if state is VodState.CANCELLED:
+            log.info(
+                "VOD %s was cancelled; stopping its download",
+                vod_id,
+                extra={"vod_id": vod_id, "action": "cancel"},
+            )
+            self._cancel(entry, CancelReason.CANCEL)
+            return
+        log.warning(
+            "lost the lease of VOD %s; stopping its download",
+            vod_id,
+            extra={"vod_id": vod_id, "action": "lease_lost", "state": state},
+        )
+        self._cancel(entry, CancelReason.LEASE_LOST)

@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 from vodq.config import Settings
@@ -21,9 +22,9 @@ from vodq.download.files import ArchiveLayout
 from vodq.download.ytdlp import YtDlpDownloader
 from vodq.errors import InvalidInput
 from vodq.metrics import Metrics
-from vodq.models import Vod
-from vodq.queue import VodQueue
-from vodq.scheduler import Scheduler
+from vodq.models import Vod, VodState
+from vodq.queue import PAUSED_KEY, VodQueue
+from vodq.scheduler import CancelReason, Scheduler
 from vodq.units import format_duration, format_rate
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 VOD_ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}"
 _VOD_ID = re.compile(VOD_ID_PATTERN)
 _TWITCH_VIDEO = re.compile(r"twitch\.tv/(?:[^/]+/)?videos?/(\d+)")
+MAX_BATCH_IDS = 10_000
 PRIORITY_MIN = -(2**63)
 PRIORITY_MAX = 2**63 - 1
 
@@ -94,6 +96,29 @@ def validate_url(url: str) -> str:
             "2048 characters, such as 'https://www.twitch.tv/videos/123456789'"
         )
     return url
+
+
+@dataclass(frozen=True)
+class VodSelection:
+    """Which VODs a batch operation applies to; every given field must match."""
+
+    vod_ids: list[str] | None = None
+    date_from: str | None = None
+    date_to: str | None = None
+    channel: str | None = None
+    states: list[VodState] | None = None
+
+    def is_empty(self) -> bool:
+        return all(
+            value is None
+            for value in (
+                self.vod_ids,
+                self.date_from,
+                self.date_to,
+                self.channel,
+                self.states,
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -187,6 +212,113 @@ class Service:
     def get_vod(self, vod_id: str) -> Vod:
         return self.queue.get(validate_vod_id(vod_id))
 
+    def set_priorities(self, priority: int, selection: VodSelection) -> int:
+        """Set the priority of every VOD in ``selection``; return how many matched."""
+        if selection.is_empty():
+            raise InvalidInput(
+                "a batch priority change needs 'vod_ids' or at least one filter "
+                "('date_from', 'date_to', 'channel', 'states'), so that it never "
+                "changes every VOD by mistake"
+            )
+        vod_ids = None
+        if selection.vod_ids is not None:
+            if len(selection.vod_ids) > MAX_BATCH_IDS:
+                raise InvalidInput(
+                    f"vod_ids has {len(selection.vod_ids)} ids; send at most "
+                    f"{MAX_BATCH_IDS} per request, or select with a filter"
+                )
+            vod_ids = [validate_vod_id(vod_id) for vod_id in selection.vod_ids]
+        changed = self.queue.set_priorities(
+            validate_priority(priority),
+            vod_ids=vod_ids,
+            date_from=parse_vod_date(selection.date_from),
+            date_to=parse_vod_date(selection.date_to),
+            channel=selection.channel,
+            states=selection.states,
+        )
+        log.info(
+            "priority set to %d on %d VODs",
+            priority,
+            changed,
+            extra={"priority": priority, "count": changed, "action": "set_priorities"},
+        )
+        self.wake()
+        return changed
+
+    def cancel_vod(self, vod_id: str) -> Vod:
+        """Cancel a queued or running VOD; no attempt is counted, the partial stays."""
+        vod, previous = self.queue.cancel(validate_vod_id(vod_id))
+        if previous is VodState.DOWNLOADING and self.scheduler is not None:
+            self.scheduler.cancel_running(vod_id, CancelReason.CANCEL)
+        log.info(
+            "VOD %s cancelled while %s",
+            vod_id,
+            previous,
+            extra={"vod_id": vod_id, "state": str(previous), "action": "cancel"},
+        )
+        return vod
+
+    def reprocess_vod(self, vod_id: str) -> Vod:
+        """Queue a failed, cancelled or finished VOD again with its attempts reset."""
+        vod = self.queue.requeue(validate_vod_id(vod_id))
+        log.info(
+            "VOD %s queued again for processing",
+            vod_id,
+            extra={"vod_id": vod_id, "action": "reprocess"},
+        )
+        self.wake()
+        return vod
+
+    def delete_vod(self, vod_id: str, *, delete_files: bool) -> Vod:
+        """Delete a VOD, stopping its download first; optionally delete its files."""
+        vod = self.queue.get(validate_vod_id(vod_id))
+        if vod.state is VodState.DOWNLOADING:
+            self.cancel_vod(vod_id)
+        deleted = self.queue.delete(vod_id)
+        removed = self._delete_files(deleted) if delete_files else []
+        log.info(
+            "VOD %s deleted with %d files",
+            vod_id,
+            len(removed),
+            extra={"vod_id": vod_id, "files": len(removed), "action": "delete"},
+        )
+        return deleted
+
+    def set_skip_upload(self, vod_id: str, skip: bool) -> Vod:
+        """Record whether the upload stage skips this VOD."""
+        return self.queue.set_skip_upload(validate_vod_id(vod_id), skip)
+
+    def pause(self, *, stop_running: bool) -> int:
+        """Stop claiming on every worker; optionally stop running downloads too."""
+        stopped = self.queue.set_paused(True, stop_running=stop_running)
+        if stop_running and self.scheduler is not None:
+            self.scheduler.stop_all_running(CancelReason.PAUSE)
+        log.info(
+            "queue paused",
+            extra={"stop_running": stop_running, "stopped": stopped, "action": "pause"},
+        )
+        return stopped
+
+    def resume(self) -> None:
+        """Let every worker claim again."""
+        self.queue.set_paused(False)
+        log.info("queue resumed", extra={"action": "resume"})
+        self.wake()
+
+    def _delete_files(self, vod: Vod) -> list[Path]:
+        candidates = self.layout.partial_files(vod.vod_id)
+        if vod.file_path:
+            final = Path(vod.file_path)
+            # Only a file inside the archive is ours to delete.
+            if final.resolve().parent == self.layout.archive_dir.resolve():
+                candidates.append(final)
+        removed = []
+        for path in candidates:
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+        return removed
+
     def status(self) -> dict[str, Any]:
         """Build the ``/status`` document from the values in force."""
         settings = self.settings
@@ -198,6 +330,7 @@ class Service:
                 "circuit_open_until",
                 "last_process_run",
                 "avg_download_ms",
+                PAUSED_KEY,
             ]
         )
         last_run = self.scheduler.last_process_run if self.scheduler else None
@@ -232,6 +365,7 @@ class Service:
             "last_process_run": last_run,
             "avg_download_ms": int(float(stored.get("avg_download_ms", "0") or 0)),
             "worker_id": settings.worker_id if self.scheduler else None,
+            "paused": stored.get(PAUSED_KEY) == "true",
         }
 
 

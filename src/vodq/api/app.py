@@ -12,15 +12,22 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vodq.api.auth import install_admin_auth
 from vodq.api.models import (
+    BatchPriorityIn,
+    BatchPriorityOut,
     ErrorResponse,
     HealthOut,
+    PauseIn,
+    PauseOut,
     PriorityIn,
     PriorityOut,
+    SkipUploadIn,
     StatusOut,
     VodIn,
     VodOut,
     VodPage,
+    VodRef,
 )
 from vodq.errors import (
     InvalidInput,
@@ -30,7 +37,7 @@ from vodq.errors import (
     VodqError,
 )
 from vodq.models import VodState
-from vodq.service import NewVod, Service
+from vodq.service import NewVod, Service, VodSelection
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse},
@@ -55,6 +62,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
 
     app = FastAPI(title="vodq", version="0.1.0", lifespan=lifespan)
     _install_error_handlers(app)
+    install_admin_auth(app, service.settings)
 
     @app.get("/healthz", response_model=HealthOut)
     def healthz() -> HealthOut:
@@ -103,6 +111,45 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     def set_priority(body: PriorityIn) -> PriorityOut:
         vod = service.set_priority(body.vod_id, body.priority)
         return PriorityOut(status="ok", vod_id=vod.vod_id, priority=vod.priority)
+
+    @app.post("/admin/vods/priority", response_model=BatchPriorityOut, responses=ERRORS)
+    def set_priorities(body: BatchPriorityIn) -> BatchPriorityOut:
+        selection = VodSelection(
+            vod_ids=body.vod_ids,
+            date_from=body.date_from,
+            date_to=body.date_to,
+            channel=body.channel,
+            states=body.states,
+        )
+        updated = service.set_priorities(body.priority, selection)
+        return BatchPriorityOut(status="ok", priority=body.priority, updated=updated)
+
+    @app.post("/admin/vod/cancel", response_model=VodOut, responses=ERRORS)
+    def cancel_vod(body: VodRef) -> VodOut:
+        return VodOut.from_vod(service.cancel_vod(body.vod_id))
+
+    @app.post("/admin/vod/reprocess", response_model=VodOut, responses=ERRORS)
+    def reprocess_vod(body: VodRef) -> VodOut:
+        return VodOut.from_vod(service.reprocess_vod(body.vod_id))
+
+    @app.post("/admin/vod/skip-upload", response_model=VodOut, responses=ERRORS)
+    def skip_upload(body: SkipUploadIn) -> VodOut:
+        return VodOut.from_vod(service.set_skip_upload(body.vod_id, body.skip))
+
+    @app.delete("/admin/vod/{vod_id}", response_model=VodOut, responses=ERRORS)
+    def delete_vod(vod_id: str, delete_files: bool = False) -> VodOut:
+        return VodOut.from_vod(service.delete_vod(vod_id, delete_files=delete_files))
+
+    @app.post("/admin/queue/pause", response_model=PauseOut, responses=ERRORS)
+    def pause(body: PauseIn | None = None) -> PauseOut:
+        stop_running = body.stop_running if body is not None else False
+        stopped = service.pause(stop_running=stop_running)
+        return PauseOut(status="ok", paused=True, stopped=stopped)
+
+    @app.post("/admin/queue/resume", response_model=PauseOut, responses=ERRORS)
+    def resume() -> PauseOut:
+        service.resume()
+        return PauseOut(status="ok", paused=False, stopped=0)
 
     return app
 

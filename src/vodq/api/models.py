@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
-from vodq.models import Vod
+from vodq.models import Vod, VodState
 
 # Times are UTC, written in ISO 8601 with an explicit "+00:00" offset.
 IsoTime = Annotated[
@@ -42,6 +42,53 @@ class PriorityIn(BaseModel):
     priority: Priority
 
 
+class BatchPriorityIn(BaseModel):
+    """A priority for many VODs: listed by id, or selected by every given filter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: Priority
+    vod_ids: list[str] | None = Field(default=None, max_length=10_000)
+    date_from: str | None = Field(default=None, description="inclusive, ISO 8601")
+    date_to: str | None = Field(default=None, description="exclusive, ISO 8601")
+    channel: str | None = None
+    states: list[VodState] | None = None
+
+
+class BatchPriorityOut(BaseModel):
+    status: str
+    priority: int
+    updated: int
+
+
+class VodRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vod_id: str = Field(examples=["123456789"])
+
+
+class SkipUploadIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vod_id: str = Field(examples=["123456789"])
+    skip: bool = True
+
+
+class PauseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stop_running: bool = Field(
+        default=False,
+        description="also stop running downloads, keeping their partial files",
+    )
+
+
+class PauseOut(BaseModel):
+    status: str
+    paused: bool
+    stopped: int
+
+
 class PriorityOut(BaseModel):
     status: str
     vod_id: str
@@ -73,6 +120,7 @@ class VodOut(BaseModel):
     started_at: IsoTime | None
     finished_at: IsoTime | None
     download_ms: int | None
+    skip_upload: bool
 
     @classmethod
     def from_vod(cls, vod: Vod) -> VodOut:
@@ -104,6 +152,7 @@ class VodOut(BaseModel):
             started_at=vod.started_at,
             finished_at=vod.finished_at,
             download_ms=vod.download_ms,
+            skip_upload=vod.skip_upload,
         )
 
 
@@ -142,6 +191,7 @@ class StatusOut(BaseModel):
     last_process_run: IsoTime | None
     avg_download_ms: int
     worker_id: str | None
+    paused: bool
 
 
 class HealthOut(BaseModel):

@@ -102,6 +102,7 @@ vods = Table(
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
     Column("download_ms", BigInteger),
+    Column("skip_upload", Boolean, nullable=False, server_default=text("false")),
     CheckConstraint(f"state IN ({STATES_SQL})", name="ck_vods_state"),
     CheckConstraint("attempts >= 0", name="ck_vods_attempts"),
 )
