@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vodq.breaker import BreakerSnapshot, BreakerState
 from vodq.queue import QueueCounts
 
 # Buckets of the download duration histogram, in seconds: VODs take from
@@ -24,8 +25,13 @@ DURATION_BUCKETS_S = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86
 
 
 class _QueueCollector(Collector):
-    def __init__(self, read_counts: Callable[[], QueueCounts]) -> None:
+    def __init__(
+        self,
+        read_counts: Callable[[], QueueCounts],
+        read_breaker: Callable[[], BreakerSnapshot],
+    ) -> None:
         self.read_counts = read_counts
+        self.read_breaker = read_breaker
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # Describing must not touch the database: the registry calls this at
@@ -34,21 +40,39 @@ class _QueueCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = self.read_counts()
-        depth, by_state = self._families()
+        circuit = self.read_breaker()
+        depth, by_state, breaker_state, failures = self._families()
         depth.add_metric([], counts.by_state.get("queued", 0))
         for state, count in sorted(counts.by_state.items()):
             by_state.add_metric([state], count)
+        for state in BreakerState:
+            breaker_state.add_metric([state.value], 1 if circuit.state is state else 0)
+        failures.add_metric([], circuit.failures)
         yield depth
         yield by_state
+        yield breaker_state
+        yield failures
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    def _families(
+        self,
+    ) -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
+    ]:
         depth = GaugeMetricFamily(
             "vod_queue_depth", "VODs waiting to be downloaded (state queued)."
         )
         by_state = GaugeMetricFamily(
             "vod_queue_vods", "VODs in the database by state.", labels=["state"]
         )
-        return depth, by_state
+        breaker_state = GaugeMetricFamily(
+            "vod_circuit_state",
+            "1 for the circuit breaker's current state, 0 for the others.",
+            labels=["state"],
+        )
+        failures = GaugeMetricFamily(
+            "vod_circuit_failures", "Consecutive systemic failures the breaker counts."
+        )
+        return depth, by_state, breaker_state, failures
 
 
 class Metrics:
@@ -95,12 +119,25 @@ class Metrics:
             buckets=DURATION_BUCKETS_S,
             registry=self.registry,
         )
+        self.breaker_transitions = Counter(
+            "vod_circuit_transitions",
+            "Circuit breaker state changes, by the state entered.",
+            ["to"],
+            registry=self.registry,
+        )
         self.active_downloads = Gauge(
             "vod_active_downloads",
             "Downloads running in this process.",
             registry=self.registry,
         )
 
-    def watch_queue(self, read_counts: Callable[[], QueueCounts]) -> None:
-        """Export queue gauges read through ``read_counts`` at every scrape."""
-        self.registry.register(_QueueCollector(read_counts))
+    def watch_queue(
+        self,
+        read_counts: Callable[[], QueueCounts],
+        read_breaker: Callable[[], BreakerSnapshot],
+    ) -> None:
+        """Export queue and breaker gauges, read from the database at every scrape."""
+        self.registry.register(_QueueCollector(read_counts, read_breaker))
+
+    def record_breaker_transition(self, transition: str) -> None:
+        self.breaker_transitions.labels(to=transition).inc()

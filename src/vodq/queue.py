@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
+from vodq import breaker
+from vodq.breaker import BreakerPolicy
 from vodq.db.schema import kv, vods
 from vodq.errors import InvalidTransition, StorageUnavailable, VodNotFound
 from vodq.models import Progress, Vod, VodState
@@ -69,10 +71,21 @@ class QueueCounts:
 class VodQueue:
     """Queue operations over one SQLAlchemy engine, SQLite or PostgreSQL."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Callable[[], datetime] = utcnow,
+        breaker_policy: BreakerPolicy | None = None,
+    ) -> None:
         self.engine = engine
         self.clock = clock
         self.is_postgres = engine.dialect.name == "postgresql"
+        self.breaker_policy = breaker_policy or BreakerPolicy(
+            threshold=5, cooldown_s=300
+        )
+        # Called with "open", "half-open" or "closed" after the transaction
+        # that changed the breaker has committed.
+        self.on_breaker_change: Callable[[str], None] | None = None
 
     # -- reading --------------------------------------------------------
 
@@ -349,6 +362,11 @@ class VodQueue:
             room = min(wanted, limit - self._count_active(conn, now))
             if room < 1:
                 return []
+            admission = breaker.admit(conn, now, room)
+            transition = admission.transition
+            room = admission.count
+            if room < 1:
+                return []
 
             candidates = (
                 select(vods.c.id)
@@ -366,6 +384,8 @@ class VodQueue:
             ids = list(conn.execute(candidates).scalars())
             if not ids:
                 return []
+            if admission.trial:
+                breaker.claim_trial(conn, now, ids[0])
 
             rows = conn.execute(
                 update(vods)
@@ -380,10 +400,8 @@ class VodQueue:
                 )
                 .returning(vods)
             ).all()
-        claimed = sorted(
-            (to_vod(row) for row in rows), key=lambda vod: ids.index(vod.id)
-        )
-        return claimed
+        self._notify_breaker(transition)
+        return sorted((to_vod(row) for row in rows), key=lambda vod: ids.index(vod.id))
 
     def renew(
         self, owner: str, progress: Mapping[int, Progress], *, lease_s: float
@@ -447,6 +465,8 @@ class VodQueue:
             if result.rowcount != 1:
                 return False
             self._record_download_time(conn, download_ms, now)
+            transition = breaker.record_success(conn, now, row_id)
+        self._notify_breaker(transition)
         return True
 
     def fail(
@@ -479,7 +499,13 @@ class VodQueue:
                     updated_at=now,
                 )
             )
-        return state if result.rowcount == 1 else None
+            if result.rowcount != 1:
+                return None
+            transition = breaker.record_failure(
+                conn, now, row_id, error_class, self.breaker_policy
+            )
+        self._notify_breaker(transition)
+        return state
 
     def release(self, row_id: int, owner: str, *, state: VodState) -> bool:
         """Give a claimed VOD back without counting an attempt (cancel, shutdown)."""
@@ -494,6 +520,7 @@ class VodQueue:
                     updated_at=now,
                 )
             )
+            breaker.record_release(conn, row_id)
         return bool(result.rowcount == 1)
 
     # -- key-value state --------------------------------------------------
@@ -512,6 +539,17 @@ class VodQueue:
             self._upsert_kv(conn, values, self.clock())
 
     # -- helpers --------------------------------------------------------
+
+    def _notify_breaker(self, transition: str | None) -> None:
+        if transition is None:
+            return
+        log.warning(
+            "circuit breaker is now %s",
+            transition,
+            extra={"circuit_state": transition, "action": "breaker"},
+        )
+        if self.on_breaker_change is not None:
+            self.on_breaker_change(transition)
 
     def _read(self) -> Connection:
         try:

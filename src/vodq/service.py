@@ -15,6 +15,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from vodq import breaker
+from vodq.breaker import BreakerPolicy, BreakerSnapshot
 from vodq.config import Settings
 from vodq.db.engine import make_engine
 from vodq.db.migrate import upgrade
@@ -139,9 +141,16 @@ class Service:
     def __init__(self, settings: Settings, *, run_worker: bool = True) -> None:
         self.settings = settings
         self.engine = make_engine(settings.db_dsn)
-        self.queue = VodQueue(self.engine)
+        self.queue = VodQueue(
+            self.engine,
+            breaker_policy=BreakerPolicy(
+                threshold=settings.circuit_failure_threshold,
+                cooldown_s=settings.circuit_open_cooldown,
+            ),
+        )
         self.metrics = Metrics()
-        self.metrics.watch_queue(self.queue.counts)
+        self.metrics.watch_queue(self.queue.counts, self.read_breaker)
+        self.queue.on_breaker_change = self.metrics.record_breaker_transition
         self.layout = ArchiveLayout(settings.data_dir)
         self.scheduler: Scheduler | None = None
         if run_worker:
@@ -163,6 +172,10 @@ class Service:
         if self.scheduler is not None:
             self.scheduler.stop()
         self.engine.dispose()
+
+    def read_breaker(self) -> BreakerSnapshot:
+        """Return the circuit breaker as every worker sees it."""
+        return breaker.snapshot_from(self.queue.get_kv(breaker.KEYS))
 
     def wake(self) -> None:
         if self.scheduler is not None:
@@ -324,15 +337,9 @@ class Service:
         settings = self.settings
         counts = self.queue.counts()
         stored = self.queue.get_kv(
-            [
-                "circuit_state",
-                "circuit_failures",
-                "circuit_open_until",
-                "last_process_run",
-                "avg_download_ms",
-                PAUSED_KEY,
-            ]
+            [*breaker.KEYS, "last_process_run", "avg_download_ms", PAUSED_KEY]
         )
+        circuit = breaker.snapshot_from(stored)
         last_run = self.scheduler.last_process_run if self.scheduler else None
         if last_run is None and "last_process_run" in stored:
             last_run = datetime.fromisoformat(stored["last_process_run"])
@@ -359,9 +366,9 @@ class Service:
             },
             "download_rate_limit": format_rate(rate) if rate is not None else None,
             "download_rate_limit_bytes": rate,
-            "circuit_state": stored.get("circuit_state", "closed"),
-            "circuit_failures": int(stored.get("circuit_failures", "0") or 0),
-            "circuit_open_until": stored.get("circuit_open_until"),
+            "circuit_state": circuit.state.value,
+            "circuit_failures": circuit.failures,
+            "circuit_open_until": circuit.open_until,
             "last_process_run": last_run,
             "avg_download_ms": int(float(stored.get("avg_download_ms", "0") or 0)),
             "worker_id": settings.worker_id if self.scheduler else None,

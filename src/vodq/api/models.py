@@ -187,7 +187,7 @@ class StatusOut(BaseModel):
     download_rate_limit_bytes: int | None
     circuit_state: str
     circuit_failures: int
-    circuit_open_until: str | None
+    circuit_open_until: IsoTime | None
     last_process_run: IsoTime | None
     avg_download_ms: int
     worker_id: str | None
