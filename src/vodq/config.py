@@ -26,6 +26,7 @@ T = TypeVar("T")
 # Every environment variable that vodq reads.
 KNOWN_VARIABLES = (
     "MAX_CONCURRENT_DOWNLOADS",
+    "MAX_DOWNLOADS_PER_WORKER",
     "DOWNLOAD_RATE_LIMIT",
     "DOWNLOAD_MAX_ATTEMPTS",
     "DOWNLOAD_BACKOFF_BASE",
@@ -59,6 +60,7 @@ class Settings:
     """The configuration in force; durations in seconds, rates in bytes per second."""
 
     max_concurrent_downloads: int = 1
+    max_downloads_per_worker: int | None = None
     download_rate_limit: int | None = None
     download_max_attempts: int = 5
     download_backoff_base: float = 2.0
@@ -225,6 +227,9 @@ def load_settings(
     settings = Settings(
         max_concurrent_downloads=reader.get(
             "MAX_CONCURRENT_DOWNLOADS", _positive_int, 1, "3"
+        ),
+        max_downloads_per_worker=reader.get(
+            "MAX_DOWNLOADS_PER_WORKER", _positive_int, None, "2"
         ),
         download_rate_limit=reader.get("DOWNLOAD_RATE_LIMIT", _rate, None, "1.5M"),
         download_max_attempts=reader.get(

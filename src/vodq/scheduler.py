@@ -11,6 +11,7 @@ the leases and writes progress to the database once per ``HEARTBEAT_S``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from vodq.metrics import Metrics
 from vodq.models import Progress, Vod, VodState
 from vodq.queue import VodQueue, utcnow
 from vodq.retry import RetryPolicy, next_attempt_at
+from vodq.workers import WORKER_HEARTBEAT_S, WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,14 @@ class Scheduler:
         downloader: Downloader,
         settings: Settings,
         metrics: Metrics,
+        *,
+        registry: WorkerRegistry | None = None,
+        notify: Callable[[], None] | None = None,
     ) -> None:
         self.queue = queue
+        self.registry = registry
+        self.notify = notify or (lambda: None)
+        self.started_at = utcnow()
         self.downloader = downloader
         self.settings = settings
         self.metrics = metrics
@@ -100,6 +108,7 @@ class Scheduler:
 
     def start(self) -> None:
         """Start the scheduler and heartbeat threads."""
+        self._beat()
         for target, name in (
             (self._loop, "vodq-scheduler"),
             (self._heartbeat, "vodq-heartbeat"),
@@ -132,6 +141,15 @@ class Scheduler:
                 entry.thread.join(max(0.0, deadline - time.monotonic()))
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self.registry is not None:
+            try:
+                self.registry.remove(self.worker_id)
+            except SQLAlchemyError as exc:
+                log.warning(
+                    "could not remove this worker from the registry: %s",
+                    exc,
+                    extra={"worker_id": self.worker_id, "action": "stop"},
+                )
         log.info(
             "scheduler stopped", extra={"worker_id": self.worker_id, "action": "stop"}
         )
@@ -184,10 +202,16 @@ class Scheduler:
             return POLL_INTERVAL_S
         return min(POLL_INTERVAL_S, max(0.0, next_retry - time.monotonic()))
 
+    def slots(self) -> int:
+        """Return how many downloads this process may run at once."""
+        settings = self.settings
+        cap = settings.max_downloads_per_worker or settings.max_concurrent_downloads
+        return min(cap, settings.max_concurrent_downloads)
+
     def _fill_slots(self) -> None:
         settings = self.settings
         with self._lock:
-            free = settings.max_concurrent_downloads - len(self._running)
+            free = self.slots() - len(self._running)
         if free > 0:
             claimed = self.queue.claim(
                 self.worker_id,
@@ -266,6 +290,9 @@ class Scheduler:
                 active = len(self._running)
             self.metrics.active_downloads.set(active)
             self.wake()
+            # A slot is free in the cluster too: a worker that sat at the
+            # global limit may start the next VOD.
+            self.notify()
 
     def _on_progress(self, entry: RunningDownload, progress: Progress) -> None:
         entry.progress = progress
@@ -428,7 +455,11 @@ class Scheduler:
     # -- the heartbeat thread ---------------------------------------------
 
     def _heartbeat(self) -> None:
+        last_beat = 0.0
         while not self._stopping.wait(HEARTBEAT_S):
+            if time.monotonic() - last_beat >= WORKER_HEARTBEAT_S:
+                last_beat = time.monotonic()
+                self._beat()
             running = self.running()
             if not running:
                 continue
@@ -453,6 +484,23 @@ class Scheduler:
                     if entry.cancelled.is_set():
                         continue
                     self._on_lease_lost(entry)
+
+    def _beat(self) -> None:
+        if self.registry is None:
+            return
+        try:
+            self.registry.beat(
+                self.worker_id,
+                pid=os.getpid(),
+                slots=self.slots(),
+                started_at=self.started_at,
+            )
+        except SQLAlchemyError as exc:
+            log.warning(
+                "could not write this worker's heartbeat: %s",
+                exc,
+                extra={"worker_id": self.worker_id, "action": "heartbeat"},
+            )
 
     def _on_lease_lost(self, entry: RunningDownload) -> None:
         vod_id = entry.vod.vod_id

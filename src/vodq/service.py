@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from vodq.models import Vod, VodState
 from vodq.queue import PAUSED_KEY, VodQueue
 from vodq.scheduler import CancelReason, Scheduler
 from vodq.units import format_duration, format_rate
+from vodq.wakeups import Wakeups
+from vodq.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +154,21 @@ class Service:
         self.metrics.watch_queue(self.queue.counts, self.read_breaker)
         self.queue.on_breaker_change = self.metrics.record_breaker_transition
         self.layout = ArchiveLayout(settings.data_dir)
+        self.registry = WorkerRegistry(self.engine)
+        self.wakeups = Wakeups(self.engine)
         self.scheduler: Scheduler | None = None
         if run_worker:
             downloader = YtDlpDownloader(
                 self.layout, socket_timeout_s=settings.socket_timeout
             )
-            self.scheduler = Scheduler(self.queue, downloader, settings, self.metrics)
+            self.scheduler = Scheduler(
+                self.queue,
+                downloader,
+                settings,
+                self.metrics,
+                registry=self.registry,
+                notify=self.wakeups.notify,
+            )
 
     def start(self, *, migrate: bool = True) -> None:
         """Migrate the database if asked, then start downloading."""
@@ -166,11 +177,13 @@ class Service:
         if self.scheduler is not None:
             self.layout.ensure()
             self.scheduler.start()
+            self.wakeups.listen(self.scheduler.wake)
 
     def stop(self) -> None:
         """Stop the scheduler (keeping partial files) and close the database pool."""
         if self.scheduler is not None:
             self.scheduler.stop()
+        self.wakeups.stop()
         self.engine.dispose()
 
     def read_breaker(self) -> BreakerSnapshot:
@@ -178,8 +191,10 @@ class Service:
         return breaker.snapshot_from(self.queue.get_kv(breaker.KEYS))
 
     def wake(self) -> None:
+        """Make this process's scheduler, and every worker listening, look for work."""
         if self.scheduler is not None:
             self.scheduler.wake()
+        self.wakeups.notify()
 
     # -- operations ---------------------------------------------------------
 
@@ -373,6 +388,7 @@ class Service:
             "avg_download_ms": int(float(stored.get("avg_download_ms", "0") or 0)),
             "worker_id": settings.worker_id if self.scheduler else None,
             "paused": stored.get(PAUSED_KEY) == "true",
+            "workers": [asdict(worker) for worker in self.registry.list()],
         }
 
 

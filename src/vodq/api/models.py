@@ -176,6 +176,17 @@ class RetryConfig(BaseModel):
     processing_retry_cooldown: str
 
 
+class WorkerOut(BaseModel):
+    worker_id: str
+    hostname: str
+    pid: int
+    started_at: IsoTime
+    last_heartbeat: IsoTime
+    slots: int
+    alive: bool = Field(description="false once the heartbeat is 15 s old")
+    downloads: list[str] = Field(description="ids of the VODs it holds leases on")
+
+
 class StatusOut(BaseModel):
     pending: int
     queue_by_priority: list[PriorityCount]
@@ -192,6 +203,7 @@ class StatusOut(BaseModel):
     avg_download_ms: int
     worker_id: str | None
     paused: bool
+    workers: list[WorkerOut]
 
 
 class HealthOut(BaseModel):

@@ -126,6 +126,17 @@ Index(
 )
 Index("ix_vods_state", vods.c.state, vods.c.priority)
 
+workers = Table(
+    "workers",
+    metadata,
+    Column("worker_id", Text, primary_key=True),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+    Column("slots", Integer, nullable=False),
+)
+
 kv = Table(
     "kv",
     metadata,

@@ -1,0 +1,106 @@
+"""The registry of worker processes, so ``/status`` can report the cluster.
+
+Each worker upserts its row every ``WORKER_HEARTBEAT_S`` and deletes it on a
+clean stop. A worker killed outright leaves its row behind; ``/status``
+marks it gone once its heartbeat is older than ``WORKER_GONE_S``, and rows
+older than ``WORKER_FORGET_S`` are pruned by the next worker to beat.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, delete, insert, select, update
+
+from vodq.db.schema import vods, workers
+from vodq.models import VodState
+from vodq.queue import utcnow
+
+# How often a worker writes its heartbeat row, in seconds.
+WORKER_HEARTBEAT_S = 5.0
+# A worker whose heartbeat is older than this is reported as gone, in seconds.
+WORKER_GONE_S = 3 * WORKER_HEARTBEAT_S
+# Rows of workers silent for this long are deleted, in seconds.
+WORKER_FORGET_S = 3600.0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as ``/status`` shows it."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    last_heartbeat: datetime
+    slots: int
+    alive: bool
+    downloads: list[str]
+
+
+class WorkerRegistry:
+    """Reads and writes the ``workers`` table."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def beat(
+        self, worker_id: str, *, pid: int, slots: int, started_at: datetime
+    ) -> None:
+        """Insert or refresh this worker's row and prune long-silent ones."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(workers)
+                .where(workers.c.worker_id == worker_id)
+                .values(heartbeat_at=now, slots=slots)
+            )
+            if changed.rowcount == 0:
+                conn.execute(
+                    insert(workers).values(
+                        worker_id=worker_id,
+                        hostname=socket.gethostname(),
+                        pid=pid,
+                        started_at=started_at,
+                        heartbeat_at=now,
+                        slots=slots,
+                    )
+                )
+            conn.execute(
+                delete(workers).where(
+                    workers.c.heartbeat_at < now - timedelta(seconds=WORKER_FORGET_S)
+                )
+            )
+
+    def remove(self, worker_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(workers).where(workers.c.worker_id == worker_id))
+
+    def list(self) -> list[WorkerInfo]:
+        """Return every registered worker with the VODs it holds leases on."""
+        now = utcnow()
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            rows = conn.execute(select(workers).order_by(workers.c.worker_id)).all()
+            held = conn.execute(
+                select(vods.c.lease_owner, vods.c.vod_id)
+                .where(vods.c.state == VodState.DOWNLOADING.value)
+                .order_by(vods.c.vod_id)
+            ).all()
+        downloads: dict[str, list[str]] = {}
+        for owner, vod_id in held:
+            downloads.setdefault(str(owner), []).append(str(vod_id))
+        return [
+            WorkerInfo(
+                worker_id=row.worker_id,
+                hostname=row.hostname,
+                pid=row.pid,
+                started_at=row.started_at,
+                last_heartbeat=row.heartbeat_at,
+                slots=row.slots,
+                alive=(now - row.heartbeat_at).total_seconds() <= WORKER_GONE_S,
+                downloads=downloads.get(row.worker_id, []),
+            )
+            for row in rows
+        ]
