@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from vodq import breaker
 from vodq.breaker import BreakerPolicy
-from vodq.db.schema import kv, vods
+from vodq.db.schema import kv, vod_counts, vods
 from vodq.errors import InvalidTransition, StorageUnavailable, VodNotFound
 from vodq.models import Progress, Vod, VodState
 
@@ -109,25 +109,25 @@ class VodQueue:
             return [to_vod(row) for row in conn.execute(query)]
 
     def counts(self) -> QueueCounts:
-        """Count VODs by state, queued VODs by priority, and unexpired claims."""
+        """Count VODs by state, queued VODs by priority, and unexpired claims.
+
+        Reads ``vod_counts``, which triggers keep, so the cost depends on the
+        number of distinct priorities, not on the number of VODs.
+        """
         now = self.clock()
+        by_state: dict[str, int] = {}
+        by_priority: list[tuple[int, int]] = []
         with self._read() as conn:
-            by_state = {
-                str(state): int(count)
-                for state, count in conn.execute(
-                    select(vods.c.state, func.count()).group_by(vods.c.state)
-                )
-            }
-            by_priority = [
-                (int(priority), int(count))
-                for priority, count in conn.execute(
-                    select(vods.c.priority, func.count())
-                    .where(vods.c.state == VodState.QUEUED.value)
-                    .group_by(vods.c.priority)
-                    .order_by(vods.c.priority.desc())
-                )
-            ]
+            rows = conn.execute(
+                select(vod_counts.c.state, vod_counts.c.priority, vod_counts.c.count)
+                .where(vod_counts.c.count > 0)
+                .order_by(vod_counts.c.priority.desc())
+            ).all()
             active = self._count_active(conn, now)
+        for state, priority, count in rows:
+            by_state[str(state)] = by_state.get(str(state), 0) + int(count)
+            if state == VodState.QUEUED.value:
+                by_priority.append((int(priority), int(count)))
         return QueueCounts(by_state=by_state, by_priority=by_priority, active=active)
 
     def next_eligible_at(self) -> datetime | None:

@@ -336,3 +336,44 @@ def test_migrations_are_idempotent(queue: VodQueue) -> None:
     upgrade(queue.engine)
     add(queue, "a")
     assert queue.get("a").vod_id == "a"
+
+
+def true_counts(queue: VodQueue) -> dict[str, int]:
+    with queue.engine.connect() as conn:
+        rows = conn.execute(text("SELECT state, COUNT(*) FROM vods GROUP BY state"))
+        return {str(state): int(count) for state, count in rows}
+
+
+def test_counts_follow_operator_sql(queue: VodQueue) -> None:
+    for index in range(6):
+        add(queue, f"v{index}", priority=index % 3)
+    with queue.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE vods SET state = 'failed' WHERE vod_id IN ('v0', 'v1')")
+        )
+        conn.execute(text("UPDATE vods SET priority = 7 WHERE vod_id = 'v2'"))
+        conn.execute(text("DELETE FROM vods WHERE vod_id = 'v3'"))
+        conn.execute(
+            text(
+                "INSERT INTO vods (vod_id, source_url, priority, state, created_at, "
+                "updated_at) VALUES ('sql', 'http://127.0.0.1:1/x', 7, 'queued', "
+                "'2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            )
+        )
+    counts = queue.counts()
+    assert counts.by_state == true_counts(queue)
+    assert counts.by_priority == [(7, 2), (2, 1), (1, 1)]
+
+
+def test_counts_follow_queue_operations(queue: VodQueue, clock: Clock) -> None:
+    for index in range(8):
+        add(queue, f"v{index}", priority=index)
+    claimed = queue.claim("w1", wanted=4, limit=10, lease_s=LEASE_S)
+    queue.finish(claimed[0].id, "w1", file_path="/x", size=1, download_ms=1)
+    queue.fail(claimed[1].id, "w1", error="e", error_class="gone", retry_at=None)
+    queue.release(claimed[2].id, "w1", state=VodState.QUEUED)
+    queue.set_priorities(100, vod_ids=["v0", "v1"])
+    queue.delete("v0")
+    clock.advance(LEASE_S + 1)
+    queue.claim("w2", wanted=0, limit=10, lease_s=LEASE_S)
+    assert queue.counts().by_state == true_counts(queue)

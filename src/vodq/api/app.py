@@ -10,9 +10,11 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vodq.api.auth import install_admin_auth
+from vodq.api.limits import BodySizeLimit
 from vodq.api.models import (
     BatchPriorityIn,
     BatchPriorityOut,
@@ -62,6 +64,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
 
     app = FastAPI(title="vodq", version="0.1.0", lifespan=lifespan)
     _install_error_handlers(app)
+    app.add_middleware(BodySizeLimit)
     install_admin_auth(app, service.settings)
 
     @app.get("/healthz", response_model=HealthOut)
@@ -176,7 +179,18 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
         )
 
+    async def database_error(_request: Request, exc: Exception) -> JSONResponse:
+        reason = getattr(exc, "orig", None) or exc
+        first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
+        return JSONResponse(
+            {"error": f"the database is unavailable: {first_line}; retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
     app.add_exception_handler(VodqError, domain_error)
+    app.add_exception_handler(OperationalError, database_error)
+    app.add_exception_handler(InterfaceError, database_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
 

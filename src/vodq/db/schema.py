@@ -137,6 +137,15 @@ workers = Table(
     Column("slots", Integer, nullable=False),
 )
 
+# Maintained by database triggers (migration 0004); never written by vodq.
+vod_counts = Table(
+    "vod_counts",
+    metadata,
+    Column("state", Text, primary_key=True),
+    Column("priority", BigInteger, primary_key=True),
+    Column("count", BigInteger, nullable=False),
+)
+
 kv = Table(
     "kv",
     metadata,
