@@ -23,6 +23,23 @@ from vodq.queue import QueueCounts
 # seconds (short clips on a fast link) to many hours.
 DURATION_BUCKETS_S = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400)
 
+# Error classes the downloader reports (vodq.download.classify and the yt-dlp
+# wrapper) and reasons a download is stopped (scheduler.CancelReason). They
+# are exported at 0 from the start, so that rate() and sum() in alerts see a
+# series before the first failure instead of no data.
+ERROR_CLASSES = (
+    "gone",
+    "needs_auth",
+    "rate_limited",
+    "range_rejected",
+    "transient",
+    "http_error",
+    "unsupported",
+    "disk_full",
+    "error",
+)
+CANCEL_REASONS = ("cancel", "pause", "shutdown", "lease_lost")
+
 
 class _QueueCollector(Collector):
     def __init__(
@@ -103,6 +120,10 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        for error_class in ERROR_CLASSES:
+            self.downloads_failed.labels(error_class=error_class)
+        for reason in CANCEL_REASONS:
+            self.downloads_cancelled.labels(reason=reason)
         self.retries_scheduled = Counter(
             "vod_download_retries",
             "Failed attempts that were queued for another attempt.",

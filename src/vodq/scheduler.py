@@ -32,7 +32,7 @@ from vodq.errors import (
 )
 from vodq.metrics import Metrics
 from vodq.models import Progress, Vod, VodState
-from vodq.queue import VodQueue, utcnow
+from vodq.queue import VodQueue
 from vodq.retry import RetryPolicy, next_attempt_at
 from vodq.workers import WORKER_HEARTBEAT_S, WorkerRegistry
 
@@ -84,11 +84,15 @@ class Scheduler:
         *,
         registry: WorkerRegistry | None = None,
         notify: Callable[[], None] | None = None,
+        resume_offset: Callable[[str], int] | None = None,
     ) -> None:
         self.queue = queue
+        # Size of a VOD's partial file, which the next attempt resumes from and
+        # includes in its progress, so those bytes are not counted again.
+        self.resume_offset = resume_offset or (lambda _vod_id: 0)
         self.registry = registry
         self.notify = notify or (lambda: None)
-        self.started_at = utcnow()
+        self.started_at = self.queue.clock()
         self.downloader = downloader
         self.settings = settings
         self.metrics = metrics
@@ -224,7 +228,7 @@ class Scheduler:
         self._record_run()
 
     def _record_run(self) -> None:
-        self.last_process_run = utcnow()
+        self.last_process_run = self.queue.clock()
         if time.monotonic() - self._last_run_written >= LAST_RUN_WRITE_S:
             self.queue.set_kv({"last_process_run": self.last_process_run.isoformat()})
             self._last_run_written = time.monotonic()
@@ -254,6 +258,7 @@ class Scheduler:
             "priority": vod.priority,
         }
         log.info("download started", extra={**fields, "action": "download_start"})
+        entry.bytes_counted = self.resume_offset(vod.vod_id)
         job = DownloadJob(
             vod_id=vod.vod_id, source_url=vod.source_url, attempt=entry.attempt
         )
@@ -296,11 +301,13 @@ class Scheduler:
 
     def _on_progress(self, entry: RunningDownload, progress: Progress) -> None:
         entry.progress = progress
-        # Resumed downloads report the resumed offset first; count only growth.
+        # Counting starts at the resumed offset, so a resumed download counts
+        # only what it fetches and a fresh one counts its first block too.
+        if progress.bytes_done < entry.bytes_counted:
+            # The downloader discarded the partial file and started over.
+            entry.bytes_counted = 0
         grown = progress.bytes_done - entry.bytes_counted
-        if entry.bytes_counted == 0:
-            entry.bytes_counted = progress.bytes_done
-        elif grown > 0:
+        if grown > 0:
             self.metrics.bytes_downloaded.inc(grown)
             entry.bytes_counted = progress.bytes_done
 
@@ -354,7 +361,7 @@ class Scheduler:
             backoff_base_s=settings.download_backoff_base,
             cooldown_s=settings.processing_retry_cooldown,
         )
-        retry_at = next_attempt_at(error, entry.attempt, policy, utcnow())
+        retry_at = next_attempt_at(error, entry.attempt, policy, self.queue.clock())
         state = self._store(
             lambda: self.queue.fail(
                 vod.id,
@@ -400,7 +407,9 @@ class Scheduler:
             )
 
     def _note_retry(self, retry_at: datetime) -> None:
-        due = time.monotonic() + max(0.0, (retry_at - utcnow()).total_seconds())
+        due = time.monotonic() + max(
+            0.0, (retry_at - self.queue.clock()).total_seconds()
+        )
         with self._lock:
             if self._next_retry is None or due < self._next_retry:
                 self._next_retry = due

@@ -18,6 +18,7 @@ from typing import Any
 from vodq import breaker
 from vodq.breaker import BreakerPolicy, BreakerSnapshot
 from vodq.config import Settings
+from vodq.db.clock import DatabaseClock
 from vodq.db.engine import make_engine
 from vodq.db.migrate import upgrade
 from vodq.download.files import ArchiveLayout
@@ -25,7 +26,7 @@ from vodq.download.ytdlp import YtDlpDownloader
 from vodq.errors import InvalidInput
 from vodq.metrics import Metrics
 from vodq.models import Vod, VodState
-from vodq.queue import PAUSED_KEY, VodQueue
+from vodq.queue import PAUSED_KEY, VodQueue, utcnow
 from vodq.scheduler import CancelReason, Scheduler
 from vodq.units import format_duration, format_rate
 from vodq.wakeups import Wakeups
@@ -145,6 +146,9 @@ class Service:
         self.engine = make_engine(settings.db_dsn)
         self.queue = VodQueue(
             self.engine,
+            clock=DatabaseClock(self.engine)
+            if self.engine.dialect.name == "postgresql"
+            else utcnow,
             breaker_policy=BreakerPolicy(
                 threshold=settings.circuit_failure_threshold,
                 cooldown_s=settings.circuit_open_cooldown,
@@ -154,7 +158,7 @@ class Service:
         self.metrics.watch_queue(self.queue.counts, self.read_breaker)
         self.queue.on_breaker_change = self.metrics.record_breaker_transition
         self.layout = ArchiveLayout(settings.data_dir)
-        self.registry = WorkerRegistry(self.engine)
+        self.registry = WorkerRegistry(self.engine, clock=self.queue.clock)
         self.wakeups = Wakeups(self.engine)
         self.scheduler: Scheduler | None = None
         if run_worker:
@@ -168,6 +172,7 @@ class Service:
                 self.metrics,
                 registry=self.registry,
                 notify=self.wakeups.notify,
+                resume_offset=self._partial_bytes,
             )
 
     def start(self, *, migrate: bool = True) -> None:
@@ -185,6 +190,17 @@ class Service:
             self.scheduler.stop()
         self.wakeups.stop()
         self.engine.dispose()
+
+    def _partial_bytes(self, vod_id: str) -> int:
+        """Return the size of the ``.part`` files a new attempt would resume."""
+        total = 0
+        for path in self.layout.partial_files(vod_id):
+            if path.name.endswith(".part"):
+                try:
+                    total += path.stat().st_size
+                except FileNotFoundError:
+                    continue
+        return total
 
     def read_breaker(self) -> BreakerSnapshot:
         """Return the circuit breaker as every worker sees it."""

@@ -9,6 +9,7 @@ older than ``WORKER_FORGET_S`` are pruned by the next worker to beat.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -43,14 +44,15 @@ class WorkerInfo:
 class WorkerRegistry:
     """Reads and writes the ``workers`` table."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
+        self.clock = clock
 
     def beat(
         self, worker_id: str, *, pid: int, slots: int, started_at: datetime
     ) -> None:
         """Insert or refresh this worker's row and prune long-silent ones."""
-        now = utcnow()
+        now = self.clock()
         with self.engine.begin() as conn:
             changed = conn.execute(
                 update(workers)
@@ -80,7 +82,7 @@ class WorkerRegistry:
 
     def list(self) -> list[WorkerInfo]:
         """Return every registered worker with the VODs it holds leases on."""
-        now = utcnow()
+        now = self.clock()
         with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
             rows = conn.execute(select(workers).order_by(workers.c.worker_id)).all()
             held = conn.execute(
