@@ -47,6 +47,8 @@ KNOWN_VARIABLES = (
     "LOG_FORMAT",
     "LEASE_DURATION",
     "DOWNLOAD_SOCKET_TIMEOUT",
+    "DOWNLOAD_STALL_TIMEOUT",
+    "MIN_FREE_DISK",
     "WORKER_ID",
     "VODQ_SERVER",
 )
@@ -82,6 +84,8 @@ class Settings:
     log_format: str = "text"
     lease_duration: float = 30.0
     socket_timeout: float = 20.0
+    stall_timeout: float = 60.0
+    min_free_disk: int = 1024**3
     worker_id: str = ""
 
     @property
@@ -282,6 +286,10 @@ def load_settings(
         socket_timeout=reader.get(
             "DOWNLOAD_SOCKET_TIMEOUT", _positive_duration, 20.0, "20s"
         ),
+        stall_timeout=reader.get(
+            "DOWNLOAD_STALL_TIMEOUT", _positive_duration, 60.0, "60s"
+        ),
+        min_free_disk=reader.get("MIN_FREE_DISK", _size, 1024**3, "1G"),
         worker_id=reader.get(
             "WORKER_ID", _worker_id, f"{socket.gethostname()}-{os.getpid()}", "worker-1"
         ),
@@ -301,6 +309,16 @@ def load_settings(
     if reader.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(reader.errors))
     return settings
+
+
+def _size(text: str) -> int:
+    """A size in bytes, in the rate grammar's units: ``500M``, ``1G``, ``0``."""
+    try:
+        return parse_rate(text)
+    except ValueError:
+        raise ValueError(
+            "not a size (bytes with an optional K, M or G, such as 1G)"
+        ) from None
 
 
 def _non_negative_duration(text: str) -> float:

@@ -45,10 +45,19 @@ class DownloadFailed(VodqError):
     such as a missing video or an unsupported URL.
     """
 
-    def __init__(self, message: str, *, error_class: str, retryable: bool) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        error_class: str,
+        retryable: bool,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.error_class = error_class
         self.retryable = retryable
+        # The server's Retry-After, in seconds, when it sent one.
+        self.retry_after_s = retry_after_s
 
 
 class DownloadCancelled(VodqError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -107,6 +108,7 @@ class Scheduler:
         # Earliest retry this process scheduled (time.monotonic()), so the
         # loop wakes for it instead of waiting for the next poll.
         self._next_retry: float | None = None
+        self._had_disk_room = True
 
     # -- control ----------------------------------------------------------
 
@@ -216,6 +218,8 @@ class Scheduler:
         settings = self.settings
         with self._lock:
             free = self.slots() - len(self._running)
+        if free > 0 and not self._disk_has_room():
+            free = 0
         if free > 0:
             claimed = self.queue.claim(
                 self.worker_id,
@@ -226,6 +230,30 @@ class Scheduler:
             for vod in claimed:
                 self._start_download(vod)
         self._record_run()
+
+    def _disk_has_room(self) -> bool:
+        """Return whether DATA_DIR has MIN_FREE_DISK free; log when that changes."""
+        try:
+            free = shutil.disk_usage(self.settings.data_dir).free
+        except OSError:
+            return True
+        has_room = free >= self.settings.min_free_disk
+        if has_room != self._had_disk_room:
+            self._had_disk_room = has_room
+            if has_room:
+                log.info(
+                    "free disk space is back above MIN_FREE_DISK; downloads resume",
+                    extra={"free_bytes": free, "action": "disk"},
+                )
+            else:
+                log.warning(
+                    "only %d bytes free in DATA_DIR, below MIN_FREE_DISK=%d; "
+                    "no new download starts until space is freed",
+                    free,
+                    self.settings.min_free_disk,
+                    extra={"free_bytes": free, "action": "disk"},
+                )
+        return has_room
 
     def _record_run(self) -> None:
         self.last_process_run = self.queue.clock()
@@ -361,7 +389,13 @@ class Scheduler:
             backoff_base_s=settings.download_backoff_base,
             cooldown_s=settings.processing_retry_cooldown,
         )
-        retry_at = next_attempt_at(error, entry.attempt, policy, self.queue.clock())
+        retry_at = next_attempt_at(
+            error,
+            entry.attempt,
+            policy,
+            self.queue.clock(),
+            retry_after_s=error.retry_after_s,
+        )
         state = self._store(
             lambda: self.queue.fail(
                 vod.id,

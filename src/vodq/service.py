@@ -163,7 +163,8 @@ class Service:
         self.scheduler: Scheduler | None = None
         if run_worker:
             downloader = YtDlpDownloader(
-                self.layout, socket_timeout_s=settings.socket_timeout
+                self.layout,
+                socket_timeout_s=min(settings.socket_timeout, settings.stall_timeout),
             )
             self.scheduler = Scheduler(
                 self.queue,
