@@ -88,6 +88,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.set_defaults(handler=_migrate)
 
+    copy_db = commands.add_parser(
+        "copy-db",
+        help=(
+            "copy the queue into another database, such as SQLite into "
+            "PostgreSQL (works on the databases; stop vodq first)"
+        ),
+    )
+    copy_db.add_argument(
+        "--to",
+        dest="target_dsn",
+        required=True,
+        metavar="DSN",
+        help="database to copy into: postgres://USER:PASSWORD@HOST:5432/DB "
+        "or sqlite:///PATH",
+    )
+    copy_db.add_argument(
+        "--from",
+        dest="source_dsn",
+        metavar="DSN",
+        help="database to copy from (default: DB_DSN)",
+    )
+    copy_db.add_argument(
+        "--merge",
+        action="store_true",
+        help="copy into a database that already has VODs, skipping each "
+        "vod_id it already contains",
+    )
+    copy_db.set_defaults(handler=_copy_db)
+
     server_help = (
         "base URL of the running service (default: $VODQ_SERVER, else "
         "http://127.0.0.1:PORT from HTTP_ADDR)"
@@ -181,6 +210,25 @@ def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
     upgrade(engine)
     engine.dispose()
     print(f"database at {_redacted(settings.db_dsn)} is up to date")
+    return 0
+
+
+def _copy_db(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    from vodq.errors import VodqError
+    from vodq.logs import configure_logging
+    from vodq.transfer import copy_queue
+
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        report = copy_queue(
+            args.source_dsn or settings.db_dsn, args.target_dsn, merge=args.merge
+        )
+    except VodqError as exc:
+        print(f"vodq: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(asdict(report), indent=2))
     return 0
 
 
