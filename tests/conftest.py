@@ -95,7 +95,11 @@ def make_service(tmp_path: Path) -> Iterator[ServiceFactory]:
             "WORKER_ID": f"test-{uuid.uuid4().hex[:6]}",
         }
         environ.update(env)
-        service = Service(load_settings(environ, env_file=None), run_worker=run_worker)
+        service = Service(
+            load_settings(environ, env_file=None),
+            run_worker=run_worker,
+            environment=environ,
+        )
         service.start()
         started.append(service)
         return service

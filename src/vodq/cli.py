@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from vodq.config import Settings, load_settings
+from vodq.config import Settings, read_environment, settings_from
 from vodq.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -30,11 +30,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    environment = read_environment()
     try:
-        settings = load_settings()
+        settings = settings_from(environment)
     except ConfigError as exc:
         print(f"vodq: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    args.environment = environment
     handler = args.handler
     return int(handler(args, settings))
 
@@ -142,6 +144,26 @@ def _parser() -> argparse.ArgumentParser:
     priority.add_argument("--server", help=server_help)
     priority.set_defaults(handler=_priority)
 
+    config = commands.add_parser(
+        "config",
+        help="show or change runtime settings for every worker (talks to the service)",
+        description=(
+            "Without arguments, print each runtime setting with its value and "
+            "source. NAME=VALUE changes one (same grammar as the environment "
+            "variable, e.g. DOWNLOAD_RATE_LIMIT=2M); NAME= returns it to its "
+            "start-up value."
+        ),
+    )
+    config.add_argument("changes", nargs="*", metavar="NAME=VALUE")
+    config.add_argument(
+        "--stop-excess",
+        action="store_true",
+        help="when lowering MAX_CONCURRENT_DOWNLOADS, also stop the downloads "
+        "above the new limit (they resume later)",
+    )
+    config.add_argument("--server", help=server_help)
+    config.set_defaults(handler=_config)
+
     status = commands.add_parser(
         "status", help="print the queue status (talks to the running service)"
     )
@@ -158,7 +180,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from vodq.service import Service
 
     configure_logging(settings.log_level, settings.log_format)
-    service = Service(settings, run_worker=args.run_worker)
+    service = Service(
+        settings, run_worker=args.run_worker, environment=args.environment
+    )
     if not args.run_api:
         return _run_worker_only(service, migrate=not args.no_migrate)
 
@@ -248,6 +272,24 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
 def _priority(args: argparse.Namespace, settings: Settings) -> int:
     body = {"vod_id": args.vod_id, "priority": args.priority}
     return _call(settings, args.server, "POST", "/admin/vod/priority", body)
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.changes:
+        return _call(settings, args.server, "GET", "/admin/config", None)
+    body: dict[str, str | None] = {}
+    for change in args.changes:
+        name, sep, value = change.partition("=")
+        if not sep or not name:
+            print(
+                f"vodq: {change!r} is not NAME=VALUE; use for example "
+                "DOWNLOAD_RATE_LIMIT=2M",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        body[name.strip().upper()] = value if value != "" else None
+    path = "/admin/config?stop_excess=true" if args.stop_excess else "/admin/config"
+    return _call(settings, args.server, "PATCH", path, body)
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:

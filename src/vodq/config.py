@@ -28,6 +28,7 @@ KNOWN_VARIABLES = (
     "MAX_CONCURRENT_DOWNLOADS",
     "MAX_DOWNLOADS_PER_WORKER",
     "DOWNLOAD_RATE_LIMIT",
+    "DOWNLOAD_TOTAL_RATE_LIMIT",
     "DOWNLOAD_MAX_ATTEMPTS",
     "DOWNLOAD_BACKOFF_BASE",
     "UPLOAD_MAX_ATTEMPTS",
@@ -53,6 +54,10 @@ KNOWN_VARIABLES = (
     "VODQ_SERVER",
 )
 
+# Rate values that mean "no limit", so that a runtime change can lift a limit
+# that the environment set.
+NO_LIMIT_WORDS = ("none", "unlimited")
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -64,6 +69,7 @@ class Settings:
     max_concurrent_downloads: int = 1
     max_downloads_per_worker: int | None = None
     download_rate_limit: int | None = None
+    download_total_rate_limit: int | None = None
     download_max_attempts: int = 5
     download_backoff_base: float = 2.0
     upload_max_attempts: int = 5
@@ -149,8 +155,16 @@ def _rate(text: str) -> int:
             "not a rate (bytes per second with an optional K, M or G)"
         ) from None
     if rate < 1:
-        raise ValueError("must be at least 1 byte per second; unset it for no limit")
+        raise ValueError(
+            "must be at least 1 byte per second; use 'none' or unset it for no limit"
+        )
     return rate
+
+
+def _rate_or_none(text: str) -> int | None:
+    if text.strip().lower() in NO_LIMIT_WORDS:
+        return None
+    return _rate(text)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -217,13 +231,24 @@ def load_settings(
     Variables set in the environment win over the file. Raises ConfigError
     listing every invalid variable.
     """
+    return settings_from(read_environment(environ, env_file))
+
+
+def read_environment(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> dict[str, str]:
+    """Merge ``env_file`` and ``environ`` (default ``os.environ``); environ wins."""
     values: dict[str, str] = {}
     if env_file is not None and env_file.is_file():
         values.update(
             {k: v for k, v in dotenv_values(env_file).items() if v is not None}
         )
     values.update(os.environ if environ is None else environ)
+    return values
 
+
+def settings_from(values: Mapping[str, str]) -> Settings:
+    """Parse and validate settings; raise ConfigError listing every invalid variable."""
     reader = _Reader(values)
     defaults = Settings()
     host, port = reader.get("HTTP_ADDR", _address, ("0.0.0.0", 8080), ":8080")  # noqa: S104
@@ -235,7 +260,12 @@ def load_settings(
         max_downloads_per_worker=reader.get(
             "MAX_DOWNLOADS_PER_WORKER", _positive_int, None, "2"
         ),
-        download_rate_limit=reader.get("DOWNLOAD_RATE_LIMIT", _rate, None, "1.5M"),
+        download_rate_limit=reader.get(
+            "DOWNLOAD_RATE_LIMIT", _rate_or_none, None, "1.5M"
+        ),
+        download_total_rate_limit=reader.get(
+            "DOWNLOAD_TOTAL_RATE_LIMIT", _rate_or_none, None, "10M"
+        ),
         download_max_attempts=reader.get(
             "DOWNLOAD_MAX_ATTEMPTS", _positive_int, 5, "5"
         ),

@@ -533,6 +533,53 @@ class VodQueue:
             )
             return {str(key): str(value) for key, value in rows}
 
+    def delete_kv(self, keys: Iterable[str]) -> None:
+        """Delete ``keys`` from the ``kv`` table; missing keys are ignored."""
+        names = list(keys)
+        if not names:
+            return
+        with self._write() as conn:
+            conn.execute(kv.delete().where(kv.c.key.in_(names)))
+
+    def count_active(self) -> int:
+        """Count downloads with an unexpired lease, across every worker."""
+        with self._read() as conn:
+            return self._count_active(conn, self.clock())
+
+    def requeue_excess(self, limit: int) -> int:
+        """Return running downloads beyond ``limit`` to the queue; return how many.
+
+        The lowest-priority, most recently started ones go back first; their
+        workers stop them at the next heartbeat, keeping partial files.
+        """
+        now = self.clock()
+        with self._write() as conn:
+            running = (
+                conn.execute(
+                    select(vods.c.id)
+                    .where(vods.c.state == VodState.DOWNLOADING.value)
+                    .order_by(
+                        vods.c.priority.desc(), vods.c.started_at.asc(), vods.c.id
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            excess = list(running[limit:])
+            if excess:
+                conn.execute(
+                    update(vods)
+                    .where(vods.c.id.in_(excess))
+                    .values(
+                        state=VodState.QUEUED.value,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        speed_bps=None,
+                        updated_at=now,
+                    )
+                )
+        return len(excess)
+
     def set_kv(self, values: Mapping[str, str]) -> None:
         """Insert or replace ``values`` in the ``kv`` table."""
         with self._write() as conn:

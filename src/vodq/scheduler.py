@@ -70,6 +70,7 @@ class RunningDownload:
     progress: Progress = field(default_factory=lambda: Progress(0, None, None))
     started_monotonic: float = field(default_factory=time.monotonic)
     bytes_counted: int = 0
+    resumed_bytes: int = 0
     thread: threading.Thread | None = None
 
 
@@ -80,7 +81,7 @@ class Scheduler:
         self,
         queue: VodQueue,
         downloader: Downloader,
-        settings: Settings,
+        settings: Settings | Callable[[], Settings],
         metrics: Metrics,
         *,
         registry: WorkerRegistry | None = None,
@@ -95,9 +96,14 @@ class Scheduler:
         self.notify = notify or (lambda: None)
         self.started_at = self.queue.clock()
         self.downloader = downloader
-        self.settings = settings
+        # The settings in force, re-read on every use so that runtime
+        # changes take effect at the next slot decision.
+        self._settings_source: Callable[[], Settings] = (
+            settings if callable(settings) else lambda: settings
+        )
+        self._pool_rate: float | None = None
         self.metrics = metrics
-        self.worker_id = settings.worker_id
+        self.worker_id = self.settings.worker_id
         self.last_process_run: datetime | None = None
         self._last_run_written = 0.0
         self._wake = threading.Event()
@@ -109,6 +115,10 @@ class Scheduler:
         # loop wakes for it instead of waiting for the next poll.
         self._next_retry: float | None = None
         self._had_disk_room = True
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings_source()
 
     # -- control ----------------------------------------------------------
 
@@ -170,6 +180,22 @@ class Scheduler:
             return False
         self._cancel(entry, reason)
         return True
+
+    def wait_stopped(self, vod_id: str, timeout_s: float) -> bool:
+        """Wait until no download of ``vod_id`` runs in this process.
+
+        Returns False when one still runs after ``timeout_s``.
+        """
+        with self._lock:
+            threads = [
+                entry.thread
+                for entry in self._running.values()
+                if entry.vod.vod_id == vod_id and entry.thread is not None
+            ]
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
     def stop_all_running(self, reason: str) -> int:
         """Stop every download of this process, keeping partial files."""
@@ -265,7 +291,7 @@ class Scheduler:
         entry = RunningDownload(
             vod=vod,
             attempt=vod.attempts + 1,
-            bucket=TokenBucket(self.settings.download_rate_limit),
+            bucket=TokenBucket(self._download_rate(extra_local=1)),
         )
         thread = threading.Thread(
             target=self._run, args=(entry,), name=f"vodq-download-{vod.id}", daemon=True
@@ -286,7 +312,8 @@ class Scheduler:
             "priority": vod.priority,
         }
         log.info("download started", extra={**fields, "action": "download_start"})
-        entry.bytes_counted = self.resume_offset(vod.vod_id)
+        entry.resumed_bytes = self.resume_offset(vod.vod_id)
+        entry.bytes_counted = entry.resumed_bytes
         job = DownloadJob(
             vod_id=vod.vod_id, source_url=vod.source_url, attempt=entry.attempt
         )
@@ -364,16 +391,21 @@ class Scheduler:
             return
         self.metrics.downloads_succeeded.inc()
         self.metrics.download_duration.observe(duration_s)
-        rate = result.size / duration_s if duration_s > 0 else 0.0
+        # The rate of this attempt's transfer: bytes resumed from disk took
+        # no time.
+        fetched = max(0, result.size - entry.resumed_bytes)
+        rate = fetched / duration_s if duration_s > 0 else 0.0
         log.info(
-            "download finished: %d bytes in %.1fs (%.0f B/s)",
+            "download finished: %d bytes in %.1fs (%.0f B/s, %d bytes resumed)",
             result.size,
             duration_s,
             rate,
+            entry.resumed_bytes,
             extra={
                 "vod_id": vod.vod_id,
                 "attempt": entry.attempt,
                 "bytes": result.size,
+                "resumed_bytes": entry.resumed_bytes,
                 "duration_ms": round(duration_s * 1000),
                 "rate_bps": round(rate),
                 "path": str(result.path),
@@ -506,6 +538,7 @@ class Scheduler:
             running = self.running()
             if not running:
                 continue
+            self._apply_rates(running)
             progress = {entry.vod.id: entry.progress for entry in running}
             try:
                 held = self.queue.renew(
@@ -527,6 +560,32 @@ class Scheduler:
                     if entry.cancelled.is_set():
                         continue
                     self._on_lease_lost(entry)
+
+    def _download_rate(self, *, extra_local: int = 0) -> float | None:
+        """Return each download's rate: its own limit, or its share of the pool.
+
+        The pool (DOWNLOAD_TOTAL_RATE_LIMIT) is cluster-wide: it is split
+        equally between every download running in the database, so each
+        worker's share follows its number of downloads. ``extra_local``
+        counts downloads this process is starting but has not claimed yet.
+        """
+        settings = self.settings
+        per_download = settings.download_rate_limit
+        total = settings.download_total_rate_limit
+        if total is None:
+            return per_download
+        try:
+            running = self.queue.count_active()
+        except (StorageUnavailable, SQLAlchemyError):
+            running = len(self.running())
+        share = total / max(1, running + extra_local)
+        return share if per_download is None else min(per_download, share)
+
+    def _apply_rates(self, running: list[RunningDownload]) -> None:
+        rate = self._download_rate()
+        for entry in running:
+            if entry.bucket.rate != rate:
+                entry.bucket.set_rate(rate)
 
     def _beat(self) -> None:
         if self.registry is None:

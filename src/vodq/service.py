@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from vodq.errors import InvalidInput
 from vodq.metrics import Metrics
 from vodq.models import Vod, VodState
 from vodq.queue import PAUSED_KEY, VodQueue, utcnow
+from vodq.runtime import RuntimeConfig
 from vodq.scheduler import CancelReason, Scheduler
 from vodq.units import format_duration, format_rate
 from vodq.wakeups import Wakeups
@@ -40,6 +42,10 @@ VOD_ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}"
 _VOD_ID = re.compile(VOD_ID_PATTERN)
 _TWITCH_VIDEO = re.compile(r"twitch\.tv/(?:[^/]+/)?videos?/(\d+)")
 MAX_BATCH_IDS = 10_000
+# Maximum time a delete with delete_files waits for the VOD's download to
+# stop. A cancelled download stops after its current read of at most
+# READ_BLOCK_BYTES (128 KiB), so within a second from a source at 128 KiB/s.
+DELETE_WAIT_S = 5.0
 PRIORITY_MIN = -(2**63)
 PRIORITY_MAX = 2**63 - 1
 
@@ -141,8 +147,15 @@ class NewVod:
 class Service:
     """One vodq process: storage, metrics, and optionally the scheduler."""
 
-    def __init__(self, settings: Settings, *, run_worker: bool = True) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        run_worker: bool = True,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        """Build the service; ``environment`` holds the variables ``settings``
+        came from, which runtime configuration changes are layered over."""
         self.engine = make_engine(settings.db_dsn)
         self.queue = VodQueue(
             self.engine,
@@ -154,6 +167,12 @@ class Service:
                 cooldown_s=settings.circuit_open_cooldown,
             ),
         )
+        self.runtime = (
+            RuntimeConfig(environment, self.queue, settings)
+            if environment is not None
+            else None
+        )
+        self._static_settings = settings
         self.metrics = Metrics()
         self.metrics.watch_queue(self.queue.counts, self.read_breaker)
         self.queue.on_breaker_change = self.metrics.record_breaker_transition
@@ -169,12 +188,61 @@ class Service:
             self.scheduler = Scheduler(
                 self.queue,
                 downloader,
-                settings,
+                lambda: self.settings,
                 self.metrics,
                 registry=self.registry,
                 notify=self.wakeups.notify,
                 resume_offset=self._partial_bytes,
             )
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force, runtime changes included."""
+        if self.runtime is None:
+            return self._static_settings
+        return self.runtime.settings()
+
+    def update_config(
+        self, changes: Mapping[str, str | None], *, stop_excess: bool = False
+    ) -> Settings:
+        """Change settings at runtime for every worker; see vodq.runtime."""
+        if self.runtime is None:
+            raise InvalidInput(
+                "this process was started without its environment, so its "
+                "configuration cannot change at runtime"
+            )
+        settings = self.runtime.update(changes)
+        stopped = 0
+        if stop_excess:
+            stopped = self.queue.requeue_excess(settings.max_concurrent_downloads)
+        log.info(
+            "configuration changed at runtime",
+            extra={"changes": dict(changes), "stopped": stopped, "action": "config"},
+        )
+        self.wake()
+        return settings
+
+    def config_report(self) -> dict[str, dict[str, Any]]:
+        """Describe each runtime variable: its value in force and where it came from."""
+        settings = self.settings
+        sources = self.runtime.sources() if self.runtime else {}
+        values: dict[str, Any] = {
+            "MAX_CONCURRENT_DOWNLOADS": settings.max_concurrent_downloads,
+            "MAX_DOWNLOADS_PER_WORKER": settings.max_downloads_per_worker,
+            "DOWNLOAD_RATE_LIMIT": _rate_text(settings.download_rate_limit),
+            "DOWNLOAD_TOTAL_RATE_LIMIT": _rate_text(settings.download_total_rate_limit),
+            "DOWNLOAD_MAX_ATTEMPTS": settings.download_max_attempts,
+            "DOWNLOAD_BACKOFF_BASE": format_duration(settings.download_backoff_base),
+            "PROCESSING_RETRY_COOLDOWN": format_duration(
+                settings.processing_retry_cooldown
+            ),
+            "UPLOAD_MAX_ATTEMPTS": settings.upload_max_attempts,
+            "UPLOAD_BACKOFF_BASE": format_duration(settings.upload_backoff_base),
+        }
+        return {
+            name.lower(): {"value": value, "source": sources.get(name, "environment")}
+            for name, value in values.items()
+        }
 
     def start(self, *, migrate: bool = True) -> None:
         """Migrate the database if asked, then start downloading."""
@@ -319,6 +387,21 @@ class Service:
         vod = self.queue.get(validate_vod_id(vod_id))
         if vod.state is VodState.DOWNLOADING:
             self.cancel_vod(vod_id)
+            # A download writes, and may first create, its partial file until
+            # its thread stops, so the files are deleted after that.
+            stopped = (
+                not delete_files
+                or self.scheduler is None
+                or self.scheduler.wait_stopped(vod_id, DELETE_WAIT_S)
+            )
+            if not stopped:
+                log.warning(
+                    "download of VOD %s did not stop within %.0fs; its partial "
+                    "file may be left in DATA_DIR/partial",
+                    vod_id,
+                    DELETE_WAIT_S,
+                    extra={"vod_id": vod_id, "action": "delete"},
+                )
         deleted = self.queue.delete(vod_id)
         removed = self._delete_files(deleted) if delete_files else []
         log.info(
@@ -376,6 +459,7 @@ class Service:
         if last_run is None and "last_process_run" in stored:
             last_run = datetime.fromisoformat(stored["last_process_run"])
         rate = settings.download_rate_limit
+        total_rate = settings.download_total_rate_limit
         return {
             "pending": counts.by_state.get("queued", 0),
             "queue_by_priority": [
@@ -396,8 +480,11 @@ class Service:
                     settings.processing_retry_cooldown
                 ),
             },
-            "download_rate_limit": format_rate(rate) if rate is not None else None,
+            "download_rate_limit": _rate_text(rate),
             "download_rate_limit_bytes": rate,
+            "download_total_rate_limit": _rate_text(total_rate),
+            "download_total_rate_limit_bytes": total_rate,
+            "config": self.config_report(),
             "circuit_state": circuit.state.value,
             "circuit_failures": circuit.failures,
             "circuit_open_until": circuit.open_until,
@@ -407,6 +494,10 @@ class Service:
             "paused": stored.get(PAUSED_KEY) == "true",
             "workers": [asdict(worker) for worker in self.registry.list()],
         }
+
+
+def _rate_text(rate: int | None) -> str | None:
+    return format_rate(rate) if rate is not None else None
 
 
 def _clean_text(name: str, value: str | None, max_length: int = 500) -> str | None:

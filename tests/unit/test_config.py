@@ -354,14 +354,14 @@ INVALID_VARIABLES = [
         "DOWNLOAD_RATE_LIMIT",
         "0",
         "DOWNLOAD_RATE_LIMIT='0' is invalid: must be at least 1 byte per second; "
-        "unset it for no limit; use for example 1.5M",
+        "use 'none' or unset it for no limit; use for example 1.5M",
         id="rate-zero",
     ),
     pytest.param(
         "DOWNLOAD_RATE_LIMIT",
         "0.4",
         "DOWNLOAD_RATE_LIMIT='0.4' is invalid: must be at least 1 byte per second; "
-        "unset it for no limit; use for example 1.5M",
+        "use 'none' or unset it for no limit; use for example 1.5M",
         id="rate-rounds-to-zero",
     ),
     pytest.param(
@@ -748,3 +748,14 @@ def test_url_template_attribute_field_rejected() -> None:
             {"VOD_URL_TEMPLATE": "https://example.invalid/{id}?t={id.name}"},
             env_file=None,
         )
+
+
+@pytest.mark.parametrize("word", ["none", "unlimited", "NONE"])
+def test_rate_limit_none_means_unlimited(word: str) -> None:
+    settings = load_settings({"DOWNLOAD_RATE_LIMIT": word}, env_file=None)
+    assert settings.download_rate_limit is None
+
+
+def test_total_rate_limit_parsed() -> None:
+    settings = load_settings({"DOWNLOAD_TOTAL_RATE_LIMIT": "10M"}, env_file=None)
+    assert settings.download_total_rate_limit == 10 * 1024 * 1024

@@ -18,6 +18,9 @@ from vodq.api.limits import BodySizeLimit
 from vodq.api.models import (
     BatchPriorityIn,
     BatchPriorityOut,
+    ConfigChanges,
+    ConfigReport,
+    ConfigValue,
     ErrorResponse,
     HealthOut,
     PauseIn,
@@ -143,6 +146,19 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     def delete_vod(vod_id: str, delete_files: bool = False) -> VodOut:
         return VodOut.from_vod(service.delete_vod(vod_id, delete_files=delete_files))
 
+    @app.get("/admin/config", response_model=ConfigReport, responses=ERRORS)
+    def get_config() -> ConfigReport:
+        return _config_out(service.config_report())
+
+    @app.patch("/admin/config", response_model=ConfigReport, responses=ERRORS)
+    def patch_config(body: ConfigChanges, stop_excess: bool = False) -> ConfigReport:
+        changes = {
+            name.strip().upper(): None if value is None else str(value)
+            for name, value in body.items()
+        }
+        service.update_config(changes, stop_excess=stop_excess)
+        return _config_out(service.config_report())
+
     @app.post("/admin/queue/pause", response_model=PauseOut, responses=ERRORS)
     def pause(body: PauseIn | None = None) -> PauseOut:
         stop_running = body.stop_running if body is not None else False
@@ -155,6 +171,10 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
         return PauseOut(status="ok", paused=False, stopped=0)
 
     return app
+
+
+def _config_out(report: dict[str, dict[str, Any]]) -> ConfigReport:
+    return {name: ConfigValue.model_validate(entry) for name, entry in report.items()}
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -204,6 +204,21 @@ class StatusOut(BaseModel):
     worker_id: str | None
     paused: bool
     workers: list[WorkerOut]
+    download_total_rate_limit: str | None
+    download_total_rate_limit_bytes: int | None
+    config: dict[str, ConfigValue]
+
+
+class ConfigValue(BaseModel):
+    value: int | str | None
+    source: str = Field(description="default, environment or runtime")
+
+
+ConfigReport = dict[str, ConfigValue]
+
+# A runtime change: variable name (any case) to its new value in the start-up
+# grammar, or null to return to the start-up value.
+ConfigChanges = dict[str, int | float | str | None]
 
 
 class HealthOut(BaseModel):

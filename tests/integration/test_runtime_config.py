@@ -1,0 +1,187 @@
+"""Configuration changed while vodq runs, and the shared bandwidth pool."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from conftest import ServiceFactory, wait_for, wait_for_state
+from mediaserver import MediaServer
+from vodq.api.app import create_app
+from vodq.models import VodState
+from vodq.service import NewVod, Service
+
+KIB = 1024
+
+
+def call(service: Service, method: str, path: str, body: Any = None) -> httpx.Response:
+    app = create_app(service, manage_lifecycle=False)
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://vodq", trust_env=False
+        ) as client:
+            return await client.request(method, path, json=body)
+
+    return anyio.run(send)
+
+
+def rates(service: Service) -> list[float | None]:
+    assert service.scheduler is not None
+    return sorted(
+        (entry.bucket.rate for entry in service.scheduler.running()),
+        key=lambda rate: rate or 0,
+    )
+
+
+def add_slow(service: Service, server: MediaServer, vod_id: str, size: int) -> None:
+    url = server.add_file(f"{vod_id}.mp4", random.randbytes(size))
+    service.add_vod(NewVod(vod_id=vod_id, url=url))
+
+
+def test_patch_config_changes_value_in_force(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False, MAX_CONCURRENT_DOWNLOADS="2")
+    response = call(service, "PATCH", "/admin/config", {"MAX_CONCURRENT_DOWNLOADS": 5})
+    status = service.status()
+    assert response.status_code == 200
+    assert response.json()["max_concurrent_downloads"] == {
+        "value": 5,
+        "source": "runtime",
+    }
+    assert status["max_concurrent_downloads"] == 5
+
+
+def test_patch_config_rejects_invalid_value(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False)
+    response = call(service, "PATCH", "/admin/config", {"DOWNLOAD_RATE_LIMIT": "fast"})
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "DOWNLOAD_RATE_LIMIT='fast' is invalid: not a rate (bytes per second "
+        "with an optional K, M or G); use for example 1.5M"
+    }
+    assert service.status()["download_rate_limit"] is None
+
+
+def test_patch_config_rejects_unknown_variable(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False)
+    response = call(service, "PATCH", "/admin/config", {"DB_DSN": "sqlite:///x.db"})
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("DB_DSN cannot change at runtime")
+
+
+def test_patch_config_null_restores_environment(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False, DOWNLOAD_MAX_ATTEMPTS="7")
+    call(service, "PATCH", "/admin/config", {"download_max_attempts": 2})
+    response = call(service, "PATCH", "/admin/config", {"download_max_attempts": None})
+    assert response.json()["download_max_attempts"] == {
+        "value": 7,
+        "source": "environment",
+    }
+
+
+def test_config_sources_report_default(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False)
+    report = call(service, "GET", "/admin/config").json()
+    assert report["processing_retry_cooldown"] == {
+        "value": "0s",
+        "source": "environment",
+    }
+    assert report["upload_backoff_base"] == {"value": "2s", "source": "default"}
+
+
+def test_config_change_reaches_other_process(
+    make_service: ServiceFactory, tmp_path: Any
+) -> None:
+    dsn = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = make_service(run_worker=False, DB_DSN=dsn)
+    second = make_service(run_worker=False, DB_DSN=dsn)
+    first.update_config({"DOWNLOAD_RATE_LIMIT": "2M"})
+    wait_for(
+        lambda: second.settings.download_rate_limit == 2 * 1024 * 1024, timeout_s=5
+    )
+    assert second.status()["download_rate_limit"] == "2M"
+
+
+def test_config_change_survives_restart(
+    make_service: ServiceFactory, tmp_path: Any
+) -> None:
+    dsn = f"sqlite:///{tmp_path / 'restart.db'}"
+    first = make_service(run_worker=False, DB_DSN=dsn)
+    first.update_config({"PROCESSING_RETRY_COOLDOWN": "5m"})
+    first.stop()
+    second = make_service(run_worker=False, DB_DSN=dsn)
+    assert second.status()["retry_config"]["processing_retry_cooldown"] == "300s"
+
+
+def test_rate_change_applies_to_running_download(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    service = make_service(DOWNLOAD_RATE_LIMIT="64K")
+    add_slow(service, media_server, "live", 2048 * KIB)
+    wait_for(lambda: rates(service) == [64 * KIB], timeout_s=10)
+    service.update_config({"DOWNLOAD_RATE_LIMIT": "128K"})
+    wait_for(lambda: rates(service) == [128 * KIB], timeout_s=5)
+    service.cancel_vod("live")
+
+
+def test_pool_splits_total_between_downloads(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    service = make_service(
+        MAX_CONCURRENT_DOWNLOADS="3", DOWNLOAD_TOTAL_RATE_LIMIT="300K"
+    )
+    for index in range(3):
+        add_slow(service, media_server, f"pool{index}", 4096 * KIB)
+    wait_for(lambda: rates(service) == [100 * KIB] * 3, timeout_s=10)
+    service.cancel_vod("pool0")
+    wait_for(lambda: rates(service) == [150 * KIB] * 2, timeout_s=5)
+    service.update_config({"DOWNLOAD_TOTAL_RATE_LIMIT": "600K"})
+    wait_for(lambda: rates(service) == [300 * KIB] * 2, timeout_s=5)
+    for index in (1, 2):
+        service.cancel_vod(f"pool{index}")
+
+
+def test_pool_respects_lower_per_download_limit(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    service = make_service(
+        MAX_CONCURRENT_DOWNLOADS="2",
+        DOWNLOAD_TOTAL_RATE_LIMIT="1M",
+        DOWNLOAD_RATE_LIMIT="100K",
+    )
+    for index in range(2):
+        add_slow(service, media_server, f"capped{index}", 2048 * KIB)
+    wait_for(lambda: rates(service) == [100 * KIB] * 2, timeout_s=10)
+    for index in range(2):
+        service.cancel_vod(f"capped{index}")
+
+
+@pytest.mark.parametrize("stop_excess", [False, True], ids=["finish", "stop"])
+def test_lower_concurrency_excess_downloads(
+    make_service: ServiceFactory, media_server: MediaServer, stop_excess: bool
+) -> None:
+    service = make_service(MAX_CONCURRENT_DOWNLOADS="3", DOWNLOAD_RATE_LIMIT="64K")
+    for index in range(3):
+        add_slow(service, media_server, f"ex{index}", 1024 * KIB)
+    wait_for(lambda: service.status()["active_downloads"] == 3, timeout_s=10)
+    service.update_config({"MAX_CONCURRENT_DOWNLOADS": "1"}, stop_excess=stop_excess)
+    expected = 1 if stop_excess else 3
+
+    def check() -> bool:
+        return service.status()["active_downloads"] == expected
+
+    wait_for(check, timeout_s=5)
+    assert service.status()["active_downloads"] == expected
+    for index in range(3):
+        if service.queue.get(f"ex{index}").state in {
+            VodState.QUEUED,
+            VodState.DOWNLOADING,
+        }:
+            service.cancel_vod(f"ex{index}")
+    for index in range(3):
+        wait_for_state(service, f"ex{index}", {VodState.CANCELLED}, timeout_s=10)
