@@ -54,6 +54,10 @@ KNOWN_VARIABLES = (
     "VODQ_SERVER",
 )
 
+# Longest duration any setting accepts, in seconds (365 days): longer ones
+# are typing mistakes and would overflow date arithmetic.
+MAX_DURATION_S = 365 * 86400.0
+
 # Rate values that mean "no limit", so that a runtime change can lift a limit
 # that the environment set.
 NO_LIMIT_WORDS = ("none", "unlimited")
@@ -140,11 +144,14 @@ def _positive_duration(text: str) -> float:
 
 def _duration(text: str) -> float:
     try:
-        return parse_duration(text)
+        seconds = parse_duration(text)
     except ValueError:
         raise ValueError(
             "not a duration (a number of seconds, or parts like 2s, 5m, 1h30m)"
         ) from None
+    if seconds > MAX_DURATION_S:
+        raise ValueError("must be at most 365d")
+    return seconds
 
 
 def _rate(text: str) -> int:
@@ -332,7 +339,8 @@ def settings_from(values: Mapping[str, str]) -> Settings:
         missing = "ADMIN_PASSWORD" if settings.admin_username else "ADMIN_USERNAME"
         present = "ADMIN_USERNAME" if settings.admin_username else "ADMIN_PASSWORD"
         reader.errors.append(
-            f"{present} is set but {missing} is not; set both for Basic auth, "
+            f"{present} is set but {missing} is not; set both for Basic auth "
+            "(for example ADMIN_USERNAME=admin with a long random ADMIN_PASSWORD), "
             "or neither (ADMIN_TOKEN alone is enough for token auth)"
         )
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from vodq import breaker
 from vodq.breaker import BreakerPolicy, BreakerSnapshot
@@ -54,8 +55,9 @@ def validate_vod_id(vod_id: str) -> str:
     """Return ``vod_id`` if it is a valid id; raise InvalidInput naming it otherwise."""
     if not _VOD_ID.fullmatch(vod_id):
         raise InvalidInput(
-            f"vod_id {vod_id!r} is invalid; use 1 to 128 letters, digits, '_', '.', "
-            "':' or '-', starting with a letter, digit or '_', such as '123456789'"
+            f"vod_id {_shorten(vod_id)} is invalid; use 1 to 128 letters, digits, "
+            "'_', '.', ':' or '-', starting with a letter, digit or '_', such as "
+            "'123456789'"
         )
     return vod_id
 
@@ -83,12 +85,23 @@ def parse_vod_date(value: str | datetime | date | None) -> datetime | None:
             parsed = datetime.fromisoformat(value.strip())
         except ValueError:
             raise InvalidInput(
-                f"date {value!r} is not an ISO 8601 date or time; use for example "
-                "'2024-10-15' or '2024-10-15T18:30:00+00:00'"
+                f"date {_shorten(value)} is not an ISO 8601 date or time; use for "
+                "example '2024-10-15' or '2024-10-15T18:30:00+00:00'"
             ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput(
+            f"date {_shorten(str(value))} is outside the supported range once "
+            "converted to UTC; use a date between years 1 and 9999"
+        ) from None
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """Quote ``text`` for an error message, cut to ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def id_from_url(url: str) -> str:
@@ -100,13 +113,43 @@ def id_from_url(url: str) -> str:
 
 
 def validate_url(url: str) -> str:
-    """Return ``url`` if it is an http(s) URL without spaces or control characters."""
-    if not re.fullmatch(r"https?://[^\s\x00-\x1f\x7f]+", url) or len(url) > 2048:
+    """Return ``url`` if it is a well-formed http(s) URL with a host."""
+    problem = None
+    if len(url) > 2048:
+        problem = "it is longer than 2048 characters"
+    elif not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\x00-\x1f\x7f]+", url):
+        problem = "it is not an absolute URL without spaces or control characters"
+    else:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            problem = f"it cannot be parsed ({exc})"
+        else:
+            if parts.scheme.lower() not in ("http", "https"):
+                problem = "only http and https URLs can be downloaded"
+            elif not parts.hostname:
+                problem = "it has no host"
+            elif port == 0:
+                problem = "port 0 is not a port"
+    if problem is not None:
         raise InvalidInput(
-            f"url {url[:200]!r} is invalid; use an http or https URL of at most "
-            "2048 characters, such as 'https://www.twitch.tv/videos/123456789'"
+            f"url {_shorten(url)} is invalid because {problem}; use for example "
+            "'https://www.twitch.tv/videos/123456789'"
         )
     return url
+
+
+def redact_url(url: str) -> str:
+    """Replace the password in a URL's user information with ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 @dataclass(frozen=True)
@@ -389,10 +432,8 @@ class Service:
             self.cancel_vod(vod_id)
             # A download writes, and may first create, its partial file until
             # its thread stops, so the files are deleted after that.
-            stopped = (
-                not delete_files
-                or self.scheduler is None
-                or self.scheduler.wait_stopped(vod_id, DELETE_WAIT_S)
+            stopped = self.scheduler is None or self.scheduler.wait_stopped(
+                vod_id, DELETE_WAIT_S
             )
             if not stopped:
                 log.warning(
@@ -403,7 +444,9 @@ class Service:
                     extra={"vod_id": vod_id, "action": "delete"},
                 )
         deleted = self.queue.delete(vod_id)
-        removed = self._delete_files(deleted) if delete_files else []
+        # Partial files always go: left behind, they would be resumed into a
+        # VOD added later under the same id, perhaps from another source.
+        removed = self._delete_files(deleted, include_archive=delete_files)
         log.info(
             "VOD %s deleted with %d files",
             vod_id,
@@ -433,9 +476,9 @@ class Service:
         log.info("queue resumed", extra={"action": "resume"})
         self.wake()
 
-    def _delete_files(self, vod: Vod) -> list[Path]:
+    def _delete_files(self, vod: Vod, *, include_archive: bool) -> list[Path]:
         candidates = self.layout.partial_files(vod.vod_id)
-        if vod.file_path:
+        if include_archive and vod.file_path:
             final = Path(vod.file_path)
             # Only a file inside the archive is ours to delete.
             if final.resolve().parent == self.layout.archive_dir.resolve():

@@ -111,7 +111,7 @@ def call(
         transport = httpx.ASGITransport(app=app, client=client)
         # trust_env=False keeps proxy variables from routing anything off-process.
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://vodq.test", trust_env=False
+            transport=transport, base_url="http://localhost", trust_env=False
         ) as http_client:
             body = None if method in ("GET", "HEAD", "OPTIONS") else json
             return await http_client.request(method, path, headers=headers, json=body)

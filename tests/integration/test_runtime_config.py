@@ -24,7 +24,7 @@ def call(service: Service, method: str, path: str, body: Any = None) -> httpx.Re
     async def send() -> httpx.Response:
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://vodq", trust_env=False
+            transport=transport, base_url="http://localhost", trust_env=False
         ) as client:
             return await client.request(method, path, json=body)
 

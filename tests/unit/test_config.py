@@ -688,7 +688,8 @@ def test_admin_username_without_password_rejected() -> None:
 
     assert message == HEADER + (
         "ADMIN_USERNAME is set but ADMIN_PASSWORD is not; set both for Basic "
-        "auth, or neither (ADMIN_TOKEN alone is enough for token auth)"
+        "auth (for example ADMIN_USERNAME=admin with a long random ADMIN_PASSWORD), "
+        "or neither (ADMIN_TOKEN alone is enough for token auth)"
     )
 
 
@@ -697,7 +698,8 @@ def test_admin_password_without_username_rejected() -> None:
 
     assert message == HEADER + (
         "ADMIN_PASSWORD is set but ADMIN_USERNAME is not; set both for Basic "
-        "auth, or neither (ADMIN_TOKEN alone is enough for token auth)"
+        "auth (for example ADMIN_USERNAME=admin with a long random ADMIN_PASSWORD), "
+        "or neither (ADMIN_TOKEN alone is enough for token auth)"
     )
 
 
@@ -759,3 +761,12 @@ def test_rate_limit_none_means_unlimited(word: str) -> None:
 def test_total_rate_limit_parsed() -> None:
     settings = load_settings({"DOWNLOAD_TOTAL_RATE_LIMIT": "10M"}, env_file=None)
     assert settings.download_total_rate_limit == 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "name", ["PROCESSING_RETRY_COOLDOWN", "LEASE_DURATION", "DOWNLOAD_BACKOFF_BASE"]
+)
+def test_duration_above_a_year_rejected(name: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({name: "100000000000000"}, env_file=None)
+    assert "must be at most 365d" in str(raised.value)

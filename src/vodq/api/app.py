@@ -65,17 +65,21 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
             if manage_lifecycle:
                 service.stop()
 
-    app = FastAPI(title="vodq", version="0.1.0", lifespan=lifespan)
+    # No trailing-slash redirects: they would be built from the client's Host
+    # header and send a POST with its body wherever that names.
+    app = FastAPI(
+        title="vodq", version="0.1.0", lifespan=lifespan, redirect_slashes=False
+    )
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
     install_admin_auth(app, service.settings)
 
-    @app.get("/healthz", response_model=HealthOut)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=HealthOut)
     def healthz() -> HealthOut:
         service.queue.counts()
         return HealthOut(status="ok")
 
-    @app.get("/status", response_model=StatusOut)
+    @app.api_route("/status", methods=["GET", "HEAD"], response_model=StatusOut)
     def status() -> StatusOut:
         return StatusOut.model_validate(service.status())
 

@@ -45,7 +45,7 @@ from ipaddress import (
     ip_address,
     ip_network,
 )
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -58,6 +58,15 @@ ADMIN_PATH_PREFIX = "/admin"
 TOKEN_HEADER = b"x-admin-token"
 PROXY_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
 AUTH_REALM = "vodq"
+CROSS_SITE_MESSAGE = (
+    "the admin API rejects cross-site browser requests (the Origin header "
+    "does not match Host); call it from a command-line client or the same origin"
+)
+REBINDING_MESSAGE = (
+    "the admin API rejects requests for a non-loopback Host because no admin "
+    "credentials are configured; use http://localhost or http://127.0.0.1, or "
+    "set ADMIN_TOKEN, or ADMIN_USERNAME and ADMIN_PASSWORD"
+)
 
 # A client that fails this many times within the window gets 429 until the
 # oldest of those failures is older than the window.
@@ -283,8 +292,11 @@ class AdminAuthMiddleware:
     def check(self, scope: Scope) -> Rejection | None:
         """Return why the request in ``scope`` is rejected, or None to let it in."""
         headers = _header_values(scope)
+        cross_site = _check_origin(headers)
+        if cross_site is not None:
+            return cross_site
         if self.token_digest is None and self.basic_digests is None:
-            return _check_loopback(scope, headers)
+            return _check_loopback_host(headers) or _check_loopback(scope, headers)
 
         key = client_key(scope, headers, self.trusted_proxies)
         retry_after_s = self.limiter.retry_after_s(key)
@@ -467,6 +479,48 @@ def _digest(value: bytes) -> bytes:
 
 def _optional_digest(secret: str | None) -> bytes | None:
     return _digest(secret.encode()) if secret else None
+
+
+def _check_origin(headers: dict[bytes, list[bytes]]) -> Rejection | None:
+    """Reject a browser's cross-site request to the admin API.
+
+    Browsers send ``Origin`` with cross-site POSTs, including "simple" ones
+    that need no CORS preflight and carry cached Basic credentials, so an
+    Origin that is not this server's own Host means another site is calling.
+    Clients such as curl send no Origin and are not affected.
+    """
+    origins = headers.get(b"origin", [])
+    if not origins:
+        return None
+    origin = origins[0].decode("latin-1").strip()
+    host = b"".join(headers.get(b"host", [])[:1]).decode("latin-1").strip().lower()
+    origin_host = urlsplit(origin).netloc.lower() if "://" in origin else ""
+    if len(origins) == 1 and origin_host and origin_host == host:
+        return None
+    return Rejection(403, CROSS_SITE_MESSAGE)
+
+
+def _check_loopback_host(headers: dict[bytes, list[bytes]]) -> Rejection | None:
+    """Without credentials, insist on a loopback Host, which defeats DNS rebinding.
+
+    A page on another site can make a browser on this machine send requests
+    to 127.0.0.1 under the site's own host name; such requests carry that
+    name in ``Host``.
+    """
+    values = headers.get(b"host", [])
+    if not values:
+        return None
+    host = values[0].decode("latin-1").strip().lower()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]")
+    if name == "localhost" or name.endswith(".localhost"):
+        return None
+    try:
+        if ip_address(name).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return Rejection(403, REBINDING_MESSAGE)
 
 
 def _header_values(scope: Scope) -> dict[bytes, list[bytes]]:

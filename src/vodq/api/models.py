@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from vodq.models import Vod, VodState
+from vodq.service import redact_url
 
 # Times are UTC, written in ISO 8601 with an explicit "+00:00" offset.
 IsoTime = Annotated[
@@ -129,7 +130,7 @@ class VodOut(BaseModel):
             progress = min(1.0, vod.bytes_done / vod.bytes_total)
         return cls(
             vod_id=vod.vod_id,
-            source_url=vod.source_url,
+            source_url=redact_url(vod.source_url),
             title=vod.title,
             date=vod.date,
             channel=vod.channel,
