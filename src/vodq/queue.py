@@ -11,7 +11,8 @@ for every process that shares the database.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,7 +28,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from vodq import breaker
 from vodq.breaker import BreakerPolicy
@@ -404,7 +405,12 @@ class VodQueue:
         return sorted((to_vod(row) for row in rows), key=lambda vod: ids.index(vod.id))
 
     def renew(
-        self, owner: str, progress: Mapping[int, Progress], *, lease_s: float
+        self,
+        owner: str,
+        progress: Mapping[int, Progress],
+        *,
+        lease_s: float,
+        started: Mapping[int, datetime] | None = None,
     ) -> set[int]:
         """Extend ``owner``'s leases and record progress; return the ids still held."""
         if not progress:
@@ -413,14 +419,9 @@ class VodQueue:
         held: set[int] = set()
         with self._write() as conn:
             for row_id, report in progress.items():
+                claimed_at = started.get(row_id) if started is not None else None
                 result = conn.execute(
-                    update(vods)
-                    .where(
-                        vods.c.id == row_id,
-                        vods.c.lease_owner == owner,
-                        vods.c.state == VodState.DOWNLOADING.value,
-                    )
-                    .values(
+                    self._owned(row_id, owner, claimed_at).values(
                         lease_expires_at=now + timedelta(seconds=lease_s),
                         bytes_done=report.bytes_done,
                         bytes_total=report.bytes_total,
@@ -440,12 +441,13 @@ class VodQueue:
         file_path: str,
         size: int,
         download_ms: int,
+        started_at: datetime | None = None,
     ) -> bool:
         """Mark a claimed VOD done; return False when ``owner`` no longer holds it."""
         now = self.clock()
         with self._write() as conn:
             result = conn.execute(
-                self._owned(row_id, owner).values(
+                self._owned(row_id, owner, started_at).values(
                     state=VodState.DONE.value,
                     attempts=vods.c.attempts + 1,
                     file_path=file_path,
@@ -477,6 +479,7 @@ class VodQueue:
         error: str,
         error_class: str,
         retry_at: datetime | None,
+        started_at: datetime | None = None,
     ) -> VodState | None:
         """Record a failed attempt; requeue it for ``retry_at`` or fail it for good.
 
@@ -486,7 +489,7 @@ class VodQueue:
         state = VodState.QUEUED if retry_at is not None else VodState.FAILED
         with self._write() as conn:
             result = conn.execute(
-                self._owned(row_id, owner).values(
+                self._owned(row_id, owner, started_at).values(
                     state=state.value,
                     attempts=vods.c.attempts + 1,
                     next_attempt_at=retry_at,
@@ -507,12 +510,19 @@ class VodQueue:
         self._notify_breaker(transition)
         return state
 
-    def release(self, row_id: int, owner: str, *, state: VodState) -> bool:
+    def release(
+        self,
+        row_id: int,
+        owner: str,
+        *,
+        state: VodState,
+        started_at: datetime | None = None,
+    ) -> bool:
         """Give a claimed VOD back without counting an attempt (cancel, shutdown)."""
         now = self.clock()
         with self._write() as conn:
             result = conn.execute(
-                self._owned(row_id, owner).values(
+                self._owned(row_id, owner, started_at).values(
                     state=state.value,
                     speed_bps=None,
                     lease_owner=None,
@@ -598,26 +608,42 @@ class VodQueue:
         if self.on_breaker_change is not None:
             self.on_breaker_change(transition)
 
-    def _read(self) -> Connection:
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only connection; connection failures become StorageUnavailable."""
         try:
-            return self.engine.connect().execution_options(sqlite_begin="DEFERRED")
-        except OperationalError as exc:
-            raise StorageUnavailable(
-                f"the database is unavailable: {exc.orig}"
-            ) from exc
+            with self.engine.connect().execution_options(
+                sqlite_begin="DEFERRED"
+            ) as conn:
+                yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise StorageUnavailable(_unavailable(exc)) from exc
 
-    def _write(self) -> Any:
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A transaction, committed on success; failures become StorageUnavailable."""
         try:
-            return self.engine.begin()
-        except SQLAlchemyError as exc:
-            raise StorageUnavailable(f"the database is unavailable: {exc}") from exc
+            with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise StorageUnavailable(_unavailable(exc)) from exc
 
-    def _owned(self, row_id: int, owner: str) -> Any:
-        return update(vods).where(
+    def _owned(
+        self, row_id: int, owner: str, started_at: datetime | None = None
+    ) -> Any:
+        """Update the row only while ``owner`` holds it, by this very claim.
+
+        ``started_at`` is set by each claim, so it tells a later claim of the
+        same worker from an earlier one whose thread has not yet ended.
+        """
+        query = update(vods).where(
             vods.c.id == row_id,
             vods.c.lease_owner == owner,
             vods.c.state == VodState.DOWNLOADING.value,
         )
+        if started_at is not None:
+            query = query.where(vods.c.started_at == started_at)
+        return query
 
     def _count_active(self, conn: Connection, now: datetime) -> int:
         return int(
@@ -683,6 +709,11 @@ class VodQueue:
             )
             if changed.rowcount == 0:
                 conn.execute(insert(kv).values(key=key, value=value, updated_at=now))
+
+
+def _unavailable(exc: OperationalError | InterfaceError) -> str:
+    reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else exc
+    return f"the database is unavailable: {reason}; retry shortly"
 
 
 def to_vod(row: Row[Any]) -> Vod:

@@ -377,3 +377,41 @@ def test_counts_follow_queue_operations(queue: VodQueue, clock: Clock) -> None:
     clock.advance(LEASE_S + 1)
     queue.claim("w2", wanted=0, limit=10, lease_s=LEASE_S)
     assert queue.counts().by_state == true_counts(queue)
+
+
+def test_stale_claim_cannot_release_newer_claim(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a")
+    (first,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    queue.cancel("a")
+    queue.requeue("a")
+    clock.advance(1)
+    (second,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    released = queue.release(
+        first.id, "w1", state=VodState.CANCELLED, started_at=first.started_at
+    )
+    assert not released
+    assert queue.get("a").state is VodState.DOWNLOADING
+    assert queue.renew(
+        "w1",
+        {first.id: Progress(1, None, None)},
+        lease_s=LEASE_S,
+        started={first.id: second.started_at},
+    ) == {first.id}
+
+
+def test_stale_claim_cannot_finish_newer_claim(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a")
+    (first,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    queue.cancel("a")
+    queue.requeue("a")
+    clock.advance(1)
+    queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    finished = queue.finish(
+        first.id,
+        "w1",
+        file_path="/x",
+        size=1,
+        download_ms=1,
+        started_at=first.started_at,
+    )
+    assert not finished
