@@ -21,6 +21,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    and_,
     func,
     insert,
     or_,
@@ -410,7 +411,7 @@ class VodQueue:
         progress: Mapping[int, Progress],
         *,
         lease_s: float,
-        started: Mapping[int, datetime] | None = None,
+        started: Mapping[int, datetime | None] | None = None,
     ) -> set[int]:
         """Extend ``owner``'s leases and record progress; return the ids still held."""
         if not progress:
@@ -447,7 +448,7 @@ class VodQueue:
         now = self.clock()
         with self._write() as conn:
             result = conn.execute(
-                self._owned(row_id, owner, started_at).values(
+                self._finishable(row_id, owner, started_at).values(
                     state=VodState.DONE.value,
                     attempts=vods.c.attempts + 1,
                     file_path=file_path,
@@ -551,6 +552,41 @@ class VodQueue:
         with self._write() as conn:
             conn.execute(kv.delete().where(kv.c.key.in_(names)))
 
+    def lease_owners(self) -> list[str]:
+        """Return the distinct owners of running downloads' leases."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(vods.c.lease_owner)
+                .where(
+                    vods.c.state == VodState.DOWNLOADING.value,
+                    vods.c.lease_owner.is_not(None),
+                )
+                .distinct()
+            ).scalars()
+            return [str(owner) for owner in rows]
+
+    def release_leases(self, owners: list[str]) -> list[str]:
+        """Queue again every download leased to ``owners``; return their VOD ids."""
+        if not owners:
+            return []
+        with self._write() as conn:
+            rows = conn.execute(
+                update(vods)
+                .where(
+                    vods.c.state == VodState.DOWNLOADING.value,
+                    vods.c.lease_owner.in_(owners),
+                )
+                .values(
+                    state=VodState.QUEUED.value,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    speed_bps=None,
+                    updated_at=self.clock(),
+                )
+                .returning(vods.c.vod_id)
+            ).all()
+        return [str(vod_id) for (vod_id,) in rows]
+
     def count_active(self) -> int:
         """Count downloads with an unexpired lease, across every worker."""
         with self._read() as conn:
@@ -627,6 +663,25 @@ class VodQueue:
                 yield conn
         except (OperationalError, InterfaceError) as exc:
             raise StorageUnavailable(_unavailable(exc)) from exc
+
+    def _finishable(self, row_id: int, owner: str, started_at: datetime | None) -> Any:
+        """Like ``_owned``, but also accept the claim's row after its lease expired.
+
+        A finished download whose lease lapsed (the database was away while it
+        ran) still stands when nobody claimed the VOD since: expiry keeps
+        ``started_at``, and any new claim changes it.
+        """
+        if started_at is None:
+            return self._owned(row_id, owner)
+        held = and_(
+            vods.c.lease_owner == owner, vods.c.state == VodState.DOWNLOADING.value
+        )
+        lapsed = and_(
+            vods.c.lease_owner.is_(None), vods.c.state == VodState.QUEUED.value
+        )
+        return update(vods).where(
+            vods.c.id == row_id, vods.c.started_at == started_at, or_(held, lapsed)
+        )
 
     def _owned(
         self, row_id: int, owner: str, started_at: datetime | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,16 @@ HEARTBEAT_S = 1.0
 LAST_RUN_WRITE_S = 5.0
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class CancelReason:
     """Why a running download was stopped; decides the state it returns to."""
 
@@ -72,6 +83,9 @@ class RunningDownload:
     bytes_counted: int = 0
     resumed_bytes: int = 0
     thread: threading.Thread | None = None
+    # When the lease expires at the latest (time.monotonic()), counted from
+    # just before the claim or the last renewal that the database accepted.
+    lease_until: float = 0.0
 
 
 class Scheduler:
@@ -124,6 +138,7 @@ class Scheduler:
 
     def start(self) -> None:
         """Start the scheduler and heartbeat threads."""
+        self._release_dead_leases()
         self._beat()
         for target, name in (
             (self._loop, "vodq-scheduler"),
@@ -247,6 +262,7 @@ class Scheduler:
         if free > 0 and not self._disk_has_room():
             free = 0
         if free > 0:
+            claimed_at = time.monotonic()
             claimed = self.queue.claim(
                 self.worker_id,
                 wanted=free,
@@ -254,7 +270,26 @@ class Scheduler:
                 lease_s=settings.lease_duration,
             )
             for vod in claimed:
-                self._start_download(vod)
+                lease_until = claimed_at + settings.lease_duration
+                with self._lock:
+                    previous = self._running.get(vod.id)
+                    if previous is not None:
+                        previous.lease_until = lease_until
+                if previous is None:
+                    self._start_download(vod, lease_until)
+                    continue
+                # Our lease expired while the database was away, and this claim
+                # took the VOD back while its earlier attempt still runs here.
+                # A second attempt would write the same partial file, so the
+                # earlier one continues under the new lease. If it is already
+                # stopping, the lease expires after it ends and the VOD is
+                # claimed again.
+                log.warning(
+                    "claimed VOD %s again while its earlier attempt is still "
+                    "running in this worker; that attempt continues alone",
+                    vod.vod_id,
+                    extra={"vod_id": vod.vod_id, "action": "claim"},
+                )
         self._record_run()
 
     def _disk_has_room(self) -> bool:
@@ -287,11 +322,12 @@ class Scheduler:
             self.queue.set_kv({"last_process_run": self.last_process_run.isoformat()})
             self._last_run_written = time.monotonic()
 
-    def _start_download(self, vod: Vod) -> None:
+    def _start_download(self, vod: Vod, lease_until: float) -> None:
         entry = RunningDownload(
             vod=vod,
             attempt=vod.attempts + 1,
             bucket=TokenBucket(self._download_rate(extra_local=1)),
+            lease_until=lease_until,
         )
         thread = threading.Thread(
             target=self._run, args=(entry,), name=f"vodq-download-{vod.id}", daemon=True
@@ -376,9 +412,15 @@ class Scheduler:
                 file_path=str(result.path),
                 size=result.size,
                 download_ms=round(duration_s * 1000),
+                started_at=vod.started_at,
             )
         )
         if not recorded:
+            # Counted as stopped by the lost lease, so that every attempt in
+            # vod_downloads_started_total has exactly one outcome.
+            self.metrics.downloads_cancelled.labels(
+                reason=CancelReason.LEASE_LOST
+            ).inc()
             log.warning(
                 "download finished after this worker lost its lease; the other "
                 "worker's result stands",
@@ -435,6 +477,7 @@ class Scheduler:
                 error=str(error),
                 error_class=error.error_class,
                 retry_at=retry_at,
+                started_at=vod.started_at,
             )
         )
         self.metrics.downloads_failed.labels(error_class=error.error_class).inc()
@@ -487,7 +530,11 @@ class Scheduler:
         # A cancel or pause from the API has already written the new state;
         # this release only matters when the row is still ours.
         if reason != CancelReason.LEASE_LOST:
-            self._store(lambda: self.queue.release(vod.id, self.worker_id, state=state))
+            self._store(
+                lambda: self.queue.release(
+                    vod.id, self.worker_id, state=state, started_at=vod.started_at
+                )
+            )
         self.metrics.downloads_cancelled.labels(reason=reason).inc()
         log.warning(
             "download stopped (%s); the partial file is kept for resume",
@@ -540,9 +587,14 @@ class Scheduler:
                 continue
             self._apply_rates(running)
             progress = {entry.vod.id: entry.progress for entry in running}
+            lease_s = self.settings.lease_duration
+            renewed_at = time.monotonic()
             try:
                 held = self.queue.renew(
-                    self.worker_id, progress, lease_s=self.settings.lease_duration
+                    self.worker_id,
+                    progress,
+                    lease_s=lease_s,
+                    started={entry.vod.id: entry.vod.started_at for entry in running},
                 )
             except (StorageUnavailable, SQLAlchemyError) as exc:
                 log.warning(
@@ -550,7 +602,11 @@ class Scheduler:
                     exc,
                     extra={"worker_id": self.worker_id, "action": "heartbeat"},
                 )
+                self._stop_unrenewable(running)
                 continue
+            for entry in running:
+                if entry.vod.id in held:
+                    entry.lease_until = renewed_at + lease_s
             for entry in running:
                 if (
                     entry.vod.id not in held
@@ -560,6 +616,26 @@ class Scheduler:
                     if entry.cancelled.is_set():
                         continue
                     self._on_lease_lost(entry)
+
+    def _stop_unrenewable(self, running: list[RunningDownload]) -> None:
+        """Stop the downloads whose lease expires before the next renewal.
+
+        After a lease expires, another worker may claim the VOD and resume its
+        partial file. A download that continued would exceed
+        MAX_CONCURRENT_DOWNLOADS and write that file too. Stopping keeps the
+        partial file for the resume.
+        """
+        deadline = time.monotonic() + HEARTBEAT_S
+        for entry in running:
+            if entry.cancelled.is_set() or entry.lease_until > deadline:
+                continue
+            log.warning(
+                "failed to renew the lease of VOD %s before it expires; "
+                "stopping its download and keeping the partial file",
+                entry.vod.vod_id,
+                extra={"vod_id": entry.vod.vod_id, "action": "lease_lost"},
+            )
+            self._cancel(entry, CancelReason.LEASE_LOST)
 
     def _download_rate(self, *, extra_local: int = 0) -> float | None:
         """Return each download's rate: its own limit, or its share of the pool.
@@ -587,6 +663,40 @@ class Scheduler:
             if entry.bucket.rate != rate:
                 entry.bucket.set_rate(rate)
 
+    def _release_dead_leases(self) -> None:
+        """Queue again the VODs whose leases belong to processes known to be dead.
+
+        Those are leases under this worker's own id, left by the process it
+        replaces, and leases of ``HOST-PID`` workers on this host whose pid no
+        longer runs. Without this they would hold slots until they expire.
+        """
+        try:
+            released = self.queue.release_leases(self._dead_owners())
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            log.warning(
+                "could not release leases of dead workers: %s",
+                exc,
+                extra={"worker_id": self.worker_id, "action": "start"},
+            )
+            return
+        for vod_id in released:
+            log.warning(
+                "VOD %s was held by a worker that is no longer running; queued again",
+                vod_id,
+                extra={"vod_id": vod_id, "action": "lease_released"},
+            )
+
+    def _dead_owners(self) -> list[str]:
+        owners = [self.worker_id]
+        prefix = socket.gethostname() + "-"
+        for owner in self.queue.lease_owners():
+            pid_text = owner.removeprefix(prefix)
+            if owner == pid_text or not pid_text.isdigit():
+                continue
+            if int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+                owners.append(owner)
+        return owners
+
     def _beat(self) -> None:
         if self.registry is None:
             return
@@ -610,6 +720,9 @@ class Scheduler:
             state: VodState | None = self.queue.get(vod_id).state
         except VodqError:
             state = None
+        if state is VodState.DONE:
+            # This worker has just recorded the result; nothing runs any more.
+            return
         if state is VodState.CANCELLED:
             log.info(
                 "VOD %s was cancelled; stopping its download",

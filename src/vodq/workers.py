@@ -24,7 +24,7 @@ WORKER_HEARTBEAT_S = 5.0
 # A worker whose heartbeat is older than this is reported as gone, in seconds.
 WORKER_GONE_S = 3 * WORKER_HEARTBEAT_S
 # Rows of workers silent for this long are deleted, in seconds.
-WORKER_FORGET_S = 3600.0
+WORKER_FORGET_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,17 @@ class WorkerRegistry:
         """Insert or refresh this worker's row and prune long-silent ones."""
         now = self.clock()
         with self.engine.begin() as conn:
+            # A restart under the same WORKER_ID takes the row over.
             changed = conn.execute(
                 update(workers)
                 .where(workers.c.worker_id == worker_id)
-                .values(heartbeat_at=now, slots=slots)
+                .values(
+                    heartbeat_at=now,
+                    slots=slots,
+                    pid=pid,
+                    hostname=socket.gethostname(),
+                    started_at=started_at,
+                )
             )
             if changed.rowcount == 0:
                 conn.execute(
