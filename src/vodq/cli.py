@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not apply database migrations at start-up",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve this worker's Prometheus metrics on PORT (path /metrics)",
+    )
     worker.set_defaults(handler=_serve, run_api=False, run_worker=True)
 
     migrate = commands.add_parser(
@@ -184,7 +190,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         settings, run_worker=args.run_worker, environment=args.environment
     )
     if not args.run_api:
-        return _run_worker_only(service, migrate=not args.no_migrate)
+        return _run_worker_only(
+            service, migrate=not args.no_migrate, metrics_port=args.metrics_port
+        )
 
     host = args.host or settings.http_host
     port = args.port or settings.http_port
@@ -193,6 +201,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         service.start(migrate=False)
     else:
         app = create_app(service)
+    _ignore_reraised_signals()
     # proxy_headers=False: uvicorn would otherwise replace the client address
     # with X-Forwarded-For from 127.0.0.1, and TRUSTED_PROXIES alone decides
     # whom vodq believes.
@@ -209,7 +218,21 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _run_worker_only(service: Any, *, migrate: bool) -> int:
+def _ignore_reraised_signals() -> None:
+    """Make a clean SIGTERM or SIGINT shutdown exit 0.
+
+    uvicorn (0.29 and later) restores the previous handlers after its
+    graceful shutdown and raises the signal again; with the default handler
+    that kills the process with status 143 after a clean stop. A second
+    signal during the shutdown still makes uvicorn exit at once.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: None)
+
+
+def _run_worker_only(
+    service: Any, *, migrate: bool, metrics_port: int | None = None
+) -> int:
     """Run the scheduler until SIGTERM or SIGINT; a second signal exits at once."""
     stop = threading.Event()
 
@@ -221,6 +244,10 @@ def _run_worker_only(service: Any, *, migrate: bool) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     service.start(migrate=migrate)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=service.metrics.registry)
     stop.wait()
     service.stop()
     return 0

@@ -52,10 +52,12 @@ class RuntimeConfig:
         self._overrides: dict[str, str] = {}
         self._read_at = float("-inf")
         self._lock = threading.Lock()
+        # Off until the database is migrated, so that nothing reads kv first.
+        self.enabled = False
 
     def settings(self) -> Settings:
         """Return the settings in force, re-reading overrides every ``REFRESH_S``."""
-        if time.monotonic() - self._read_at >= REFRESH_S:
+        if self.enabled and time.monotonic() - self._read_at >= REFRESH_S:
             self.refresh()
         return self._settings
 

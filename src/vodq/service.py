@@ -291,6 +291,9 @@ class Service:
         """Migrate the database if asked, then start downloading."""
         if migrate:
             upgrade(self.engine)
+        if self.runtime is not None:
+            self.runtime.enabled = True
+            self.runtime.refresh()
         if self.scheduler is not None:
             self.layout.ensure()
             self.scheduler.start()

@@ -45,11 +45,14 @@ from vodq.models import VodState
 from vodq.service import NewVod, Service, VodSelection
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    409: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 503)
 }
+# Admin routes also answer the auth middleware's refusals.
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    **{code: {"model": ErrorResponse} for code in (401, 403, 429)},
+}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"model": ErrorResponse}}
 
 
 def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
@@ -74,12 +77,22 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     app.add_middleware(BodySizeLimit)
     install_admin_auth(app, service.settings)
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=HealthOut)
+    @app.get("/healthz", response_model=HealthOut, responses=UNAVAILABLE)
     def healthz() -> HealthOut:
         service.queue.counts()
         return HealthOut(status="ok")
 
-    @app.api_route("/status", methods=["GET", "HEAD"], response_model=StatusOut)
+    @app.head("/healthz", include_in_schema=False)
+    def healthz_head() -> Response:
+        service.queue.counts()
+        return Response()
+
+    @app.head("/status", include_in_schema=False)
+    def status_head() -> Response:
+        service.queue.counts()
+        return Response()
+
+    @app.get("/status", response_model=StatusOut, responses=UNAVAILABLE)
     def status() -> StatusOut:
         return StatusOut.model_validate(service.status())
 
@@ -110,19 +123,21 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
         "/admin/vods",
         response_model=VodOut,
         status_code=201,
-        responses={200: {"model": VodOut}, **ERRORS},
+        responses={200: {"model": VodOut}, **ADMIN_ERRORS},
     )
     def add_vod(body: VodIn, response: Response) -> VodOut:
         vod, created = service.add_vod(NewVod(**body.model_dump()))
         response.status_code = 201 if created else 200
         return VodOut.from_vod(vod)
 
-    @app.post("/admin/vod/priority", response_model=PriorityOut, responses=ERRORS)
+    @app.post("/admin/vod/priority", response_model=PriorityOut, responses=ADMIN_ERRORS)
     def set_priority(body: PriorityIn) -> PriorityOut:
         vod = service.set_priority(body.vod_id, body.priority)
         return PriorityOut(status="ok", vod_id=vod.vod_id, priority=vod.priority)
 
-    @app.post("/admin/vods/priority", response_model=BatchPriorityOut, responses=ERRORS)
+    @app.post(
+        "/admin/vods/priority", response_model=BatchPriorityOut, responses=ADMIN_ERRORS
+    )
     def set_priorities(body: BatchPriorityIn) -> BatchPriorityOut:
         selection = VodSelection(
             vod_ids=body.vod_ids,
@@ -134,27 +149,27 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
         updated = service.set_priorities(body.priority, selection)
         return BatchPriorityOut(status="ok", priority=body.priority, updated=updated)
 
-    @app.post("/admin/vod/cancel", response_model=VodOut, responses=ERRORS)
+    @app.post("/admin/vod/cancel", response_model=VodOut, responses=ADMIN_ERRORS)
     def cancel_vod(body: VodRef) -> VodOut:
         return VodOut.from_vod(service.cancel_vod(body.vod_id))
 
-    @app.post("/admin/vod/reprocess", response_model=VodOut, responses=ERRORS)
+    @app.post("/admin/vod/reprocess", response_model=VodOut, responses=ADMIN_ERRORS)
     def reprocess_vod(body: VodRef) -> VodOut:
         return VodOut.from_vod(service.reprocess_vod(body.vod_id))
 
-    @app.post("/admin/vod/skip-upload", response_model=VodOut, responses=ERRORS)
+    @app.post("/admin/vod/skip-upload", response_model=VodOut, responses=ADMIN_ERRORS)
     def skip_upload(body: SkipUploadIn) -> VodOut:
         return VodOut.from_vod(service.set_skip_upload(body.vod_id, body.skip))
 
-    @app.delete("/admin/vod/{vod_id}", response_model=VodOut, responses=ERRORS)
+    @app.delete("/admin/vod/{vod_id}", response_model=VodOut, responses=ADMIN_ERRORS)
     def delete_vod(vod_id: str, delete_files: bool = False) -> VodOut:
         return VodOut.from_vod(service.delete_vod(vod_id, delete_files=delete_files))
 
-    @app.get("/admin/config", response_model=ConfigReport, responses=ERRORS)
+    @app.get("/admin/config", response_model=ConfigReport, responses=ADMIN_ERRORS)
     def get_config() -> ConfigReport:
         return _config_out(service.config_report())
 
-    @app.patch("/admin/config", response_model=ConfigReport, responses=ERRORS)
+    @app.patch("/admin/config", response_model=ConfigReport, responses=ADMIN_ERRORS)
     def patch_config(body: ConfigChanges, stop_excess: bool = False) -> ConfigReport:
         changes = {
             name.strip().upper(): None if value is None else str(value)
@@ -163,13 +178,13 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
         service.update_config(changes, stop_excess=stop_excess)
         return _config_out(service.config_report())
 
-    @app.post("/admin/queue/pause", response_model=PauseOut, responses=ERRORS)
+    @app.post("/admin/queue/pause", response_model=PauseOut, responses=ADMIN_ERRORS)
     def pause(body: PauseIn | None = None) -> PauseOut:
         stop_running = body.stop_running if body is not None else False
         stopped = service.pause(stop_running=stop_running)
         return PauseOut(status="ok", paused=True, stopped=stopped)
 
-    @app.post("/admin/queue/resume", response_model=PauseOut, responses=ERRORS)
+    @app.post("/admin/queue/resume", response_model=PauseOut, responses=ADMIN_ERRORS)
     def resume() -> PauseOut:
         service.resume()
         return PauseOut(status="ok", paused=False, stopped=0)
@@ -193,6 +208,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = next((c for kind, c in statuses if isinstance(exc, kind)), 500)
         return JSONResponse({"error": str(exc)}, status_code=code)
 
+    async def unencodable_text(_request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {
+                "error": "the request contains text that is not valid Unicode "
+                "(a lone surrogate such as \\ud800); send UTF-8 text"
+            },
+            status_code=400,
+        )
+
     async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         return JSONResponse({"error": _describe_validation(exc)}, status_code=422)
@@ -213,6 +237,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(VodqError, domain_error)
+    app.add_exception_handler(UnicodeEncodeError, unencodable_text)
     app.add_exception_handler(OperationalError, database_error)
     app.add_exception_handler(InterfaceError, database_error)
     app.add_exception_handler(RequestValidationError, validation_error)

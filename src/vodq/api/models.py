@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
 
 from vodq.models import Vod, VodState
 from vodq.service import redact_url
@@ -14,7 +14,26 @@ from vodq.service import redact_url
 IsoTime = Annotated[
     datetime, PlainSerializer(lambda value: value.isoformat(), return_type=str)
 ]
-Priority = Annotated[int, Field(ge=-(2**63), le=2**63 - 1, examples=[100])]
+
+
+def _int64(value: int) -> int:
+    if not -(2**63) <= value <= 2**63 - 1:
+        raise ValueError("must fit a signed 64-bit integer")
+    return value
+
+
+# The range is documented as format int64 rather than minimum and maximum,
+# which FastAPI's OpenAPI model writes as floats that round past 2**63 - 1.
+Priority = Annotated[
+    int,
+    AfterValidator(_int64),
+    Field(examples=[100], json_schema_extra={"format": "int64"}),
+]
+
+
+# Request bodies: unknown fields are errors, and JSON types are taken as they
+# are ("100" is not a priority, 0 is not false).
+INPUT_CONFIG = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorResponse(BaseModel):
@@ -24,7 +43,7 @@ class ErrorResponse(BaseModel):
 class VodIn(BaseModel):
     """A VOD to queue: a bare id (turned into a URL by VOD_URL_TEMPLATE) or a URL."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = INPUT_CONFIG
 
     vod_id: str | None = Field(default=None, examples=["123456789"])
     url: str | None = Field(
@@ -37,7 +56,7 @@ class VodIn(BaseModel):
 
 
 class PriorityIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = INPUT_CONFIG
 
     vod_id: str = Field(examples=["123456789"])
     priority: Priority
@@ -46,7 +65,7 @@ class PriorityIn(BaseModel):
 class BatchPriorityIn(BaseModel):
     """A priority for many VODs: listed by id, or selected by every given filter."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = INPUT_CONFIG
 
     priority: Priority
     vod_ids: list[str] | None = Field(default=None, max_length=10_000)
@@ -63,20 +82,20 @@ class BatchPriorityOut(BaseModel):
 
 
 class VodRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = INPUT_CONFIG
 
     vod_id: str = Field(examples=["123456789"])
 
 
 class SkipUploadIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = INPUT_CONFIG
 
     vod_id: str = Field(examples=["123456789"])
     skip: bool = True
 
 
 class PauseIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = INPUT_CONFIG
 
     stop_running: bool = Field(
         default=False,
