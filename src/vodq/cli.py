@@ -205,7 +205,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # proxy_headers=False: uvicorn would otherwise replace the client address
     # with X-Forwarded-For from 127.0.0.1, and TRUSTED_PROXIES alone decides
     # whom vodq believes.
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -213,9 +213,26 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,
         proxy_headers=False,
     )
+    _server_class()(config).run()
     if args.no_migrate:
         service.stop()
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, where a second SIGTERM or SIGINT exits at once."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:
+                # Downloads keep their partial files; leases expire and other
+                # workers (or the next start) resume them.
+                os._exit(128 + sig)
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 def _ignore_reraised_signals() -> None:
@@ -224,7 +241,7 @@ def _ignore_reraised_signals() -> None:
     uvicorn (0.29 and later) restores the previous handlers after its
     graceful shutdown and raises the signal again; with the default handler
     that kills the process with status 143 after a clean stop. A second
-    signal during the shutdown still makes uvicorn exit at once.
+    signal during the shutdown exits at once (see ``_server_class``).
     """
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _signum, _frame: None)

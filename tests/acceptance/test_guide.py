@@ -393,10 +393,13 @@ def wait_healthy(served: Served) -> None:
     )
 
 
-def stop(served: Served) -> int | None:
-    """Send SIGTERM and return the exit status, or None if it did not exit."""
+def stop(served: Served, *, send: bool = True) -> int | None:
+    """Send SIGTERM and return the exit status, or None if it did not exit.
+
+    Only one signal is sent: a second one makes vodq exit at once.
+    """
     process = served.process
-    if process.poll() is None:
+    if send and process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
         return process.wait(timeout=STOP_TIMEOUT_S)
@@ -411,7 +414,7 @@ def stop_all(services: list[Served]) -> dict[int, int | None]:
     for served in services:
         if served.process.poll() is None:
             served.process.send_signal(signal.SIGTERM)
-    return {served.port: stop(served) for served in services}
+    return {served.port: stop(served, send=False) for served in services}
 
 
 def wait_until(

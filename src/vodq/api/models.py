@@ -5,7 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    Strict,
+)
 
 from vodq.models import Vod, VodState
 from vodq.service import redact_url
@@ -72,7 +79,8 @@ class BatchPriorityIn(BaseModel):
     date_from: str | None = Field(default=None, description="inclusive, ISO 8601")
     date_to: str | None = Field(default=None, description="exclusive, ISO 8601")
     channel: str | None = None
-    states: list[VodState] | None = None
+    # JSON has no enums, so states arrive as strings even in strict mode.
+    states: list[Annotated[VodState, Strict(False)]] | None = None
 
 
 class BatchPriorityOut(BaseModel):
