@@ -22,8 +22,10 @@ from sqlalchemy import (
     Engine,
     Row,
     and_,
+    bindparam,
     func,
     insert,
+    literal_column,
     or_,
     select,
     text,
@@ -33,7 +35,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from vodq import breaker
 from vodq.breaker import BreakerPolicy
-from vodq.db.schema import kv, vod_counts, vods
+from vodq.db.schema import UTCDateTime, kv, vod_counts, vods
 from vodq.errors import InvalidTransition, StorageUnavailable, VodNotFound
 from vodq.models import Progress, Vod, VodState
 
@@ -41,6 +43,13 @@ log = logging.getLogger(__name__)
 
 # Key of the PostgreSQL advisory lock that serialises claims across workers.
 CLAIM_LOCK_KEY = 0x766F6471  # "vodq"
+
+# The claim and lease queries compare state with a literal, not a bound
+# parameter: only then can SQLite (and PostgreSQL's generic plans for
+# prepared statements) prove that the partial indexes ix_vods_claim and
+# ix_vods_running apply.
+IS_QUEUED = vods.c.state == literal_column(f"'{VodState.QUEUED.value}'")
+IS_DOWNLOADING = vods.c.state == literal_column(f"'{VodState.DOWNLOADING.value}'")
 
 # The claim order: highest priority first, then oldest date, VODs without a
 # date after those with one, then the order of insertion. ix_vods_claim
@@ -55,6 +64,14 @@ CLAIM_ORDER = (
 
 # The kv key that pauses claiming for every worker ("true" or "false").
 PAUSED_KEY = "queue_paused"
+
+
+# Keep in step with CLAIM_ORDER and the definition of ix_vods_claim.
+SQLITE_CANDIDATES = text(
+    "SELECT id FROM vods INDEXED BY ix_vods_claim "
+    "WHERE state = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= :now) "
+    "ORDER BY priority DESC, date IS NULL, date ASC, id ASC LIMIT :room"
+).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("room"))
 
 
 def utcnow() -> datetime:
@@ -370,20 +387,7 @@ class VodQueue:
             if room < 1:
                 return []
 
-            candidates = (
-                select(vods.c.id)
-                .where(
-                    vods.c.state == VodState.QUEUED.value,
-                    or_(
-                        vods.c.next_attempt_at.is_(None), vods.c.next_attempt_at <= now
-                    ),
-                )
-                .order_by(*CLAIM_ORDER)
-                .limit(room)
-            )
-            if self.is_postgres:
-                candidates = candidates.with_for_update(skip_locked=True)
-            ids = list(conn.execute(candidates).scalars())
+            ids = self._candidates(conn, now, room)
             if not ids:
                 return []
             if admission.trial:
@@ -700,12 +704,32 @@ class VodQueue:
             query = query.where(vods.c.started_at == started_at)
         return query
 
+    def _candidates(self, conn: Connection, now: datetime, room: int) -> list[int]:
+        """Return the ids of up to ``room`` eligible VODs, in claim order."""
+        if not self.is_postgres:
+            # SQLite's planner prefers ix_vods_state and sorts every queued
+            # row of the top priority; INDEXED BY makes it walk ix_vods_claim
+            # in order and stop after ``room`` rows.
+            return list(
+                conn.execute(SQLITE_CANDIDATES, {"now": now, "room": room}).scalars()
+            )
+        candidates = (
+            select(vods.c.id)
+            .where(
+                IS_QUEUED,
+                or_(vods.c.next_attempt_at.is_(None), vods.c.next_attempt_at <= now),
+            )
+            .order_by(*CLAIM_ORDER)
+            .limit(room)
+            .with_for_update(skip_locked=True)
+        )
+        return list(conn.execute(candidates).scalars())
+
     def _count_active(self, conn: Connection, now: datetime) -> int:
         return int(
             conn.execute(
                 select(func.count()).where(
-                    vods.c.state == VodState.DOWNLOADING.value,
-                    vods.c.lease_expires_at > now,
+                    IS_DOWNLOADING, vods.c.lease_expires_at > now
                 )
             ).scalar_one()
         )
@@ -714,7 +738,7 @@ class VodQueue:
         rows = conn.execute(
             update(vods)
             .where(
-                vods.c.state == VodState.DOWNLOADING.value,
+                IS_DOWNLOADING,
                 or_(vods.c.lease_expires_at.is_(None), vods.c.lease_expires_at <= now),
             )
             .values(
