@@ -2,7 +2,8 @@
 
 It serves files and HLS streams from memory on 127.0.0.1 so that a real yt-dlp can
 download them. Tests can throttle bodies, script one-shot faults per path (error
-statuses, truncated bodies, connection resets, stalls) and inspect a record of every
+statuses, truncated bodies, connection resets, stalls), change a file's bytes and
+validators between requests (replace_file) and inspect a record of every
 request, including how many body transfers overlapped in time.
 """
 
@@ -588,6 +589,31 @@ class MediaServer:
         resource = _make_resource(bytes(data), content_type, _Throttle(rate))
         with self._lock:
             self._resources[path] = resource
+        return self.url(path)
+
+    def replace_file(self, name: str, data: bytes, *, etag: str | None = None) -> str:
+        """Change the bytes of the file served at /files/{name} and return its URL.
+
+        Unlike add_file(), the content type and throttle stay. The ETag becomes
+        `etag` if given (a quoted string such as '"v2"'), else one derived from
+        the new bytes, and Last-Modified moves at least one second past the old
+        value, so both validators show the change even within one second.
+        """
+        path = "/files/" + name.lstrip("/")
+        with self._lock:
+            old = self._resources.get(path)
+            if old is None:
+                raise KeyError(
+                    f"no file is served at {path!r}: add it with add_file() first"
+                )
+            new = _make_resource(bytes(data), old.content_type, old.throttle)
+            old_time = email.utils.parsedate_to_datetime(old.last_modified).timestamp()
+            stamp = max(time.time(), old_time + 1.0)
+            self._resources[path] = replace(
+                new,
+                etag=etag if etag is not None else new.etag,
+                last_modified=email.utils.formatdate(stamp, usegmt=True),
+            )
         return self.url(path)
 
     def add_hls(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import random
 import socket
 import ssl
@@ -134,6 +135,66 @@ def test_file_added_again_replaces_data(
     server.add_file("clip.mp4", b"new")
 
     assert client.get(url).content == b"new"
+
+
+def test_replace_file_serves_new_bytes(
+    server: MediaServer, client: httpx.Client
+) -> None:
+    url = server.add_file("clip.mp4", DATA)
+
+    assert server.replace_file("clip.mp4", b"new bytes") == url
+    assert client.get(url).content == b"new bytes"
+
+
+def test_replace_file_changes_validators(
+    server: MediaServer, client: httpx.Client
+) -> None:
+    url = server.add_file("clip.mp4", DATA)
+    before = client.head(url).headers
+
+    server.replace_file("clip.mp4", DATA[::-1])
+    after = client.head(url).headers
+
+    assert after["ETag"] != before["ETag"]
+    assert after["Last-Modified"] != before["Last-Modified"]
+
+
+def test_replace_file_same_bytes_moves_last_modified(
+    server: MediaServer, client: httpx.Client
+) -> None:
+    url = server.add_file("clip.mp4", DATA)
+    before = client.head(url).headers
+
+    server.replace_file("clip.mp4", DATA, etag=before["ETag"])
+    after = client.head(url).headers
+
+    assert after["ETag"] == before["ETag"]
+    assert email.utils.parsedate_to_datetime(
+        after["Last-Modified"]
+    ) > email.utils.parsedate_to_datetime(before["Last-Modified"])
+
+
+def test_replace_file_explicit_etag(server: MediaServer, client: httpx.Client) -> None:
+    url = server.add_file("clip.mp4", DATA)
+
+    server.replace_file("clip.mp4", b"v2", etag='"v2"')
+
+    assert client.head(url).headers["ETag"] == '"v2"'
+
+
+def test_replace_file_keeps_throttle(server: MediaServer) -> None:
+    server.add_file("clip.mp4", DATA, rate=1000.0)
+
+    server.replace_file("clip.mp4", b"x")
+
+    resource = server._find_resource("/files/clip.mp4")
+    assert resource is not None
+    assert resource.throttle.rate == 1000.0
+
+
+def test_replace_file_unknown_name_raises(server: MediaServer) -> None:
+    with pytest.raises(KeyError, match="add it with add_file"):
+        server.replace_file("absent.mp4", b"x")
 
 
 def test_unknown_path_returns_404(server: MediaServer, client: httpx.Client) -> None:
@@ -894,8 +955,11 @@ def test_ytdlp_retries_after_truncated_body(
     # In yt-dlp 2026.11.23 the first GET is the generic extractor's probe of the URL,
     # which reads only the headers, and the second GET is the download.
     server.script(url, [Fault.passthrough(), Fault.truncate(300 * KIB)])
-    # YoutubeDL 2026.11.23 does not retry a download unless "retries" is set.
-    options = ytdlp_options(tmp_path, retries=2)
+    # YoutubeDL 2026.11.23 does not retry a download unless "retries" is set. It
+    # keeps only whole blocks of a cut body, and it grows its blocks with the
+    # measured speed unless told not to; fixed 1 KiB blocks make the resume
+    # offset exactly the 300 KiB that were sent.
+    options = ytdlp_options(tmp_path, retries=2, buffersize=1024, noresizebuffer=True)
 
     with yt_dlp.YoutubeDL(options) as ydl:
         ydl.download([url])

@@ -9,13 +9,19 @@ from __future__ import annotations
 import errno
 import io
 import sys
+from datetime import UTC, datetime
 
 import pytest
 from yt_dlp.networking import Response
 from yt_dlp.networking.exceptions import HTTPError
 from yt_dlp.utils import DownloadError, ExtractorError
 
-from vodq.download.classify import classify
+from vodq.download.classify import (
+    MAX_RETRY_AFTER_S,
+    HttpErrorSeen,
+    classify,
+    retry_after_s,
+)
 from vodq.errors import DownloadFailed
 
 
@@ -166,7 +172,16 @@ def test_classify_strips_error_prefix() -> None:
         DownloadError("ERROR: Unsupported URL: https://example.invalid/x")
     )
 
-    assert str(failure) == "Unsupported URL: https://example.invalid/x"
+    assert "ERROR:" not in str(failure)
+
+
+def test_classify_unsupported_message_names_url() -> None:
+    failure = classify(
+        DownloadError("ERROR: Unsupported URL: https://example.invalid/x")
+    )
+
+    assert str(failure).startswith("unsupported URL: ")
+    assert "https://example.invalid/x" in str(failure)
 
 
 def test_classify_strips_ansi_colours() -> None:
@@ -175,15 +190,228 @@ def test_classify_strips_ansi_colours() -> None:
 
     failure = classify(DownloadError(coloured))
 
-    assert str(failure) == "unable to download video data: HTTP Error 404"
+    assert "\x1b" not in str(failure)
+    assert "ERROR:" not in str(failure)
     assert failure.error_class == "gone"
+
+
+def test_classify_strips_retry_manager_prefix() -> None:
+    # How yt-dlp words the end of its retries (yt-dlp 2026.11).
+    failure = classify(
+        DownloadError(
+            "ERROR: \r[download] Got error: HTTP Error 500: Internal Server Error"
+        )
+    )
+
+    assert str(failure) == (
+        "the server answered HTTP 500 Internal Server Error "
+        "(HTTP Error 500: Internal Server Error). Retried with backoff"
+    )
+
+
+def test_classify_strips_caused_by_suffix() -> None:
+    failure = classify(
+        DownloadError(
+            "ERROR: [generic] v: Unable to download webpage: HTTP Error 404: Not "
+            "Found (caused by <HTTPError 404: Not Found>)"
+        )
+    )
+
+    assert "caused by" not in str(failure)
+
+
+def test_classify_message_says_what_to_do_for_gone() -> None:
+    failure = classify(
+        DownloadError("ERROR: unable to download video data: HTTP Error 404: Not Found")
+    )
+
+    assert str(failure) == (
+        "the server answered HTTP 404 Not Found: the video is gone or the URL is "
+        "wrong (unable to download video data: HTTP Error 404: Not Found). Not "
+        "retried; check the URL, and reprocess the VOD if it comes back"
+    )
+
+
+def test_classify_long_detail_shortened() -> None:
+    failure = classify(DownloadError("ERROR: " + "x" * 5000))
+
+    assert len(str(failure)) < 500
 
 
 def test_classify_empty_message_uses_type_name() -> None:
     failure = classify(DownloadError(""))
 
-    assert str(failure) == "DownloadError"
+    assert "(DownloadError)" in str(failure)
     assert failure.error_class == "error"
+
+
+def test_classify_timeout_says_stalled() -> None:
+    failure = classify(
+        DownloadError(
+            "ERROR: \r[download] Got error: HTTPConnectionPool(host='127.0.0.1', "
+            "port=1): Read timed out."
+        ),
+        stall_timeout_s=2.0,
+    )
+
+    assert str(failure).startswith("download stalled: the server sent no data for 2s")
+    assert failure.error_class == "transient"
+
+
+def test_classify_truncated_body_transient() -> None:
+    failure = classify(
+        DownloadError(
+            "ERROR: \r[download] Got error: 100000 bytes read, 5 more expected"
+        )
+    )
+
+    assert failure.error_class == "transient"
+    assert str(failure).startswith("the server closed the connection before the end")
+
+
+def test_classify_reset_transient() -> None:
+    failure = classify(
+        DownloadError(
+            "ERROR: \r[download] Got error: ('Connection aborted.', "
+            "ConnectionResetError(104, 'Connection reset by peer'))"
+        )
+    )
+
+    assert failure.error_class == "transient"
+    assert str(failure).startswith("network error")
+
+
+def _http_error_with(status: int, reason: str, headers: dict[str, str]) -> HTTPError:
+    response = Response(
+        io.BytesIO(b""), "https://example.invalid/v", headers, status, reason
+    )
+    return HTTPError(response)
+
+
+def test_classify_429_retry_after_from_exc_info() -> None:
+    # A 429 on the first request of a direct download: YoutubeDL.process_info
+    # reports it from inside its except block, so exc_info holds the HTTPError.
+    error = _http_error_with(429, "Too Many Requests", {"Retry-After": "7"})
+    try:
+        try:
+            raise error
+        except HTTPError as exc:
+            raise DownloadError(
+                f"ERROR: unable to download video data: {exc}", sys.exc_info()
+            ) from None
+    except DownloadError as exc:
+        failure = classify(exc)
+
+    assert failure.error_class == "rate_limited"
+    assert failure.retry_after_s == 7.0
+
+
+def test_classify_429_retry_after_from_extractor_cause() -> None:
+    error = ExtractorError(
+        "Unable to download webpage",
+        cause=_http_error_with(429, "Too Many Requests", {"retry-after": "8"}),
+        expected=True,
+    )
+    try:
+        try:
+            raise error
+        except ExtractorError as exc:
+            raise DownloadError(f"ERROR: {exc}", sys.exc_info()) from None
+    except DownloadError as exc:
+        failure = classify(exc)
+
+    assert failure.retry_after_s == 8.0
+
+
+def test_classify_429_retry_after_from_seen_response() -> None:
+    # An HLS fragment's 429 leaves only a message; the downloader saw the response.
+    seen = HttpErrorSeen(
+        429, "Too Many Requests", "http://h/seg1.ts", {"Retry-After": "9"}
+    )
+
+    failure = classify(
+        DownloadError(
+            "ERROR: \r[download] Got error: HTTP Error 429: Too Many Requests"
+        ),
+        seen=seen,
+    )
+
+    assert failure.retry_after_s == 9.0
+
+
+def test_classify_seen_response_of_other_status_ignored() -> None:
+    seen = HttpErrorSeen(429, "Too Many Requests", "http://h/a", {"Retry-After": "9"})
+
+    failure = classify(
+        DownloadError("ERROR: \r[download] Got error: HTTP Error 500: Oops"), seen=seen
+    )
+
+    assert failure.retry_after_s is None
+
+
+def test_classify_429_without_retry_after() -> None:
+    failure = classify(
+        DownloadError("ERROR: unable to download video data: HTTP Error 429: Too Many")
+    )
+
+    assert failure.retry_after_s is None
+    assert "sent no Retry-After" in str(failure)
+
+
+def test_classify_429_message_names_wait() -> None:
+    failure = classify(
+        ExtractorError(
+            "Unable to download webpage",
+            cause=_http_error_with(429, "Too Many Requests", {"Retry-After": "30"}),
+            expected=True,
+        )
+    )
+
+    assert str(failure).startswith(
+        "rate limited: the server answered HTTP 429 Too Many Requests from "
+        "example.invalid and asked to wait 30s"
+    )
+
+
+def test_classify_503_keeps_retry_after() -> None:
+    failure = classify(
+        _http_error_with(503, "Service Unavailable", {"Retry-After": "4"})
+    )
+
+    assert failure.error_class == "transient"
+    assert failure.retry_after_s == 4.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param("120", 120.0, id="seconds"),
+        pytest.param(" 5 ", 5.0, id="spaces"),
+        pytest.param("0", 0.0, id="zero"),
+        pytest.param("-3", 0.0, id="negative"),
+        pytest.param("Wed, 01 Jan 2025 00:01:00 GMT", 60.0, id="http-date"),
+        pytest.param("Tue, 31 Dec 2024 23:59:00 GMT", 0.0, id="date-in-past"),
+        pytest.param("9999999999", MAX_RETRY_AFTER_S, id="capped"),
+        pytest.param("soon", None, id="garbage"),
+        pytest.param("nan", None, id="nan"),
+    ],
+)
+def test_retry_after_forms(value: str, expected: float | None) -> None:
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+
+    assert retry_after_s({"Retry-After": value}, now=now) == expected
+
+
+def test_retry_after_missing_header() -> None:
+    assert retry_after_s({}) is None
+
+
+def test_classify_disk_full_says_what_to_do() -> None:
+    failure = classify(
+        DownloadError("ERROR: unable to write data: [Errno 28] No space left on device")
+    )
+
+    assert "Free space in DATA_DIR" in str(failure)
 
 
 def test_classify_disk_full_os_error_cause() -> None:
@@ -208,7 +436,7 @@ def test_classify_disk_full_message_prefix() -> None:
     except DownloadError as exc:
         failure = classify(exc)
 
-    assert str(failure) == "disk full: unable to write data"
+    assert str(failure).startswith("disk full: ")
 
 
 def test_classify_other_os_error_not_disk_full() -> None:

@@ -1,12 +1,20 @@
-"""Tests for safe file names and the partial and archive folders."""
+"""Tests for safe file names, the partial and archive folders, and resume checks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from vodq.download.files import ArchiveLayout, safe_stem
+from vodq.download.files import ArchiveLayout, SizeMismatch, safe_stem
+from vodq.download.validators import (
+    Sidecar,
+    SourceValidators,
+    read_sidecar,
+    resume_verdict,
+    write_sidecar,
+)
 
 UNSAFE_IDS = [
     pytest.param("../../x", id="parent-traversal"),
@@ -231,3 +239,242 @@ def test_finalise_missing_file_raises(tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError):
         layout.finalise(layout.partial_dir / "absent.mp4")
+
+
+def test_finalise_size_mismatch_raises(tmp_path: Path) -> None:
+    layout = ArchiveLayout(tmp_path)
+    layout.ensure()
+    downloaded = layout.partial_dir / "123.mp4"
+    downloaded.write_bytes(b"short")
+
+    with pytest.raises(SizeMismatch):
+        layout.finalise(downloaded, expected_size=100)
+
+
+def test_finalise_size_mismatch_keeps_file_out_of_archive(tmp_path: Path) -> None:
+    layout = ArchiveLayout(tmp_path)
+    layout.ensure()
+    downloaded = layout.partial_dir / "123.mp4"
+    downloaded.write_bytes(b"short")
+
+    with pytest.raises(SizeMismatch):
+        layout.finalise(downloaded, expected_size=100)
+
+    assert list(layout.archive_dir.iterdir()) == []
+    assert downloaded.exists()
+
+
+def test_finalise_expected_size_matches(tmp_path: Path) -> None:
+    layout = ArchiveLayout(tmp_path)
+    layout.ensure()
+    downloaded = layout.partial_dir / "123.mp4"
+    downloaded.write_bytes(b"12345")
+
+    final = layout.finalise(downloaded, expected_size=5)
+
+    assert final.read_bytes() == b"12345"
+
+
+def test_sidecar_path_next_to_partial(tmp_path: Path) -> None:
+    layout = ArchiveLayout(tmp_path)
+
+    assert layout.sidecar_path("123") == layout.partial_dir / "123.vodq.json"
+
+
+def test_download_files_excludes_sidecar(tmp_path: Path) -> None:
+    layout = ArchiveLayout(tmp_path)
+    layout.ensure()
+    _touch(layout.partial_dir, "123.mp4.part", "123.vodq.json", "123.vodq.json.tmp")
+
+    assert [path.name for path in layout.download_files("123")] == ["123.mp4.part"]
+
+
+def test_discard_partial_deletes_every_file_of_vod(tmp_path: Path) -> None:
+    layout = ArchiveLayout(tmp_path)
+    layout.ensure()
+    _touch(layout.partial_dir, "123.mp4.part", "123.mp4.ytdl", "123.vodq.json")
+
+    layout.discard_partial("123")
+
+    assert layout.partial_files("123") == []
+
+
+def test_discard_partial_other_vod_untouched(tmp_path: Path) -> None:
+    layout = ArchiveLayout(tmp_path)
+    layout.ensure()
+    _touch(layout.partial_dir, "123.mp4.part", "1234.mp4.part")
+
+    layout.discard_partial("123")
+
+    assert (layout.partial_dir / "1234.mp4.part").exists()
+
+
+# Validators and the sidecar
+
+URL = "http://127.0.0.1:1/files/a.mp4"
+V1 = SourceValidators(
+    size=100, etag='"a"', last_modified="Mon, 01 Jan 2024 00:00:00 GMT"
+)
+
+
+def test_validators_from_200() -> None:
+    validators = SourceValidators.from_response(
+        200, {"Content-Length": "100", "ETag": '"a"', "Last-Modified": "x"}
+    )
+
+    assert validators == SourceValidators(size=100, etag='"a"', last_modified="x")
+
+
+def test_validators_from_206_use_total() -> None:
+    validators = SourceValidators.from_response(
+        206, {"content-length": "40", "content-range": "bytes 60-99/100"}
+    )
+
+    assert validators is not None
+    assert validators.size == 100
+
+
+def test_validators_compressed_body_size_unknown() -> None:
+    validators = SourceValidators.from_response(
+        200, {"Content-Length": "10", "Content-Encoding": "gzip"}
+    )
+
+    assert validators is not None
+    assert validators.size is None
+
+
+def test_validators_error_status_none() -> None:
+    assert SourceValidators.from_response(404, {"Content-Length": "0"}) is None
+
+
+@pytest.mark.parametrize(
+    ("after", "reason_part"),
+    [
+        pytest.param(replace(V1, size=101), "size changed", id="size"),
+        pytest.param(replace(V1, etag='"b"'), "ETag changed", id="etag"),
+        pytest.param(replace(V1, last_modified="later"), "Last-Modified", id="date"),
+    ],
+)
+def test_validators_change_detected(after: SourceValidators, reason_part: str) -> None:
+    reason = after.changed_from(V1)
+
+    assert reason is not None
+    assert reason_part in reason
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        pytest.param(V1, id="same"),
+        pytest.param(replace(V1, etag='W/"a"'), id="weak-etag"),
+        pytest.param(SourceValidators(size=100), id="validators-missing-now"),
+        pytest.param(SourceValidators(), id="nothing-known"),
+    ],
+)
+def test_validators_unchanged(after: SourceValidators) -> None:
+    assert after.changed_from(V1) is None
+
+
+def test_sidecar_round_trip(tmp_path: Path) -> None:
+    sidecar = Sidecar("123", URL, V1)
+    path = tmp_path / "123.vodq.json"
+
+    write_sidecar(path, sidecar)
+
+    assert read_sidecar(path) == sidecar
+
+
+def test_sidecar_without_validators_round_trip(tmp_path: Path) -> None:
+    sidecar = Sidecar("123", URL)
+    path = tmp_path / "123.vodq.json"
+
+    write_sidecar(path, sidecar)
+
+    assert read_sidecar(path) == sidecar
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("{not json", id="not-json"),
+        pytest.param("[1, 2]", id="not-object"),
+        pytest.param('{"vod_id": 1, "source_url": "x"}', id="wrong-type"),
+        pytest.param('{"source_url": "x"}', id="missing-id"),
+    ],
+)
+def test_sidecar_unreadable_is_none(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "123.vodq.json"
+    path.write_text(text)
+
+    assert read_sidecar(path) is None
+
+
+def test_sidecar_missing_is_none(tmp_path: Path) -> None:
+    assert read_sidecar(tmp_path / "absent.vodq.json") is None
+
+
+def _verdict(
+    sidecar: Sidecar | None,
+    current: SourceValidators | None = V1,
+    *,
+    vod_id: str = "123",
+    source_url: str = URL,
+    partial_size: int = 50,
+) -> str | None:
+    return resume_verdict(
+        sidecar,
+        vod_id=vod_id,
+        source_url=source_url,
+        current=current,
+        partial_size=partial_size,
+    )
+
+
+def test_resume_verdict_same_source_resumes() -> None:
+    assert _verdict(Sidecar("123", URL, V1)) is None
+
+
+def test_resume_verdict_other_vod_restarts() -> None:
+    reason = _verdict(Sidecar("999", URL, V1))
+
+    assert reason is not None
+    assert "999" in reason
+
+
+def test_resume_verdict_other_url_restarts() -> None:
+    reason = _verdict(Sidecar("123", URL + "?v=2", V1))
+
+    assert reason is not None
+    assert "source is now" in reason
+
+
+def test_resume_verdict_changed_etag_restarts() -> None:
+    reason = _verdict(Sidecar("123", URL, V1), replace(V1, etag='"b"'))
+
+    assert reason is not None
+    assert "ETag" in reason
+
+
+def test_resume_verdict_partial_larger_than_source_restarts() -> None:
+    reason = _verdict(Sidecar("123", URL, V1), partial_size=101)
+
+    assert reason is not None
+    assert "more than" in reason
+
+
+def test_resume_verdict_no_sidecar_resumes() -> None:
+    assert _verdict(None) is None
+
+
+def test_resume_verdict_no_sidecar_larger_partial_restarts() -> None:
+    assert _verdict(None, partial_size=200) is not None
+
+
+def test_resume_verdict_unknown_current_compares_url_only() -> None:
+    assert _verdict(Sidecar("123", URL, V1), current=None) is None
+
+
+def test_resume_verdict_complete_partial_resumes() -> None:
+    # yt-dlp then gets a 416, which the downloader handles with a restart.
+    assert _verdict(Sidecar("123", URL, V1), partial_size=100) is None

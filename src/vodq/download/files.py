@@ -1,7 +1,10 @@
 """Where a VOD's files live, named safely from its id, and how they are finalised.
 
 Partial files stay in ``DATA_DIR/partial`` so that a later attempt resumes
-them; a file reaches ``DATA_DIR/vods`` only complete and synced to disk.
+them, next to a small sidecar (``<stem>.vodq.json``, see validators.py) that
+records which VOD and source they came from. A file reaches ``DATA_DIR/vods``
+only complete (its size checked when the source announced one), synced to
+disk and renamed in one step.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import hashlib
 import os
 import re
 from pathlib import Path
+
+SIDECAR_SUFFIX = ".vodq.json"
 
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -28,6 +33,18 @@ def safe_stem(vod_id: str) -> str:
     digest = hashlib.sha256(vod_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     cleaned = _UNSAFE.sub("_", vod_id).strip("_")[:60]
     return f"{cleaned}~{digest}"
+
+
+class SizeMismatch(ValueError):
+    """A downloaded file does not have the size its source announced."""
+
+    def __init__(self, path: Path, size: int, expected: int) -> None:
+        super().__init__(
+            f"{path.name} has {size} bytes but the source announced {expected}"
+        )
+        self.path = path
+        self.size = size
+        self.expected = expected
 
 
 class ArchiveLayout:
@@ -51,6 +68,26 @@ class ArchiveLayout:
         stem = safe_stem(vod_id)
         return sorted(self.partial_dir.glob(f"{glob_escape(stem)}.*"))
 
+    def sidecar_path(self, vod_id: str) -> Path:
+        """Return the path of the sidecar of ``vod_id``'s partial files."""
+        return self.partial_dir / f"{safe_stem(vod_id)}{SIDECAR_SUFFIX}"
+
+    def download_files(self, vod_id: str) -> list[Path]:
+        """List the partial files of ``vod_id`` that hold media, not the sidecar."""
+        return [
+            path
+            for path in self.partial_files(vod_id)
+            if not path.name.endswith(SIDECAR_SUFFIX)
+            and not path.name.endswith(SIDECAR_SUFFIX + ".tmp")
+        ]
+
+    def discard_partial(self, vod_id: str) -> list[Path]:
+        """Delete every file an attempt for ``vod_id`` left, the sidecar too."""
+        removed = self.partial_files(vod_id)
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
+
     def remove_stray_fragments(self, vod_id: str) -> list[Path]:
         """Delete fragment files of an interrupted HLS download, keeping ``.ytdl``.
 
@@ -65,10 +102,17 @@ class ArchiveLayout:
             path.unlink(missing_ok=True)
         return removed
 
-    def finalise(self, downloaded: Path) -> Path:
-        """Sync ``downloaded`` and move it into the archive; return its new path."""
+    def finalise(self, downloaded: Path, expected_size: int | None = None) -> Path:
+        """Sync ``downloaded`` and move it into the archive; return its new path.
+
+        With ``expected_size`` a file of any other size raises SizeMismatch
+        and stays where it is, out of the archive.
+        """
         target = self.archive_dir / downloaded.name
         with downloaded.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if expected_size is not None and size != expected_size:
+                raise SizeMismatch(downloaded, size, expected_size)
             os.fsync(handle.fileno())
         os.replace(downloaded, target)
         _fsync_dir(self.archive_dir)

@@ -4,28 +4,67 @@ Why the library and not a subprocess: it streams plain HTTP at close to
 curl's speed where the command line pays about 0.6 s of start-up per job and
 a third of the throughput; its progress hook runs on the reading thread, so a
 token bucket there holds a rate that can change while the download runs; and
-raising from the hook cancels an HTTP download within milliseconds. The cost
-is isolation: a hung extractor cannot be killed on its own, so the socket
-timeout bounds every read instead.
+raising from the hook cancels an HTTP download within milliseconds.
+
+The cost is isolation: a Python thread cannot be stopped from outside, and
+yt-dlp checks nothing of ours except in the progress hook, which runs only
+while media bytes arrive. What bounds each phase:
+
+- A silent server (headers and some bytes, then nothing; or no answer at
+  all) is bounded by yt-dlp's ``socket_timeout``, which the service sets to
+  ``min(DOWNLOAD_SOCKET_TIMEOUT, DOWNLOAD_STALL_TIMEOUT)``: every connect and
+  every read fails after that long without data, and the attempt ends as
+  ``transient`` with "download stalled" in its message. The next attempt
+  resumes from the partial file.
+- A server that trickles a few bytes within every timeout keeps the attempt
+  alive: each read returns in time. It ends only when the body is complete,
+  or, when cancelled, at the next progress hook (after the next block of
+  READ_BLOCK_BYTES).
+- A hung extractor (a site extractor that loops over pages, or re-extracts
+  forever, as ``throttledratelimit`` does) cannot be interrupted at all:
+  there is no progress hook before the download starts, and a cancel, pause,
+  shutdown or lost lease only sets a flag that the hook would read. Each of
+  its requests is still bounded by ``socket_timeout``; the loop itself is
+  bounded by nothing in-process, and the heartbeat keeps renewing its lease
+  while the thread lives. Restarting the process ends it (the scheduler
+  waits 10 s for downloads to stop, then the daemon threads die with the
+  process), and the VOD is claimed again once its lease expires. Direct
+  media URLs and HLS playlists never run an extractor (``direct_info``).
+
+Each attempt also guards the result: a partial file is resumed only into the
+VOD and source it came from (validators.py); an HLS download that skipped a
+fragment, or a file whose size differs from the one the source announced, is
+discarded instead of being archived.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 import yt_dlp
-from yt_dlp.utils import DownloadError
+from yt_dlp.networking import Request, Response
+from yt_dlp.networking.exceptions import HTTPError, RequestError
+from yt_dlp.utils import YoutubeDLError
 
 from vodq.bandwidth import TokenBucket
 from vodq.download import DownloadJob, DownloadResult
-from vodq.download.classify import classify
-from vodq.download.files import ArchiveLayout
+from vodq.download.classify import HttpErrorSeen, classify
+from vodq.download.files import ArchiveLayout, SizeMismatch
+from vodq.download.validators import (
+    Sidecar,
+    SourceValidators,
+    read_sidecar,
+    resume_verdict,
+    write_sidecar,
+)
 from vodq.errors import DownloadCancelled, DownloadFailed
 from vodq.models import Progress
 
@@ -41,14 +80,41 @@ HLS_EXTENSIONS = frozenset({"m3u8"})
 # default) so the token bucket is consulted often enough to hold a rate.
 READ_BLOCK_BYTES = 131_072
 
+# HEAD statuses that mean the server does not support HEAD, not that the URL fails.
+_HEAD_UNSUPPORTED = frozenset({405, 501})
+
+
+class SourceKind(Enum):
+    """How a VOD's URL is downloaded, which decides what can be checked."""
+
+    FILE = "file"  # a direct media URL: HEAD validators and a known size
+    HLS = "hls"  # an HLS playlist: no size, fragments checked instead
+    EXTRACTED = "extracted"  # a page that yt-dlp's extractors resolve
+
+
+def source_kind(url: str) -> SourceKind:
+    extension = PurePosixPath(urlsplit(url).path).suffix.lower().lstrip(".")
+    if extension in DIRECT_MEDIA_EXTENSIONS:
+        return SourceKind.FILE
+    if extension in HLS_EXTENSIONS:
+        return SourceKind.HLS
+    return SourceKind.EXTRACTED
+
 
 class _YtDlpLog:
     """Route yt-dlp's messages to our logger; its errors reach us as exceptions."""
 
     def __init__(self, vod_id: str) -> None:
         self.extra = {"vod_id": vod_id, "action": "yt-dlp"}
+        self.skipped_fragments: list[str] = []
 
     def debug(self, message: str) -> None:
+        # yt-dlp reports a skipped HLS fragment on its "screen" channel, which
+        # reaches a logger as debug.
+        if "Skipping fragment" in message:
+            self.skipped_fragments.append(message.strip())
+            log.warning("yt-dlp: %s", message.strip(), extra=self.extra)
+            return
         log.debug("%s", message, extra=self.extra)
 
     def info(self, message: str) -> None:
@@ -75,7 +141,6 @@ class _Hook:
         self.bucket = bucket
         self.lock = threading.Lock()
         self.last_bytes: int | None = None
-        self.total_bytes: int | None = None
 
     def __call__(self, status: dict[str, Any]) -> None:
         if self.cancelled.is_set():
@@ -85,13 +150,10 @@ class _Hook:
         # it once under the lock.
         with self.lock:
             done = int(status.get("downloaded_bytes") or 0)
-            exact_total = status.get("total_bytes")
-            total = exact_total or status.get("total_bytes_estimate")
+            total = status.get("total_bytes") or status.get("total_bytes_estimate")
             speed = status.get("speed")
             delta = 0 if self.last_bytes is None else max(0, done - self.last_bytes)
             self.last_bytes = done
-            if exact_total:
-                self.total_bytes = int(exact_total)
 
         self.on_progress(
             Progress(
@@ -104,6 +166,84 @@ class _Hook:
             self.bucket.consume(delta, self.cancelled)
         if self.cancelled.is_set():
             raise DownloadCancelled("download cancelled")
+
+
+class _Watch:
+    """Errors and source validators from the HTTP responses of one attempt.
+
+    ``urlopen`` of every request yt-dlp makes (extractor pages, the media
+    file, HLS playlists and fragments) passes through ``_WatchedYoutubeDL``,
+    which calls ``error`` and ``response`` from the download thread (or an
+    HLS fragment thread, hence the lock).
+    """
+
+    def __init__(self, *, track_validators: bool) -> None:
+        self.track_validators = track_validators
+        self.lock = threading.Lock()
+        self.last_error: HttpErrorSeen | None = None
+        self.errors: list[HTTPError] = []
+        self.first_validators: SourceValidators | None = None
+        self.on_first_validators: Callable[[SourceValidators], None] | None = None
+
+    def error(self, err: HTTPError) -> None:
+        response = err.response
+        seen = HttpErrorSeen(
+            status=int(err.status),
+            reason=str(err.reason or ""),
+            url=str(getattr(response, "url", "") or ""),
+            headers=dict(getattr(response, "headers", {}) or {}),
+        )
+        with self.lock:
+            self.last_error = seen
+            self.errors.append(err)
+
+    def close(self) -> None:
+        """Close the responses of the HTTP errors seen.
+
+        yt-dlp's retry manager drops a 5xx response without closing it, and
+        an extractor may still read an error body, so they are closed only
+        when the attempt is over.
+        """
+        with self.lock:
+            errors, self.errors = self.errors, []
+        for err in errors:
+            _close(err.response)
+
+    def response(self, request: Request, response: Any) -> None:
+        if not self.track_validators or request.method != "GET":
+            return
+        validators = SourceValidators.from_response(
+            int(getattr(response, "status", 0) or 0),
+            dict(getattr(response, "headers", {}) or {}),
+        )
+        if validators is None:
+            return
+        with self.lock:
+            if self.first_validators is not None:
+                return
+            self.first_validators = validators
+            callback = self.on_first_validators
+        if callback is not None:
+            callback(validators)
+
+
+class _WatchedYoutubeDL(yt_dlp.YoutubeDL):  # type: ignore[misc]
+    """YoutubeDL whose requests report to a _Watch."""
+
+    def __init__(self, params: dict[str, Any], watch: _Watch) -> None:
+        self.vodq_watch = watch
+        super().__init__(params)
+
+    def urlopen(self, req: Any) -> Any:
+        request = Request(req) if isinstance(req, str) else req
+        try:
+            response = super().urlopen(request)
+        except HTTPError as err:
+            self.vodq_watch.error(err)
+            raise
+        if isinstance(request, Request):
+            self.vodq_watch.response(request, response)
+        return response
 
 
 def close_responses(exc: BaseException) -> None:
@@ -128,20 +268,73 @@ def close_responses(exc: BaseException) -> None:
         if isinstance(exc_info, tuple) and len(exc_info) > 1:
             inner = exc_info[1]
             pending.append(inner if isinstance(inner, BaseException) else None)
+        cause = getattr(current, "cause", None)
+        pending.append(cause if isinstance(cause, BaseException) else None)
         pending.extend([current.__cause__, current.__context__])
+
+
+def close_leftovers(exc: BaseException) -> None:
+    """Close what yt-dlp's frames left open when ``exc`` went through them.
+
+    When an HLS fragment fails for good, yt-dlp 2026.11 raises past the
+    ``.part`` file it appends to (``ctx["dest_stream"]``) and past the
+    playlist's response without closing either, and a cancel from the
+    progress hook leaves the media response open (``ctx["data"]``), so the
+    server keeps sending until the garbage collector runs. Those frames have
+    ended and their locals live on only in the traceback, so closing them is
+    safe. Only yt-dlp's frames are read: reading ``f_locals`` of a frame that
+    still runs would keep its locals, ``exc`` among them, in a reference
+    cycle.
+    """
+    for error in _exceptions(exc):
+        tb = error.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if str(frame.f_globals.get("__name__", "")).startswith("yt_dlp."):
+                for value in frame.f_locals.values():
+                    if isinstance(value, dict):
+                        _close(value.get("dest_stream"))
+                        if isinstance(value.get("data"), Response):
+                            _close(value["data"])
+                    elif isinstance(value, Response):
+                        _close(value)
+            tb = tb.tb_next
+
+
+def _close(thing: object) -> None:
+    close = getattr(thing, "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):
+            close()
+
+
+def _exceptions(exc: BaseException) -> list[BaseException]:
+    found: list[BaseException] = []
+    pending: list[object] = [exc]
+    while pending and len(found) < 20:
+        current = pending.pop()
+        if not isinstance(current, BaseException) or current in found:
+            continue
+        found.append(current)
+        exc_info = getattr(current, "exc_info", None)
+        if isinstance(exc_info, tuple) and len(exc_info) > 1:
+            pending.append(exc_info[1])
+        pending.extend([current.__cause__, current.__context__])
+    return found
 
 
 def direct_info(job: DownloadJob) -> dict[str, Any] | None:
     """Return a ready info dict when the URL names a media file or playlist itself."""
-    extension = PurePosixPath(urlsplit(job.source_url).path).suffix.lower().lstrip(".")
-    if extension in DIRECT_MEDIA_EXTENSIONS:
+    kind = source_kind(job.source_url)
+    if kind is SourceKind.FILE:
+        extension = PurePosixPath(urlsplit(job.source_url).path).suffix.lower()
         return {
             "id": job.vod_id,
             "title": job.vod_id,
             "url": job.source_url,
-            "ext": extension,
+            "ext": extension.lstrip("."),
         }
-    if extension in HLS_EXTENSIONS:
+    if kind is SourceKind.HLS:
         return {
             "id": job.vod_id,
             "title": job.vod_id,
@@ -168,8 +361,18 @@ class YtDlpDownloader:
         bucket: TokenBucket,
     ) -> DownloadResult:
         """Download ``job`` to a complete file in the archive, resuming any partial."""
-        self.layout.ensure()
-        self.layout.remove_stray_fragments(job.vod_id)
+        try:
+            self.layout.ensure()
+            removed = self.layout.remove_stray_fragments(job.vod_id)
+        except OSError as exc:
+            raise classify(exc) from exc
+        if removed:
+            log.info(
+                "VOD %s: removed %d unmerged HLS fragment files before resuming",
+                job.vod_id,
+                len(removed),
+                extra={"vod_id": job.vod_id, "action": "resume_check"},
+            )
         try:
             return self._attempt(job, on_progress, cancelled, bucket)
         except DownloadFailed as exc:
@@ -182,8 +385,7 @@ class YtDlpDownloader:
             job.vod_id,
             extra={"vod_id": job.vod_id, "attempt": job.attempt, "action": "restart"},
         )
-        for path in self.layout.partial_files(job.vod_id):
-            path.unlink(missing_ok=True)
+        self.layout.discard_partial(job.vod_id)
         return self._attempt(job, on_progress, cancelled, bucket)
 
     def _attempt(
@@ -193,36 +395,64 @@ class YtDlpDownloader:
         cancelled: threading.Event,
         bucket: TokenBucket,
     ) -> DownloadResult:
-        hook = _Hook(on_progress, cancelled, bucket)
-        params = self._params(job, hook)
-        started = time.monotonic()
+        kind = source_kind(job.source_url)
+        watch = _Watch(track_validators=kind is SourceKind.FILE)
         try:
-            with yt_dlp.YoutubeDL(params) as ydl:
+            return self._run(job, kind, watch, _Hook(on_progress, cancelled, bucket))
+        finally:
+            watch.close()
+
+    def _run(
+        self, job: DownloadJob, kind: SourceKind, watch: _Watch, hook: _Hook
+    ) -> DownloadResult:
+        cancelled = hook.cancelled
+        ytdlp_log = _YtDlpLog(job.vod_id)
+        params = self._params(job, hook, ytdlp_log)
+        started = time.monotonic()
+        known: SourceValidators | None = None
+        try:
+            with _WatchedYoutubeDL(params, watch) as ydl:
+                known = self._prepare_partial(job, kind, ydl, watch)
                 direct = direct_info(job)
                 if direct is not None:
                     info = ydl.process_ie_result(direct, download=True)
                 else:
                     info = ydl.extract_info(job.source_url, download=True)
                 path = self._downloaded_path(ydl, info)
-        except DownloadCancelled:
+        except DownloadCancelled as exc:
+            close_leftovers(exc)
             raise
-        except (DownloadError, OSError) as exc:
+        except (YoutubeDLError, OSError) as exc:
+            # Mostly DownloadError; a write error whose close fails again
+            # (ENOSPC) arrives as UnavailableVideoError.
             close_responses(exc)
+            close_leftovers(exc)
+            self._discard_if_changed(job, known, watch)
+            self._drop_lone_sidecar(job)
             if cancelled.is_set():
                 raise DownloadCancelled("download cancelled") from exc
-            raise classify(exc) from exc
+            raise classify(
+                exc, seen=watch.last_error, stall_timeout_s=self.socket_timeout_s
+            ) from exc
         if cancelled.is_set():
             raise DownloadCancelled("download cancelled")
 
-        size = path.stat().st_size
-        if hook.total_bytes is not None and size != hook.total_bytes:
+        self._check_complete(job, known, watch, ytdlp_log)
+        expected = _expected_size(known, watch)
+        try:
+            final = self.layout.finalise(path, expected_size=expected)
+        except SizeMismatch as exc:
+            self.layout.discard_partial(job.vod_id)
             raise DownloadFailed(
-                f"downloaded file {path.name} has {size} bytes but the server "
-                f"announced {hook.total_bytes}; the attempt is retried",
-                error_class="transient",
+                f"incomplete download: {exc}. The file was discarded and the "
+                "next attempt downloads it again from the start",
+                error_class="incomplete",
                 retryable=True,
-            )
-        final = self.layout.finalise(path)
+            ) from exc
+        except OSError as exc:
+            raise classify(exc) from exc
+        self.layout.sidecar_path(job.vod_id).unlink(missing_ok=True)
+        size = final.stat().st_size
         log.debug(
             "VOD %s: yt-dlp finished in %.1fs",
             job.vod_id,
@@ -231,10 +461,173 @@ class YtDlpDownloader:
         )
         return DownloadResult(path=final, size=size)
 
-    def _params(self, job: DownloadJob, hook: _Hook) -> dict[str, Any]:
+    # -- resume safety ------------------------------------------------------
+
+    def _prepare_partial(
+        self, job: DownloadJob, kind: SourceKind, ydl: Any, watch: _Watch
+    ) -> SourceValidators | None:
+        """Keep the partial files only if they belong to this VOD and source.
+
+        Returns the validators in force for this attempt (from a HEAD, or the
+        sidecar), and writes the sidecar for this attempt.
+        """
+        sidecar_path = self.layout.sidecar_path(job.vod_id)
+        sidecar = read_sidecar(sidecar_path)
+        media_files = self.layout.download_files(job.vod_id)
+        current: SourceValidators | None = None
+        if media_files:
+            if kind is SourceKind.FILE:
+                current = self._head(ydl, job)
+            partial_size = sum(
+                path.stat().st_size
+                for path in media_files
+                if path.name.endswith(".part") and path.exists()
+            )
+            reason = resume_verdict(
+                sidecar,
+                vod_id=job.vod_id,
+                source_url=job.source_url,
+                current=current,
+                partial_size=partial_size,
+            )
+            if reason is not None:
+                log.warning(
+                    "VOD %s: not resuming its partial files, %s; starting over",
+                    job.vod_id,
+                    reason,
+                    extra={
+                        "vod_id": job.vod_id,
+                        "attempt": job.attempt,
+                        "action": "resume_check",
+                        "reason": reason,
+                    },
+                )
+                self.layout.discard_partial(job.vod_id)
+                sidecar = None
+                # The HEAD's validators describe the source now, so they are
+                # still the ones the fresh download must match.
+            elif sidecar is None:
+                log.info(
+                    "VOD %s: resuming a partial file that has no sidecar",
+                    job.vod_id,
+                    extra={"vod_id": job.vod_id, "action": "resume_check"},
+                )
+        else:
+            # Nothing to resume: a sidecar alone describes nothing.
+            sidecar = None
+
+        known = current
+        if known is None and sidecar is not None:
+            known = sidecar.validators
+        wanted = Sidecar(job.vod_id, job.source_url, known)
+        if wanted != sidecar:
+            write_sidecar(sidecar_path, wanted)
+        if known is None and kind is SourceKind.FILE:
+            watch.on_first_validators = lambda validators: self._record(job, validators)
+        return known
+
+    def _drop_lone_sidecar(self, job: DownloadJob) -> None:
+        """Delete the sidecar of an attempt that failed before writing media."""
+        if not self.layout.download_files(job.vod_id):
+            self.layout.sidecar_path(job.vod_id).unlink(missing_ok=True)
+
+    def _record(self, job: DownloadJob, validators: SourceValidators) -> None:
+        """Store the validators of the first response, before any byte is written."""
+        try:
+            write_sidecar(
+                self.layout.sidecar_path(job.vod_id),
+                Sidecar(job.vod_id, job.source_url, validators),
+            )
+        except OSError as exc:
+            # The media write that follows fails the same way and is classified.
+            log.warning(
+                "VOD %s: could not write its sidecar: %s",
+                job.vod_id,
+                exc,
+                extra={"vod_id": job.vod_id, "action": "resume_check"},
+            )
+
+    def _head(self, ydl: Any, job: DownloadJob) -> SourceValidators | None:
+        """Read the source's validators with a HEAD; None when it cannot tell."""
+        request = Request(
+            job.source_url, headers={"Accept-Encoding": "identity"}, method="HEAD"
+        )
+        try:
+            response = ydl.urlopen(request)
+        except RequestError as exc:
+            close_responses(exc)
+            status = getattr(exc, "status", None)
+            level = logging.DEBUG if status in _HEAD_UNSUPPORTED else logging.INFO
+            log.log(
+                level,
+                "VOD %s: HEAD before resuming failed (%s); the first response "
+                "is checked instead",
+                job.vod_id,
+                exc,
+                extra={"vod_id": job.vod_id, "action": "resume_check"},
+            )
+            return None
+        try:
+            return SourceValidators.from_response(
+                int(response.status), dict(response.headers)
+            )
+        finally:
+            response.close()
+
+    def _discard_if_changed(
+        self, job: DownloadJob, known: SourceValidators | None, watch: _Watch
+    ) -> str | None:
+        """Delete the partial files if this attempt's response shows other bytes."""
+        first = watch.first_validators
+        if known is None or first is None:
+            return None
+        changed = first.changed_from(known)
+        if changed is None:
+            return None
+        log.warning(
+            "VOD %s: the source changed during the attempt (%s); deleting the "
+            "partial files",
+            job.vod_id,
+            changed,
+            extra={"vod_id": job.vod_id, "action": "resume_check", "reason": changed},
+        )
+        self.layout.discard_partial(job.vod_id)
+        return changed
+
+    def _check_complete(
+        self,
+        job: DownloadJob,
+        known: SourceValidators | None,
+        watch: _Watch,
+        ytdlp_log: _YtDlpLog,
+    ) -> None:
+        changed = self._discard_if_changed(job, known, watch)
+        if changed is not None:
+            raise DownloadFailed(
+                f"the source changed while the download resumed: {changed}. "
+                "The partial file was discarded and the next attempt starts over",
+                error_class="incomplete",
+                retryable=True,
+            )
+        if ytdlp_log.skipped_fragments:
+            self.layout.discard_partial(job.vod_id)
+            raise DownloadFailed(
+                f"incomplete download: yt-dlp skipped "
+                f"{len(ytdlp_log.skipped_fragments)} HLS fragments "
+                f"({ytdlp_log.skipped_fragments[0]}). The file was discarded and "
+                "the next attempt downloads it again",
+                error_class="incomplete",
+                retryable=True,
+            )
+
+    # -- yt-dlp -------------------------------------------------------------
+
+    def _params(
+        self, job: DownloadJob, hook: _Hook, ytdlp_log: _YtDlpLog
+    ) -> dict[str, Any]:
         return {
             "outtmpl": {"default": self.layout.partial_template(job.vod_id)},
-            "logger": _YtDlpLog(job.vod_id),
+            "logger": ytdlp_log,
             "quiet": True,
             "no_warnings": False,
             "noprogress": True,
@@ -248,6 +641,7 @@ class YtDlpDownloader:
             "extractor_retries": 0,
             # Skipping a fragment would end in success with data missing.
             "skip_unavailable_fragments": False,
+            # Never False: yt-dlp would then append to an old .part file.
             "continuedl": True,
             "socket_timeout": self.socket_timeout_s,
             "buffersize": READ_BLOCK_BYTES,
@@ -260,7 +654,8 @@ class YtDlpDownloader:
     def _downloaded_path(self, ydl: Any, info: dict[str, Any] | None) -> Path:
         if not info:
             raise DownloadFailed(
-                "yt-dlp returned no video information",
+                "yt-dlp returned no video information for this URL. Retried "
+                "after PROCESSING_RETRY_COOLDOWN",
                 error_class="error",
                 retryable=True,
             )
@@ -275,8 +670,17 @@ class YtDlpDownloader:
             )
         if not path.is_file():
             raise DownloadFailed(
-                f"yt-dlp reported success but {path.name} does not exist",
+                f"yt-dlp reported success but {path.name} does not exist. Retried "
+                "after PROCESSING_RETRY_COOLDOWN",
                 error_class="error",
                 retryable=True,
             )
         return path
+
+
+def _expected_size(known: SourceValidators | None, watch: _Watch) -> int | None:
+    """The size the finished file must have: this attempt's response, else the HEAD."""
+    first = watch.first_validators
+    if first is not None and first.size is not None:
+        return first.size
+    return known.size if known is not None else None
