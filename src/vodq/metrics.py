@@ -36,6 +36,7 @@ ERROR_CLASSES = (
     "http_error",
     "unsupported",
     "disk_full",
+    "incomplete",
     "error",
 )
 CANCEL_REASONS = ("cancel", "pause", "shutdown", "lease_lost")
