@@ -1,0 +1,557 @@
+"""Rate limits measured at the server: vodq against the yt-dlp command line.
+
+The cases are each configured rate (500K, 2M, 10M), each source (a plain
+HTTP file and an HLS stream) and each mode (one download under
+DOWNLOAD_RATE_LIMIT, or three sharing DOWNLOAD_TOTAL_RATE_LIMIT). In each
+case one ``vodq serve`` downloads, and then the yt-dlp command line
+downloads the same files with ``--limit-rate``. The command line has no
+pooled limit, so the pooled mode runs three processes at a third of the
+rate each. The benchmark server
+logs every body write; the rate is the bytes it sent in each 5-second window
+after the first 2 seconds of the transfer.
+
+A second part changes DOWNLOAD_TOTAL_RATE_LIMIT with ``PATCH /admin/config``
+while three downloads run and measures how long the server-side rate takes
+to settle at the new value.
+
+    python bench/bench_rates.py            # every case, then the PATCH test
+    python bench/bench_rates.py --quick    # 2M only, one window, one change
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import subprocess
+import sys
+import time
+from typing import Any
+
+from benchserver import BenchServer, serving, window_rates
+from common import (
+    YT_DLP,
+    K,
+    LoadWatch,
+    M,
+    api,
+    free_port,
+    median,
+    print_table,
+    stop_process,
+    vodq_env,
+    vodq_process,
+    workdir,
+    write_result,
+)
+
+RATES = {"500K": 500 * K, "2M": 2 * M, "10M": 10 * M}
+SKIP_S = 2.0
+WINDOW_S = 5.0
+POOL_DOWNLOADS = 3
+# The server logs an HLS segment leaving in one burst into the client's socket
+# buffers, so a window's bytes are known to about one segment per stream.
+# Segments are sized to at most 2.5% of a window's bytes at the target rate
+# (64 KiB at 500K, 256 KiB at 2M, 1 MiB at 10M).
+MAX_SEGMENT_BYTES = 1 * M
+SEGMENT_SHARE = 0.025
+# Files are this many times longer than the measurement needs at the
+# configured rate, so even a client that overshoots its limit is still
+# downloading when the last window closes. Bytes are generated on the fly
+# and the clients are stopped after the last window, so size costs nothing.
+SIZE_FACTOR = 6
+TARGET_PCT = 5.0
+START_TIMEOUT_S = 30.0
+
+
+# -- measuring ------------------------------------------------------------------
+
+
+def transfer_start(server: BenchServer, names: list[str], kind: str) -> float:
+    """Return when every stream is transferring, which is the latest stream start.
+
+    A stream starts with its download GET. For a file that is the GET that
+    has sent the most, because the command line first probes with a GET that
+    it aborts. For HLS it is the first segment.
+    """
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        requests = [r for r in server.requests() if r.method == "GET"]
+        starts = []
+        for name in names:
+            mine = [
+                r
+                for r in requests
+                if f"/{name}" in r.path and not r.path.endswith(".m3u8")
+            ]
+            if mine:
+                starts.append(mine)
+        if len(starts) == len(names):
+            # Give a probe time to end, so the download GET is among them.
+            first = max(min(r.arrived for r in mine) for mine in starts)
+            if time.monotonic() - first >= 1.5:
+                picks = []
+                for mine in starts:
+                    if kind == "http":
+                        picks.append(max(mine, key=lambda r: r.bytes_sent).arrived)
+                    else:
+                        picks.append(min(r.arrived for r in mine))
+                return max(picks)
+        time.sleep(0.05)
+    raise RuntimeError(f"downloads {names} did not start within {START_TIMEOUT_S}s")
+
+
+def stream_samples(
+    server: BenchServer, names: list[str], since: float
+) -> list[tuple[float, int]]:
+    return [
+        (t, n)
+        for t, n, stream in list(server.log.entries)
+        if t >= since and any(f"/{name}" in stream for name in names)
+    ]
+
+
+def window_stats(
+    samples: list[tuple[float, int]], t0: float, windows: int, target: float
+) -> dict[str, Any]:
+    start = t0 + SKIP_S
+    end = start + windows * WINDOW_S
+    last = max((t for t, _ in samples), default=t0)
+    # Still sending within the last second of the plan: every window is whole
+    # (a slow stream can leave a gap of a few tenths between two writes).
+    if last >= end - 1.0:
+        full_end = end
+    else:
+        full_end = min(end, start + ((last - start) // WINDOW_S) * WINDOW_S)
+    rates = [rate for _, rate in window_rates(samples, start, WINDOW_S, full_end)]
+    deviations = [(rate - target) / target * 100 for rate in rates]
+    startup = sum(n for t, n in samples if t0 <= t < start) / SKIP_S
+    result: dict[str, Any] = {
+        "target_bps": target,
+        "window_bps": [round(r) for r in rates],
+        "window_dev_pct": [round(d, 2) for d in deviations],
+        "first_2s_dev_pct": round((startup - target) / target * 100, 2),
+    }
+    if deviations:
+        result["mean_dev_pct"] = round(sum(deviations) / len(deviations), 2)
+        result["worst_dev_pct"] = round(max(deviations, key=abs), 2)
+    else:
+        # Finished before one whole window: report the transfer's mean rate.
+        span = max(1e-9, last - t0)
+        mean = sum(n for _, n in samples) / span
+        result["mean_dev_pct"] = round((mean - target) / target * 100, 2)
+        result["worst_dev_pct"] = result["mean_dev_pct"]
+        result["note"] = f"finished {span:.1f}s after the start, before one window"
+    return result
+
+
+def run_plan(
+    server: BenchServer, names: list[str], kind: str, windows: int, target: float
+) -> dict[str, Any]:
+    """Wait for the transfer and its windows; return the window statistics."""
+    t0 = transfer_start(server, names, kind)
+    deadline = t0 + SKIP_S + windows * WINDOW_S + 1.0
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    return window_stats(stream_samples(server, names, t0 - 5), t0, windows, target)
+
+
+def urls_for(
+    server: BenchServer,
+    names: list[str],
+    kind: str,
+    per_stream_bps: float,
+    windows: int,
+) -> list[str]:
+    seconds = SKIP_S + windows * WINDOW_S + 5
+    size = int(per_stream_bps * seconds * SIZE_FACTOR)
+    if kind == "http":
+        return [server.gen_url(name, size) for name in names]
+    segment = segment_bytes(per_stream_bps * len(names))
+    segments = max(4, -(-size // segment))
+    return [server.hls_url(name, segment, segments) for name in names]
+
+
+def segment_bytes(total_bps: float) -> int:
+    """Return the largest power-of-two segment within SEGMENT_SHARE of a window."""
+    limit = total_bps * WINDOW_S * SEGMENT_SHARE
+    size = 16 * K
+    while size * 2 <= min(limit, MAX_SEGMENT_BYTES):
+        size *= 2
+    return size
+
+
+# -- the two clients --------------------------------------------------------------
+
+
+def run_vodq(
+    server: BenchServer,
+    tag: str,
+    rate: int,
+    kind: str,
+    mode: str,
+    windows: int,
+    variant: str | None = None,
+) -> dict[str, Any]:
+    count = POOL_DOWNLOADS if mode == "pool" else 1
+    names = [f"{tag}-{i}" for i in range(count)]
+    urls = urls_for(server, names, kind, rate / count, windows)
+    limit = (
+        {"DOWNLOAD_RATE_LIMIT": str(rate)}
+        if mode == "per"
+        else {"DOWNLOAD_TOTAL_RATE_LIMIT": str(rate)}
+    )
+    with workdir("rates") as work:
+        env = vodq_env(work, MAX_CONCURRENT_DOWNLOADS=str(count), **limit)
+        port = free_port()
+        with vodq_process(
+            "serve", env, work / "vodq.log", port=port, variant=variant
+        ) as proc:
+            assert proc.base_url is not None
+            for name, url in zip(names, urls, strict=True):
+                api(proc.base_url, "POST", "/admin/vods", {"vod_id": name, "url": url})
+            return run_plan(server, names, kind, windows, rate)
+
+
+def run_cli(
+    server: BenchServer, tag: str, rate: int, kind: str, mode: str, windows: int
+) -> dict[str, Any]:
+    count = POOL_DOWNLOADS if mode == "pool" else 1
+    names = [f"{tag}-{i}" for i in range(count)]
+    per_process = rate // count
+    urls = urls_for(server, names, kind, per_process, windows)
+    with workdir("rates-cli") as work:
+        procs = []
+        log = (work / "yt-dlp.log").open("ab")
+        try:
+            for name, url in zip(names, urls, strict=True):
+                args = [YT_DLP, "-q", "--no-progress", "--limit-rate", str(per_process)]
+                if kind == "hls":
+                    args += ["--concurrent-fragments", "4"]
+                # One output name per process: every playlist's id is "index".
+                args += ["-o", str(work / f"{name}.%(ext)s"), url]
+                procs.append(
+                    subprocess.Popen(
+                        args, cwd=work, stdout=log, stderr=subprocess.STDOUT
+                    )
+                )
+            result = run_plan(server, names, kind, windows, rate)
+        finally:
+            for proc in procs:
+                stop_process(proc, timeout_s=5)
+            log.close()
+    result["cli_limit_rate_per_process"] = per_process
+    return result
+
+
+def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    rates = ["2M"] if args.quick else args.rates.split(",")
+    clients = ["vodq"] if args.no_cli else ["vodq", "yt-dlp"]
+    if args.variant:
+        clients.insert(1, "vodq variant")
+    with serving(sndbuf=64 * K) as server:
+        index = 0
+        for _repeat in range(args.repeat):
+            for label in rates:
+                for kind in ("http", "hls"):
+                    for mode in ("per", "pool"):
+                        for client in clients:
+                            index += 1
+                            watch = LoadWatch()
+                            case = (server, f"r{index}", RATES[label], kind, mode)
+                            if client == "yt-dlp":
+                                result = run_cli(*case, args.windows)
+                            else:
+                                variant = args.variant if client != "vodq" else None
+                                result = run_vodq(*case, args.windows, variant)
+                            result.update(
+                                rate=label,
+                                kind=kind,
+                                mode=mode,
+                                client=client,
+                                **watch.stop(),
+                            )
+                            if kind == "hls":
+                                result["hls_segment_bytes"] = segment_bytes(
+                                    RATES[label]
+                                )
+                            rows.append(result)
+                            print(
+                                f"  {label:>4} {kind:4} {mode:4} {client:6} "
+                                f"mean {result['mean_dev_pct']:+6.2f}% "
+                                f"worst {result['worst_dev_pct']:+6.2f}% "
+                                f"windows {result['window_dev_pct']} "
+                                f"load {watch.after}",
+                                flush=True,
+                            )
+                            server.reset()
+    return rows
+
+
+# -- changing the pooled limit while three downloads run ---------------------------
+
+
+def settle_time(
+    samples: list[tuple[float, int]],
+    changed_at: float,
+    phase_end: float,
+    target: float,
+    *,
+    window_s: float = 2.0,
+    step_s: float = 0.05,
+    tolerance: float = TARGET_PCT / 100,
+) -> float | None:
+    """Return seconds from ``changed_at`` until every later 2 s window is on target.
+
+    Windows slide in steps of ``step_s``; the answer is the start of the first
+    window from which every window up to ``phase_end`` is within
+    ``tolerance`` of ``target``. None when the rate never settles.
+    """
+    times = [t for t, _ in samples]
+    totals = [0]
+    for _, n in samples:
+        totals.append(totals[-1] + n)
+
+    def rate(a: float, b: float) -> float:
+        i, j = bisect.bisect_left(times, a), bisect.bisect_left(times, b)
+        return (totals[j] - totals[i]) / (b - a)
+
+    starts = []
+    s = changed_at
+    while s + window_s <= phase_end:
+        starts.append(s)
+        s += step_s
+    good = [abs(rate(s, s + window_s) - target) <= tolerance * target for s in starts]
+    if not good or not good[-1]:
+        return None
+    first_good = len(good)
+    while first_good > 0 and good[first_good - 1]:
+        first_good -= 1
+    return starts[first_good] - changed_at
+
+
+def switch_delay(
+    samples: list[tuple[float, int]], changed_at: float, phase_end: float
+) -> float | None:
+    """Return when the rate switched, from two straight lines of cumulative bytes.
+
+    One line is fitted over the 3 s before ``changed_at`` and the other from
+    2.5 s after it to ``phase_end``. They cross where the new rate took over,
+    which gives the effective delay of the change with less noise than any
+    window.
+    """
+    points = []
+    total = 0
+    for t, n in samples:
+        total += n
+        points.append((t, total))
+
+    def fit(a: float, b: float) -> tuple[float, float] | None:
+        xs = [(t, c) for t, c in points if a <= t < b]
+        if len(xs) < 5:
+            return None
+        mx = sum(t for t, _ in xs) / len(xs)
+        my = sum(c for _, c in xs) / len(xs)
+        sxx = sum((t - mx) ** 2 for t, _ in xs)
+        slope = sum((t - mx) * (c - my) for t, c in xs) / sxx
+        return slope, my - slope * mx
+
+    before = fit(changed_at - 3.0, changed_at)
+    after = fit(changed_at + 2.5, phase_end)
+    if before is None or after is None or before[0] == after[0]:
+        return None
+    return (after[1] - before[1]) / (before[0] - after[0]) - changed_at
+
+
+def timeline(
+    samples: list[tuple[float, int]], origin: float, end: float, step_s: float = 0.5
+) -> list[float]:
+    """Rates in MiB/s over consecutive ``step_s`` bins from ``origin``."""
+    return [
+        round(rate / M, 2) for _, rate in window_rates(samples, origin, step_s, end)
+    ]
+
+
+def patch_case(server: BenchServer, tag: str, steps: list[str]) -> dict[str, Any]:
+    names = [f"{tag}-{i}" for i in range(POOL_DOWNLOADS)]
+    start_rate = 6 * M
+    urls = [server.gen_url(name, 2 * 1024 * M) for name in names]
+    phase_s = 7.0
+    watch = LoadWatch()
+    with workdir("patch") as work:
+        env = vodq_env(
+            work,
+            MAX_CONCURRENT_DOWNLOADS=str(POOL_DOWNLOADS),
+            DOWNLOAD_TOTAL_RATE_LIMIT="6M",
+        )
+        with vodq_process("serve", env, work / "vodq.log", port=free_port()) as proc:
+            assert proc.base_url is not None
+            for name, url in zip(names, urls, strict=True):
+                api(proc.base_url, "POST", "/admin/vods", {"vod_id": name, "url": url})
+            t0 = transfer_start(server, names, "http")
+            time.sleep(max(0.0, t0 + 4.0 - time.monotonic()))
+            changes = []
+            for value in steps:
+                sent = time.monotonic()
+                api(
+                    proc.base_url,
+                    "PATCH",
+                    "/admin/config",
+                    {"DOWNLOAD_TOTAL_RATE_LIMIT": value},
+                )
+                answered = time.monotonic()
+                changes.append((value, sent, answered))
+                time.sleep(max(0.0, sent + phase_s - time.monotonic()))
+            end = time.monotonic()
+    samples = stream_samples(server, names, t0 - 1)
+    before = [r for _, r in window_rates(samples, t0 + 2, 1.0, changes[0][1])]
+    results = []
+    previous = start_rate
+    for index, (value, sent, answered) in enumerate(changes):
+        phase_end = changes[index + 1][1] if index + 1 < len(changes) else end
+        target = RATES.get(value) or int(value.rstrip("M")) * M
+        settled = settle_time(samples, sent, phase_end, target)
+        delay = switch_delay(samples, sent, phase_end)
+        results.append(
+            {
+                "from": previous,
+                "to": target,
+                "patch_response_ms": round((answered - sent) * 1000, 1),
+                "settle_s": None if settled is None else round(settled, 2),
+                "switch_delay_s": None if delay is None else round(delay, 2),
+                "timeline_mib_s": timeline(samples, sent - 1.0, phase_end),
+            }
+        )
+        previous = target
+    return {
+        "before_change_bps": [round(r) for r in before],
+        "changes": results,
+        **watch.stop(),
+    }
+
+
+def patch_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    steps = ["3M"] if args.quick else ["3M", "9M"]
+    runs = []
+    with serving(sndbuf=64 * K) as server:
+        for index in range(1 if args.quick else args.patch_repeat):
+            run = patch_case(server, f"p{index}", steps)
+            runs.append(run)
+            for change in run["changes"]:
+                print(
+                    f"  PATCH {change['from'] / M:.0f}M -> {change['to'] / M:.0f}M: "
+                    f"settled in {change['settle_s']} s, switched after "
+                    f"{change['switch_delay_s']} s "
+                    f"(response {change['patch_response_ms']} ms) "
+                    f"load {run['load_after']}",
+                    flush=True,
+                )
+            server.reset()
+    return runs
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Build one line per case: median mean deviation, worst window of all runs."""
+    table = []
+    keys = sorted(
+        {(r["rate"], r["kind"], r["mode"]) for r in rows},
+        key=lambda k: (RATES[k[0]], k[1], k[2]),
+    )
+    for rate, kind, mode in keys:
+        line: dict[str, Any] = {"rate": rate, "source": kind, "mode": mode}
+        for client in ("vodq", "vodq variant", "yt-dlp"):
+            mine = [
+                r
+                for r in rows
+                if (r["rate"], r["kind"], r["mode"], r["client"])
+                == (rate, kind, mode, client)
+            ]
+            if not mine:
+                continue
+            worst = max((r["worst_dev_pct"] for r in mine), key=abs)
+            line[f"{client} mean %"] = round(
+                median([r["mean_dev_pct"] for r in mine]), 2
+            )
+            line[f"{client} worst %"] = worst
+        line["vodq within 5%"] = (
+            "yes" if abs(line["vodq worst %"]) <= TARGET_PCT else "NO"
+        )
+        table.append(line)
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2M only, one window")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every case")
+    parser.add_argument("--windows", type=int, default=3, help="5 s windows per run")
+    parser.add_argument("--patch-repeat", type=int, default=3)
+    parser.add_argument("--no-cli", action="store_true", help="skip yt-dlp")
+    parser.add_argument("--rates", default=",".join(RATES), help="e.g. 500K,2M")
+    parser.add_argument(
+        "--variant",
+        help="also run vodq with a change patched in (see variant_vodq.py), "
+        "such as block=16384",
+    )
+    parser.add_argument(
+        "--name", default="rates", help="results file name (bench/results/NAME.json)"
+    )
+    parser.add_argument("--no-patch", action="store_true", help="skip the PATCH test")
+    parser.add_argument(
+        "--only-patch", action="store_true", help="run only the PATCH test"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.windows = 1
+        args.repeat = 1
+
+    print("rate cases (deviation of each 5 s window from the target, at the server)")
+    rows = [] if args.only_patch else rate_cases(args)
+    table = summary(rows)
+    if table:
+        print_table("achieved rate vs configured (median mean / worst window)", table)
+    runs = [] if args.no_patch else patch_cases(args)
+    patch_rows = []
+    for step in range(len(runs[0]["changes"]) if runs else 0):
+        settles = [run["changes"][step]["settle_s"] for run in runs]
+        known = [s for s in settles if s is not None]
+        change = runs[0]["changes"][step]
+        patch_rows.append(
+            {
+                "change": f"{change['from'] / M:.0f}M -> {change['to'] / M:.0f}M",
+                "settle s (each run)": settles,
+                "median s": round(median(known), 2) if known else None,
+                "switch delay s (median)": round(
+                    median(
+                        [
+                            run["changes"][step]["switch_delay_s"]
+                            for run in runs
+                            if run["changes"][step]["switch_delay_s"] is not None
+                        ]
+                    ),
+                    2,
+                ),
+                "within 2 s": "yes"
+                if known and len(known) == len(settles) and max(known) <= 2
+                else "NO",
+            }
+        )
+    if patch_rows:
+        print_table("PATCH /admin/config while three downloads run", patch_rows)
+    write_result(
+        args.name,
+        {
+            "args": vars(args),
+            "summary": table,
+            "runs": rows,
+            "patch_summary": patch_rows,
+            "patch_runs": runs,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
