@@ -341,13 +341,7 @@ class VodQueue:
                 result = conn.execute(
                     update(vods)
                     .where(vods.c.state == VodState.DOWNLOADING.value)
-                    .values(
-                        state=VodState.QUEUED.value,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        speed_bps=None,
-                        updated_at=now,
-                    )
+                    .values(**_back_to_queue(now))
                 )
                 stopped = int(result.rowcount)
         return stopped
@@ -580,13 +574,7 @@ class VodQueue:
                     vods.c.state == VodState.DOWNLOADING.value,
                     vods.c.lease_owner.in_(owners),
                 )
-                .values(
-                    state=VodState.QUEUED.value,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    speed_bps=None,
-                    updated_at=self.clock(),
-                )
+                .values(**_back_to_queue(self.clock()))
                 .returning(vods.c.vod_id)
             ).all()
         return [str(vod_id) for (vod_id,) in rows]
@@ -620,13 +608,7 @@ class VodQueue:
                 conn.execute(
                     update(vods)
                     .where(vods.c.id.in_(excess))
-                    .values(
-                        state=VodState.QUEUED.value,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        speed_bps=None,
-                        updated_at=now,
-                    )
+                    .values(**_back_to_queue(now))
                 )
         return len(excess)
 
@@ -741,13 +723,7 @@ class VodQueue:
                 IS_DOWNLOADING,
                 or_(vods.c.lease_expires_at.is_(None), vods.c.lease_expires_at <= now),
             )
-            .values(
-                state=VodState.QUEUED.value,
-                lease_owner=None,
-                lease_expires_at=None,
-                speed_bps=None,
-                updated_at=now,
-            )
+            .values(**_back_to_queue(now))
             .returning(vods.c.vod_id)
         ).all()
         for (vod_id,) in rows:
@@ -788,6 +764,17 @@ class VodQueue:
             )
             if changed.rowcount == 0:
                 conn.execute(insert(kv).values(key=key, value=value, updated_at=now))
+
+
+def _back_to_queue(now: datetime) -> dict[str, Any]:
+    """Column values that return a running download to the queue, attempt uncounted."""
+    return {
+        "state": VodState.QUEUED.value,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "speed_bps": None,
+        "updated_at": now,
+    }
 
 
 def _unavailable(exc: OperationalError | InterfaceError) -> str:
