@@ -46,6 +46,7 @@ VODQ_VARIANTS = {
     "vodq yt-dlp buffer": "ytdlp-buffer",
     "vodq progress_delta=1": "progress-delta=1",
     "vodq block=1M+progress_delta=1": "block=1048576,progress-delta=1",
+    "vodq yt-dlp buffer+progress_delta=1": "ytdlp-buffer,progress-delta=1",
 }
 TARGET_ONE = 0.95
 TARGET_FOUR = 0.90
