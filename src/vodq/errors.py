@@ -35,7 +35,7 @@ class InvalidTransition(VodqError):
 
 
 class StorageUnavailable(VodqError):
-    """The database cannot be reached or answered with an error."""
+    """The database cannot be reached or returned an error."""
 
 
 class DownloadFailed(VodqError):

@@ -442,7 +442,7 @@ class VodQueue:
         download_ms: int,
         started_at: datetime | None = None,
     ) -> bool:
-        """Mark a claimed VOD done; return False when ``owner`` no longer holds it."""
+        """Mark a claimed VOD done; return False when ``owner`` lost its lease."""
         now = self.clock()
         with self._write() as conn:
             result = conn.execute(
@@ -632,7 +632,7 @@ class VodQueue:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        """A read-only connection; connection failures become StorageUnavailable."""
+        """Open a read-only connection; failures raise StorageUnavailable."""
         try:
             with self.engine.connect().execution_options(
                 sqlite_begin="DEFERRED"
@@ -643,7 +643,7 @@ class VodQueue:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        """A transaction, committed on success; failures become StorageUnavailable."""
+        """Open a transaction that commits on success or raises StorageUnavailable."""
         try:
             with self.engine.begin() as conn:
                 yield conn

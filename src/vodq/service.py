@@ -154,7 +154,7 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class VodSelection:
-    """Which VODs a batch operation applies to; every given field must match."""
+    """Selection of the VODs a batch operation changes; every given field must match."""
 
     vod_ids: list[str] | None = None
     date_from: str | None = None
@@ -318,7 +318,7 @@ class Service:
         return total
 
     def read_breaker(self) -> BreakerSnapshot:
-        """Return the circuit breaker as every worker sees it."""
+        """Return the circuit breaker state shared by every worker."""
         return breaker.snapshot_from(self.queue.get_kv(breaker.KEYS))
 
     def wake(self) -> None:

@@ -12,7 +12,7 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 class BodySizeLimit:
-    """Answer 413 to a body over ``MAX_BODY_BYTES``, declared or streamed."""
+    """Reject a body over ``MAX_BODY_BYTES`` with 413, declared or streamed."""
 
     def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
