@@ -62,3 +62,19 @@ class DownloadFailed(VodqError):
 
 class DownloadCancelled(VodqError):
     """A running download was stopped on purpose (cancel, shutdown, lost lease)."""
+
+
+class UploadFailed(VodqError):
+    """An upload attempt failed; ``retryable`` tells whether to try again.
+
+    A failed upload never discards the downloaded file: the next attempt
+    sends the same file.
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class UploadCancelled(VodqError):
+    """A running upload was stopped on purpose (cancel, shutdown, lost lease)."""

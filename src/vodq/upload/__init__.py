@@ -1,0 +1,63 @@
+"""Uploading one downloaded VOD: the uploader seam that every destination implements."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class UploadJob:
+    """What one upload attempt sends, and what an earlier attempt left behind.
+
+    ``session`` is what the uploader recorded through ``on_session`` during an
+    earlier attempt (a resumable-upload URL, say), so that this attempt
+    resumes or verifies that upload instead of sending a second copy.
+    """
+
+    vod_id: str
+    path: Path
+    size: int
+    attempt: int
+    title: str | None
+    channel: str | None
+    date: datetime | None
+    source_url: str
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """A confirmed upload: where the destination keeps the file now."""
+
+    remote_id: str
+    remote_url: str | None = None
+
+
+class Uploader(Protocol):
+    """Uploads one VOD's file per call, on the calling thread.
+
+    ``upload`` raises UploadFailed (``retryable`` tells whether another
+    attempt may succeed) or UploadCancelled when ``cancelled`` is set. It
+    calls ``on_session`` with anything that lets a later attempt resume this
+    upload, before sending the file's bytes, and ``on_progress`` with the
+    bytes sent so far.
+    """
+
+    name: str
+
+    def upload(
+        self,
+        job: UploadJob,
+        *,
+        cancelled: threading.Event,
+        on_session: Callable[[str], None],
+        on_progress: Callable[[int], None],
+    ) -> UploadResult: ...
+
+
+__all__ = ["UploadJob", "UploadResult", "Uploader"]
