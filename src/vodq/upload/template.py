@@ -26,9 +26,12 @@ MAX_NAME_BYTES = 200
 # names Windows reserves for devices.
 _FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
 _RESERVED = frozenset(
-    {"CON", "PRN", "AUX", "NUL"}
-    | {f"COM{n}" for n in range(1, 10)}
-    | {f"LPT{n}" for n in range(1, 10)}
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {
+        f"{port}{n}"
+        for port in ("COM", "LPT")
+        for n in (*range(10), *"\u00b9\u00b2\u00b3")
+    }
 )
 _SPACES = re.compile(r"\s+")
 
@@ -38,17 +41,27 @@ class TemplateError(ValueError):
 
 
 def check(template: str) -> None:
-    """Raise TemplateError unless ``template`` renders with the known fields."""
+    """Raise TemplateError unless ``template`` renders with the known fields.
+
+    Conversions (``{title!r}``) and format specs (``{title:>9}``) are
+    rejected: every field is text, so a spec such as ``{date:%Y}`` would fail
+    only when the first VOD is archived, and a wide one could fill memory.
+    """
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise TemplateError(f"{exc}; write fields as {{title}}") from exc
-    for _text, name, _spec, _conversion in parsed:
+    for _text, name, spec, conversion in parsed:
         if name is None:
             continue
         if name not in FIELDS:
             known = ", ".join("{" + field + "}" for field in FIELDS)
             raise TemplateError(f"unknown field {{{name}}}; known fields: {known}")
+        if spec or conversion:
+            raise TemplateError(
+                f"field {{{name}}} has a conversion or format spec; write it as "
+                f"{{{name}}}"
+            )
     if not any(name for _text, name, _spec, _conv in parsed):
         raise TemplateError("it uses no field, so every VOD would get the same name")
 
@@ -72,19 +85,60 @@ def render(template: str, job: UploadJob) -> str:
 def file_name(template: str, job: UploadJob, extension: str) -> str:
     """Render ``template`` into a file name that every file system accepts.
 
-    Forbidden characters become ``_``, runs of white space one space, and the
-    name is cut to MAX_NAME_BYTES of UTF-8 on a character boundary. A name
-    that would be empty, hidden or a reserved device name falls back to the
-    VOD id.
+    Forbidden and unprintable characters become ``_``, runs of white space one
+    space, and the name is cut to MAX_NAME_BYTES of UTF-8 on a character
+    boundary. A name that would be empty, hidden or a reserved device name
+    falls back to the VOD id, and a fallback that is itself reserved gets a
+    leading ``_``.
     """
-    name = unicodedata.normalize("NFC", render(template, job))
-    name = _SPACES.sub(" ", _FORBIDDEN.sub("_", name)).strip(" .")
-    name = _cut(name, MAX_NAME_BYTES)
-    stem = name.split(".", 1)[0].upper()
-    if not name or name.startswith(".") or stem in _RESERVED:
-        name = _cut(_FORBIDDEN.sub("_", job.vod_id), MAX_NAME_BYTES) or "vod"
-    suffix = extension.lstrip(".")
+    name = _fitted(template, job)
+    if not name or _is_reserved(name):
+        name = _sanitise(job.vod_id) or "vod"
+        if _is_reserved(name):
+            name = "_" + name
+    suffix = _sanitise(extension.lstrip("."))
     return f"{name}.{suffix}" if suffix else name
+
+
+def _fitted(template: str, job: UploadJob) -> str:
+    """Render a clean name, shortening long fields before cutting the whole name.
+
+    The title goes first, then the channel and the source URL, so that a
+    long title does not push the rest of the template, such as ``[{vod_id}]``,
+    out of the name.
+    """
+    values = fields(job)
+    for name in ("title", "channel", "source_url"):
+        excess = len(_clean(template.format_map(values)).encode()) - MAX_NAME_BYTES
+        if excess <= 0:
+            break
+        kept = max(0, len(values[name].encode("utf-8", "replace")) - excess)
+        values[name] = _cut(values[name], kept)
+    return _sanitise(template.format_map(values))
+
+
+def _sanitise(text: str) -> str:
+    """Clean ``text`` (see _clean) and cut it to MAX_NAME_BYTES."""
+    return _cut(_clean(text), MAX_NAME_BYTES)
+
+
+def _clean(text: str) -> str:
+    """Replace what file systems reject, and trim dots and spaces."""
+    name = unicodedata.normalize("NFC", text)
+    name = _SPACES.sub(" ", name)
+    name = "".join(
+        "_" if _FORBIDDEN.match(ch) or not (ch == " " or ch.isprintable()) else ch
+        for ch in name
+    )
+    # Windows drops trailing dots and spaces, and a leading dot hides a file
+    # on Linux and macOS.
+    return name.strip(" .")
+
+
+def _is_reserved(name: str) -> bool:
+    """Tell whether Windows takes ``name`` for a device, whatever its extension."""
+    stem = name.split(".", 1)[0].rstrip(" ").upper()
+    return stem in _RESERVED
 
 
 def extension_of(path: Path) -> str:
@@ -93,7 +147,7 @@ def extension_of(path: Path) -> str:
 
 
 def _cut(text: str, max_bytes: int) -> str:
-    encoded = text.encode("utf-8")
+    encoded = text.encode("utf-8", "replace")
     if len(encoded) <= max_bytes:
         return text
-    return encoded[:max_bytes].decode("utf-8", "ignore").rstrip(" .")
+    return encoded[:max_bytes].decode("utf-8", "ignore").strip(" .")
