@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import TypeVar
@@ -20,6 +20,8 @@ from dotenv import dotenv_values
 
 from vodq.errors import ConfigError
 from vodq.units import parse_duration, parse_rate
+from vodq.upload import template
+from vodq.upload.command import parse_command
 
 T = TypeVar("T")
 
@@ -33,6 +35,19 @@ KNOWN_VARIABLES = (
     "DOWNLOAD_BACKOFF_BASE",
     "UPLOAD_MAX_ATTEMPTS",
     "UPLOAD_BACKOFF_BASE",
+    "UPLOADER",
+    "MAX_CONCURRENT_UPLOADS",
+    "ARCHIVE_NAME_TEMPLATE",
+    "UPLOAD_COMMAND",
+    "UPLOAD_COMMAND_TIMEOUT",
+    "UPLOAD_RETENTION",
+    "YOUTUBE_CREDENTIALS_FILE",
+    "YOUTUBE_API_URL",
+    "YOUTUBE_PRIVACY",
+    "YOUTUBE_TITLE_TEMPLATE",
+    "YOUTUBE_DESCRIPTION_TEMPLATE",
+    "YOUTUBE_CHUNK_SIZE",
+    "YOUTUBE_TIMEOUT",
     "PROCESSING_RETRY_COOLDOWN",
     "CIRCUIT_FAILURE_THRESHOLD",
     "CIRCUIT_OPEN_COOLDOWN",
@@ -62,6 +77,13 @@ MAX_DURATION_S = 365 * 86400.0
 # that the environment set.
 NO_LIMIT_WORDS = ("none", "unlimited")
 
+UPLOADERS = ("none", "command", "youtube")
+YOUTUBE_PRIVACIES = ("private", "unlisted", "public")
+# YouTube's resumable upload accepts chunks in multiples of 256 KiB.
+YOUTUBE_CHUNK_UNIT_BYTES = 256 * 1024
+DEFAULT_ARCHIVE_NAME_TEMPLATE = "{date} {channel} - {title} [{vod_id}]"
+DEFAULT_YOUTUBE_DESCRIPTION = "{channel} {date}\n{source_url}"
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -78,6 +100,22 @@ class Settings:
     download_backoff_base: float = 2.0
     upload_max_attempts: int = 5
     upload_backoff_base: float = 2.0
+    uploader: str = "none"
+    max_concurrent_uploads: int = 1
+    archive_name_template: str = DEFAULT_ARCHIVE_NAME_TEMPLATE
+    # The operator's command as argv, placeholders not yet filled.
+    upload_command: tuple[str, ...] = ()
+    upload_command_timeout: float = 6 * 3600.0
+    # Seconds a confirmed upload's file is kept: None keeps it for ever, 0
+    # deletes it right after the upload.
+    upload_retention: float | None = None
+    youtube_credentials_file: Path | None = None
+    youtube_api_url: str = "https://www.googleapis.com"
+    youtube_privacy: str = "private"
+    youtube_title_template: str = "{title}"
+    youtube_description_template: str = DEFAULT_YOUTUBE_DESCRIPTION
+    youtube_chunk_bytes: int = 8 * 1024**2
+    youtube_timeout: float = 60.0
     processing_retry_cooldown: float = 600.0
     circuit_failure_threshold: int = 5
     circuit_open_cooldown: float = 300.0
@@ -344,6 +382,9 @@ def settings_from(values: Mapping[str, str]) -> Settings:
             "or neither (ADMIN_TOKEN alone is enough for token auth)"
         )
 
+    settings = _with_upload_settings(reader, settings)
+    _check_uploader(settings, values, reader.errors)
+
     if reader.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(reader.errors))
     return settings
@@ -391,3 +432,124 @@ def _worker_id(text: str) -> str:
     if not text.isprintable() or len(text) > 200:
         raise ValueError("must be printable and at most 200 characters")
     return text
+
+
+def _with_upload_settings(reader: _Reader, settings: Settings) -> Settings:
+    """Read the upload stage's variables (see docs/uploads.md) into ``settings``."""
+    defaults = Settings()
+    no_command: tuple[str, ...] = ()
+    return replace(
+        settings,
+        uploader=reader.get(
+            "UPLOADER", _choice(UPLOADERS, upper=False), "none", "command"
+        ),
+        max_concurrent_uploads=reader.get(
+            "MAX_CONCURRENT_UPLOADS", _positive_int, 1, "2"
+        ),
+        archive_name_template=reader.get(
+            "ARCHIVE_NAME_TEMPLATE",
+            _template,
+            defaults.archive_name_template,
+            repr(DEFAULT_ARCHIVE_NAME_TEMPLATE),
+        ),
+        upload_command=reader.get(
+            "UPLOAD_COMMAND",
+            parse_command,
+            no_command,
+            "'rclone copy {path} remote:vods'",
+        ),
+        upload_command_timeout=reader.get(
+            "UPLOAD_COMMAND_TIMEOUT", _positive_duration, 6 * 3600.0, "6h"
+        ),
+        upload_retention=reader.get(
+            "UPLOAD_RETENTION", _retention, None, "keep, delete or 7d"
+        ),
+        youtube_credentials_file=reader.get(
+            "YOUTUBE_CREDENTIALS_FILE", Path, None, "/etc/vodq/youtube.json"
+        ),
+        youtube_api_url=reader.get(
+            "YOUTUBE_API_URL",
+            _http_url,
+            defaults.youtube_api_url,
+            "https://www.googleapis.com",
+        ),
+        youtube_privacy=reader.get(
+            "YOUTUBE_PRIVACY",
+            _choice(YOUTUBE_PRIVACIES, upper=False),
+            "private",
+            "unlisted",
+        ),
+        youtube_title_template=reader.get(
+            "YOUTUBE_TITLE_TEMPLATE", _template, "{title}", "'{date} {title}'"
+        ),
+        youtube_description_template=reader.get(
+            "YOUTUBE_DESCRIPTION_TEMPLATE",
+            _template,
+            DEFAULT_YOUTUBE_DESCRIPTION,
+            "'{channel} {date}'",
+        ),
+        youtube_chunk_bytes=reader.get(
+            "YOUTUBE_CHUNK_SIZE", _chunk_size, defaults.youtube_chunk_bytes, "8M"
+        ),
+        youtube_timeout=reader.get("YOUTUBE_TIMEOUT", _positive_duration, 60.0, "60s"),
+    )
+
+
+def _check_uploader(
+    settings: Settings, values: Mapping[str, str], errors: list[str]
+) -> None:
+    """Append an error for each upload variable that the chosen uploader lacks."""
+    # An invalid UPLOAD_COMMAND has its own message already.
+    command_set = bool((values.get("UPLOAD_COMMAND") or "").strip())
+    if settings.uploader == "command" and not command_set:
+        errors.append(
+            "UPLOADER=command needs UPLOAD_COMMAND; set it to the command line "
+            "that uploads one file, for example "
+            "UPLOAD_COMMAND='rclone copy {path} remote:vods'"
+        )
+    if settings.uploader == "youtube" and settings.youtube_credentials_file is None:
+        errors.append(
+            "UPLOADER=youtube needs YOUTUBE_CREDENTIALS_FILE; set it to the "
+            "OAuth credentials file, for example "
+            "YOUTUBE_CREDENTIALS_FILE=/etc/vodq/youtube.json"
+        )
+    if settings.uploader == "none" and settings.upload_retention is not None:
+        raw = (values.get("UPLOAD_RETENTION") or "").strip()
+        errors.append(
+            f"UPLOAD_RETENTION={raw!r} is invalid with UPLOADER=none: nothing is "
+            "uploaded, so no file may be deleted after an upload; use "
+            "UPLOAD_RETENTION=keep, or choose an uploader such as UPLOADER=command"
+        )
+
+
+def _template(text: str) -> str:
+    try:
+        template.check(text)
+    except template.TemplateError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+def _retention(text: str) -> float | None:
+    word = text.lower()
+    if word == "keep":
+        return None
+    if word == "delete":
+        return 0.0
+    try:
+        return _positive_duration(text)
+    except ValueError:
+        raise ValueError("not keep, delete or a duration such as 7d") from None
+
+
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or text[-3:] == "://":
+        raise ValueError("not an http:// or https:// URL")
+    return text.rstrip("/")
+
+
+def _chunk_size(text: str) -> int:
+    size = _size(text)
+    if size < 1 or size % YOUTUBE_CHUNK_UNIT_BYTES:
+        raise ValueError("must be a positive multiple of 256K, such as 256K or 8M")
+    return size

@@ -33,6 +33,7 @@ RUNTIME_VARIABLES = (
     "PROCESSING_RETRY_COOLDOWN",
     "UPLOAD_MAX_ATTEMPTS",
     "UPLOAD_BACKOFF_BASE",
+    "MAX_CONCURRENT_UPLOADS",
 )
 KV_PREFIX = "config:"
 # Longest a runtime change takes to reach another process, in seconds.
