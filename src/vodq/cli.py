@@ -1,8 +1,8 @@
 """The ``vodq`` command.
 
 ``serve`` runs the API and the scheduler in one process; ``migrate`` works on
-the database directly. ``add``, ``priority`` and ``status`` talk to the running
-service over HTTP, so they work from any machine that reaches it and never
+the database directly. ``add``, ``priority``, ``upload`` and ``status`` talk to
+the running service over HTTP, so they work from any machine that reaches it and never
 bypass its wake-ups or its auth.
 """
 
@@ -170,6 +170,24 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--server", help=server_help)
     config.set_defaults(handler=_config)
 
+    upload = commands.add_parser(
+        "upload",
+        help="upload done VODs that were never uploaded (talks to the service)",
+        description=(
+            "Send VODs that were downloaded while uploads were off (UPLOADER=none "
+            "or skip_upload) to the upload stage. Each one needs its file in "
+            "DATA_DIR/vods."
+        ),
+    )
+    upload.add_argument("vod_ids", nargs="*", metavar="VOD_ID")
+    upload.add_argument(
+        "--all-not-uploaded",
+        action="store_true",
+        help="every done VOD without a remote id whose file still exists",
+    )
+    upload.add_argument("--server", help=server_help)
+    upload.set_defaults(handler=_upload)
+
     status = commands.add_parser(
         "status", help="print the queue status (talks to the running service)"
     )
@@ -186,9 +204,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from vodq.service import Service
 
     configure_logging(settings.log_level, settings.log_format)
-    service = Service(
-        settings, run_worker=args.run_worker, environment=args.environment
-    )
+    try:
+        service = Service(
+            settings, run_worker=args.run_worker, environment=args.environment
+        )
+    except ConfigError as exc:
+        # The uploader checks its own files (YOUTUBE_CREDENTIALS_FILE) here.
+        print(f"vodq: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.run_api:
         return _run_worker_only(
             service, migrate=not args.no_migrate, metrics_port=args.metrics_port
@@ -334,6 +357,22 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
         body[name.strip().upper()] = value if value != "" else None
     path = "/admin/config?stop_excess=true" if args.stop_excess else "/admin/config"
     return _call(settings, args.server, "PATCH", path, body)
+
+
+def _upload(args: argparse.Namespace, settings: Settings) -> int:
+    if bool(args.vod_ids) == bool(args.all_not_uploaded):
+        print(
+            "vodq: name VOD ids or pass --all-not-uploaded, not both; for "
+            "example: vodq upload 123456789",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    body: dict[str, Any] = (
+        {"all_not_uploaded": True}
+        if args.all_not_uploaded
+        else {"vod_ids": list(args.vod_ids)}
+    )
+    return _call(settings, args.server, "POST", "/admin/uploads", body)
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:

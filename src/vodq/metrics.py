@@ -1,7 +1,8 @@
 """The Prometheus registry and its instruments.
 
 Each event is counted once, at the one place that decides it. An attempt is
-counted in ``vod_downloads_started_total`` when it ends, at the same moment
+counted in ``vod_downloads_started_total`` (``vod_uploads_started_total``
+for uploads) when it ends, at the same moment
 as its outcome (succeeded, failed or cancelled), so the success rate
 ``rate(succeeded) / rate(started)`` stays between 0 and 1 in every window.
 Queue depth is read from the database at scrape time, so SQL changes made
@@ -150,6 +151,33 @@ class Metrics:
         self.active_downloads = Gauge(
             "vod_active_downloads",
             "Downloads running in this process.",
+            registry=self.registry,
+        )
+        self.uploads_started = Counter(
+            "vod_uploads_started",
+            "Upload attempts, counted when they end (running ones are "
+            "vod_active_uploads).",
+            registry=self.registry,
+        )
+        self.uploads_succeeded = Counter(
+            "vod_uploads_succeeded",
+            "Upload attempts whose result was recorded and the VOD marked done.",
+            registry=self.registry,
+        )
+        self.uploads_failed = Counter(
+            "vod_uploads_failed",
+            "Upload attempts that failed; the file is kept for the next attempt.",
+            registry=self.registry,
+        )
+        self.upload_duration = Histogram(
+            "vod_upload_duration_seconds",
+            "Duration of successful upload attempts.",
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.active_uploads = Gauge(
+            "vod_active_uploads",
+            "Uploads running in this process.",
             registry=self.registry,
         )
 

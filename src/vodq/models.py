@@ -11,11 +11,16 @@ class VodState(StrEnum):
     """Where a VOD is in its life.
 
     ``queued`` covers both "never tried" and "waiting for its next attempt";
-    ``next_attempt_at`` tells which.
+    ``next_attempt_at`` tells which. ``downloaded`` is the same for the upload
+    stage: the file is complete and waits for an upload slot, or for
+    ``upload_next_at`` after a failed upload. ``done`` (``processed``) comes
+    only after the upload stage.
     """
 
     QUEUED = "queued"
     DOWNLOADING = "downloading"
+    DOWNLOADED = "downloaded"
+    UPLOADING = "uploading"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -59,3 +64,12 @@ class Vod:
     finished_at: datetime | None
     download_ms: int | None
     skip_upload: bool = False
+    upload_attempts: int = 0
+    upload_next_at: datetime | None = None
+    upload_session: str | None = None
+    upload_started_at: datetime | None = None
+    remote_id: str | None = None
+    remote_url: str | None = None
+    uploaded_at: datetime | None = None
+    uploader: str | None = None
+    upload_ms: int | None = None

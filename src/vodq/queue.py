@@ -239,13 +239,19 @@ class VodQueue:
         return to_vod(row)
 
     def cancel(self, vod_id: str) -> tuple[Vod, VodState]:
-        """Cancel a queued or downloading VOD; return it and the state it had.
+        """Cancel a VOD that is queued or in a stage; return it and its old state.
 
-        A download on another worker stops at that worker's next heartbeat,
-        when renewing its lease finds the VOD no longer downloading.
+        A download or upload on another worker stops at that worker's next
+        heartbeat, when renewing its lease finds the VOD in another state. A
+        downloaded file stays where it is, for a later reprocess to upload.
         """
         vod = self.get(vod_id)
-        active = (VodState.QUEUED.value, VodState.DOWNLOADING.value)
+        active = (
+            VodState.QUEUED.value,
+            VodState.DOWNLOADING.value,
+            VodState.DOWNLOADED.value,
+            VodState.UPLOADING.value,
+        )
         with self._write() as conn:
             row = conn.execute(
                 update(vods)
@@ -262,8 +268,8 @@ class VodQueue:
             ).first()
         if row is None:
             raise InvalidTransition(
-                f"VOD {vod_id!r} is {vod.state}; only queued or downloading VODs "
-                "can be cancelled"
+                f"VOD {vod_id!r} is {vod.state}; only queued, downloading, "
+                "downloaded or uploading VODs can be cancelled"
             )
         return to_vod(row), vod.state
 
@@ -442,12 +448,17 @@ class VodQueue:
         download_ms: int,
         started_at: datetime | None = None,
     ) -> bool:
-        """Mark a claimed VOD done; return False when ``owner`` lost its lease."""
+        """Hand a downloaded VOD to the upload stage; False when ``owner`` lost it.
+
+        The VOD becomes ``downloaded`` with a fresh upload record, so an
+        earlier upload of a file downloaded again is never taken for this one.
+        """
         now = self.clock()
         with self._write() as conn:
             result = conn.execute(
                 self._finishable(row_id, owner, started_at).values(
-                    state=VodState.DONE.value,
+                    **FRESH_UPLOAD,
+                    state=VodState.DOWNLOADED.value,
                     attempts=vods.c.attempts + 1,
                     file_path=file_path,
                     bytes_done=size,
@@ -766,6 +777,20 @@ class VodQueue:
                 conn.execute(insert(kv).values(key=key, value=value, updated_at=now))
 
 
+# Upload columns of a VOD whose file has not been uploaded yet.
+FRESH_UPLOAD: dict[str, Any] = {
+    "upload_attempts": 0,
+    "upload_next_at": None,
+    "upload_session": None,
+    "upload_started_at": None,
+    "remote_id": None,
+    "remote_url": None,
+    "uploaded_at": None,
+    "uploader": None,
+    "upload_ms": None,
+}
+
+
 def _back_to_queue(now: datetime) -> dict[str, Any]:
     """Column values that return a running download to the queue, attempt uncounted."""
     return {
@@ -811,4 +836,13 @@ def to_vod(row: Row[Any]) -> Vod:
         finished_at=data["finished_at"],
         download_ms=data["download_ms"],
         skip_upload=bool(data["skip_upload"]),
+        upload_attempts=int(data["upload_attempts"]),
+        upload_next_at=data["upload_next_at"],
+        upload_session=data["upload_session"],
+        upload_started_at=data["upload_started_at"],
+        remote_id=data["remote_id"],
+        remote_url=data["remote_url"],
+        uploaded_at=data["uploaded_at"],
+        uploader=data["uploader"],
+        upload_ms=data["upload_ms"],
     )

@@ -101,8 +101,11 @@ class Scheduler:
         registry: WorkerRegistry | None = None,
         notify: Callable[[], None] | None = None,
         resume_offset: Callable[[str], int] | None = None,
+        on_downloaded: Callable[[], None] | None = None,
     ) -> None:
         self.queue = queue
+        # Called after a finished download is handed to the upload stage.
+        self.on_downloaded = on_downloaded or (lambda: None)
         # Size of a VOD's partial file, which the next attempt resumes from and
         # includes in its progress, so those bytes are not counted again.
         self.resume_offset = resume_offset or (lambda _vod_id: 0)
@@ -431,6 +434,7 @@ class Scheduler:
                 },
             )
             return
+        self.on_downloaded()
         self.metrics.downloads_succeeded.inc()
         self.metrics.download_duration.observe(duration_s)
         # The rate of this attempt's transfer: bytes resumed from disk took
@@ -720,8 +724,9 @@ class Scheduler:
             state: VodState | None = self.queue.get(vod_id).state
         except VodqError:
             state = None
-        if state is VodState.DONE:
-            # This worker has just recorded the result; nothing runs any more.
+        if state in (VodState.DOWNLOADED, VodState.UPLOADING, VodState.DONE):
+            # This worker has just handed the file to the upload stage;
+            # nothing downloads any more.
             return
         if state is VodState.CANCELLED:
             log.info(

@@ -32,6 +32,8 @@ from vodq.queue import PAUSED_KEY, VodQueue, utcnow
 from vodq.runtime import RuntimeConfig
 from vodq.scheduler import CancelReason, Scheduler
 from vodq.units import format_duration, format_rate
+from vodq.upload.stage import UploadStage, make_uploader
+from vodq.upload.store import UploadStore, file_exists
 from vodq.wakeups import Wakeups
 from vodq.workers import WorkerRegistry
 
@@ -43,8 +45,8 @@ VOD_ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}"
 _VOD_ID = re.compile(VOD_ID_PATTERN)
 _TWITCH_VIDEO = re.compile(r"twitch\.tv/(?:[^/]+/)?videos?/(\d+)")
 MAX_BATCH_IDS = 10_000
-# Maximum time a delete with delete_files waits for the VOD's download to
-# stop. A cancelled download stops after its current read of at most
+# Maximum time a delete with delete_files waits for the VOD's download or
+# upload to stop. A cancelled download stops after its current read of at most
 # READ_BLOCK_BYTES (128 KiB), so within a second from a source at 128 KiB/s.
 DELETE_WAIT_S = 5.0
 PRIORITY_MIN = -(2**63)
@@ -222,8 +224,16 @@ class Service:
         self.layout = ArchiveLayout(settings.data_dir)
         self.registry = WorkerRegistry(self.engine, clock=self.queue.clock)
         self.wakeups = Wakeups(self.engine)
+        self.uploads = UploadStore(self.queue)
         self.scheduler: Scheduler | None = None
+        self.upload_stage: UploadStage | None = None
         if run_worker:
+            self.upload_stage = UploadStage(
+                self.uploads,
+                make_uploader(settings),
+                lambda: self.settings,
+                self.metrics,
+            )
             downloader = YtDlpDownloader(
                 self.layout,
                 socket_timeout_s=min(settings.socket_timeout, settings.stall_timeout),
@@ -236,6 +246,7 @@ class Service:
                 registry=self.registry,
                 notify=self.wakeups.notify,
                 resume_offset=self._partial_bytes,
+                on_downloaded=self.upload_stage.wake,
             )
 
     @property
@@ -281,6 +292,7 @@ class Service:
             ),
             "UPLOAD_MAX_ATTEMPTS": settings.upload_max_attempts,
             "UPLOAD_BACKOFF_BASE": format_duration(settings.upload_backoff_base),
+            "MAX_CONCURRENT_UPLOADS": settings.max_concurrent_uploads,
         }
         return {
             name.lower(): {"value": value, "source": sources.get(name, "environment")}
@@ -294,13 +306,16 @@ class Service:
         if self.runtime is not None:
             self.runtime.enabled = True
             self.runtime.refresh()
-        if self.scheduler is not None:
+        if self.scheduler is not None and self.upload_stage is not None:
             self.layout.ensure()
             self.scheduler.start()
-            self.wakeups.listen(self.scheduler.wake)
+            self.upload_stage.start()
+            self.wakeups.listen(self._wake_stages)
 
     def stop(self) -> None:
-        """Stop the scheduler (keeping partial files) and close the database pool."""
+        """Stop both stages (keeping every file) and close the database pool."""
+        if self.upload_stage is not None:
+            self.upload_stage.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
         self.wakeups.stop()
@@ -322,10 +337,15 @@ class Service:
         return breaker.snapshot_from(self.queue.get_kv(breaker.KEYS))
 
     def wake(self) -> None:
-        """Make this process's scheduler, and every worker listening, look for work."""
+        """Make this process's stages, and every worker listening, look for work."""
+        self._wake_stages()
+        self.wakeups.notify()
+
+    def _wake_stages(self) -> None:
         if self.scheduler is not None:
             self.scheduler.wake()
-        self.wakeups.notify()
+        if self.upload_stage is not None:
+            self.upload_stage.wake()
 
     # -- operations ---------------------------------------------------------
 
@@ -409,6 +429,8 @@ class Service:
         vod, previous = self.queue.cancel(validate_vod_id(vod_id))
         if previous is VodState.DOWNLOADING and self.scheduler is not None:
             self.scheduler.cancel_running(vod_id, CancelReason.CANCEL)
+        if previous is VodState.UPLOADING and self.upload_stage is not None:
+            self.upload_stage.cancel_running(vod_id)
         log.info(
             "VOD %s cancelled while %s",
             vod_id,
@@ -418,19 +440,80 @@ class Service:
         return vod
 
     def reprocess_vod(self, vod_id: str) -> Vod:
-        """Queue a failed, cancelled or finished VOD again with its attempts reset."""
-        vod = self.queue.requeue(validate_vod_id(vod_id))
+        """Process a failed, cancelled or finished VOD again, its attempts reset.
+
+        A VOD whose downloaded file still exists goes back to the upload
+        stage; any other is downloaded again.
+        """
+        vod = self.queue.get(validate_vod_id(vod_id))
+        if file_exists(vod):
+            vod = self.uploads.requeue(vod)
+            stage = "upload"
+        else:
+            vod = self.queue.requeue(vod_id)
+            stage = "download"
         log.info(
-            "VOD %s queued again for processing",
+            "VOD %s reprocessed from its %s",
             vod_id,
-            extra={"vod_id": vod_id, "action": "reprocess"},
+            stage,
+            extra={"vod_id": vod_id, "stage": stage, "action": "reprocess"},
         )
         self.wake()
         return vod
 
+    def queue_uploads(
+        self, vod_ids: list[str] | None, *, all_not_uploaded: bool
+    ) -> tuple[list[str], list[str]]:
+        """Send done VODs that were never uploaded to the upload stage.
+
+        Returns the ids sent to the upload stage and, for ``all_not_uploaded``,
+        the ids left out because their file is gone.
+        """
+        if self.settings.uploader == "none":
+            raise InvalidInput(
+                "UPLOADER is none, so there is nowhere to upload to; set UPLOADER "
+                "to command or youtube and restart vodq first"
+            )
+        if (vod_ids is None) == (not all_not_uploaded):
+            raise InvalidInput(
+                "send either 'vod_ids' or 'all_not_uploaded': true, for example "
+                '{"vod_ids": ["123456789"]}'
+            )
+        if vod_ids is not None:
+            if not vod_ids or len(vod_ids) > MAX_BATCH_IDS:
+                raise InvalidInput(
+                    f"vod_ids has {len(vod_ids)} ids; send 1 to {MAX_BATCH_IDS}"
+                )
+            vod_ids = [validate_vod_id(vod_id) for vod_id in vod_ids]
+        queued, missing = self.uploads.queue_not_uploaded(vod_ids, file_exists)
+        log.info(
+            "%d VODs sent to the upload stage, %d without a file left out",
+            len(queued),
+            len(missing),
+            extra={
+                "count": len(queued),
+                "missing": len(missing),
+                "action": "queue_uploads",
+            },
+        )
+        self.wake()
+        return queued, missing
+
     def delete_vod(self, vod_id: str, *, delete_files: bool) -> Vod:
         """Delete a VOD, stopping its download first; optionally delete its files."""
         vod = self.queue.get(validate_vod_id(vod_id))
+        if vod.state is VodState.UPLOADING:
+            self.cancel_vod(vod_id)
+            # The uploader may still read the file; delete it afterwards.
+            if self.upload_stage is not None and not self.upload_stage.wait_stopped(
+                vod_id, DELETE_WAIT_S
+            ):
+                log.warning(
+                    "upload of VOD %s did not stop within %.0fs",
+                    vod_id,
+                    DELETE_WAIT_S,
+                    extra={"vod_id": vod_id, "action": "delete"},
+                )
         if vod.state is VodState.DOWNLOADING:
             self.cancel_vod(vod_id)
             # A download writes, and may first create, its partial file until
@@ -515,6 +598,10 @@ class Service:
             "queue_by_state": counts.by_state,
             "active_downloads": counts.active,
             "max_concurrent_downloads": settings.max_concurrent_downloads,
+            "uploader": settings.uploader,
+            "uploading": counts.by_state.get(VodState.UPLOADING.value, 0),
+            "awaiting_upload": counts.by_state.get(VodState.DOWNLOADED.value, 0),
+            "max_concurrent_uploads": settings.max_concurrent_uploads,
             "retry_config": {
                 "download_max_attempts": settings.download_max_attempts,
                 "download_backoff_base": format_duration(

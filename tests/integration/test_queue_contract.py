@@ -172,13 +172,14 @@ def test_renew_by_other_owner_holds_nothing(queue: VodQueue) -> None:
     )
 
 
-def test_finish_marks_done_and_processed(queue: VodQueue) -> None:
+def test_finish_hands_vod_to_upload_stage(queue: VodQueue) -> None:
     add(queue, "a")
     (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
     assert queue.finish(vod.id, "w1", file_path="/x/a.mp4", size=10, download_ms=1500)
     stored = queue.get("a")
-    assert stored.state is VodState.DONE
-    assert stored.processed is True
+    assert stored.state is VodState.DOWNLOADED
+    assert stored.processed is False
+    assert stored.file_path == "/x/a.mp4"
     assert stored.attempts == 1
     assert stored.lease_owner is None
 

@@ -22,6 +22,7 @@ from vodq.errors import InvalidInput, StorageUnavailable
 from vodq.models import Progress, Vod, VodState
 from vodq.queue import VodQueue
 from vodq.transfer import CopyReport, copy_queue
+from vodq.upload.store import UploadStore
 
 LEASE_S = 30.0
 PRIORITY_MAX = 2**63 - 1
@@ -145,6 +146,19 @@ def populate(queue: VodQueue, clock: Clock) -> None:
     clock.advance()
     queue.finish(
         vod.id, "worker-1", file_path="/data/vods/done.mp4", size=1000, download_ms=4321
+    )
+    clock.advance()
+    uploads = UploadStore(queue)
+    (vod,) = uploads.claim("worker-1", wanted=1, limit=1, lease_s=LEASE_S)
+    uploads.finish(
+        vod.id,
+        "worker-1",
+        vod.upload_started_at,
+        uploader="command",
+        remote_id="remote-done",
+        remote_url="https://videos.invalid/done",
+        file_path="/data/vods/done.mp4",
+        upload_ms=1234,
     )
     clock.advance()
 
@@ -289,6 +303,7 @@ def test_copy_target_counts_by_state(copied: Copied) -> None:
 def test_copy_values_survive(copied: Copied) -> None:
     dated = copied.target.get("dated")
     assert copied.target.get("done").processed is True
+    assert copied.target.get("done").remote_id == "remote-done"
     assert dated.processed is False
     assert copied.target.get("max-priority").priority == PRIORITY_MAX
     assert copied.target.get("min-priority").priority == PRIORITY_MIN

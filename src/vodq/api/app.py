@@ -29,6 +29,8 @@ from vodq.api.models import (
     PriorityOut,
     SkipUploadIn,
     StatusOut,
+    UploadsIn,
+    UploadsOut,
     VodIn,
     VodOut,
     VodPage,
@@ -160,6 +162,13 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     @app.post("/admin/vod/skip-upload", response_model=VodOut, responses=ADMIN_ERRORS)
     def skip_upload(body: SkipUploadIn) -> VodOut:
         return VodOut.from_vod(service.set_skip_upload(body.vod_id, body.skip))
+
+    @app.post("/admin/uploads", response_model=UploadsOut, responses=ADMIN_ERRORS)
+    def queue_uploads(body: UploadsIn) -> UploadsOut:
+        queued, missing = service.queue_uploads(
+            body.vod_ids, all_not_uploaded=body.all_not_uploaded
+        )
+        return UploadsOut(status="ok", queued=queued, missing_files=missing)
 
     @app.delete("/admin/vod/{vod_id}", response_model=VodOut, responses=ADMIN_ERRORS)
     def delete_vod(vod_id: str, delete_files: bool = False) -> VodOut:

@@ -102,6 +102,28 @@ class SkipUploadIn(BaseModel):
     skip: bool = True
 
 
+class UploadsIn(BaseModel):
+    """Done VODs to upload that were never uploaded: listed, or all of them."""
+
+    model_config = INPUT_CONFIG
+
+    vod_ids: list[str] | None = Field(
+        default=None, max_length=10_000, examples=[["123456789"]]
+    )
+    all_not_uploaded: bool = Field(
+        default=False,
+        description="every done VOD without a remote id whose file still exists",
+    )
+
+
+class UploadsOut(BaseModel):
+    status: str
+    queued: list[str] = Field(description="ids sent to the upload stage")
+    missing_files: list[str] = Field(
+        description="with all_not_uploaded: ids left out because the file is gone"
+    )
+
+
 class PauseIn(BaseModel):
     model_config = INPUT_CONFIG
 
@@ -149,6 +171,15 @@ class VodOut(BaseModel):
     finished_at: IsoTime | None
     download_ms: int | None
     skip_upload: bool
+    upload_attempts: int
+    upload_next_at: IsoTime | None
+    uploader: str | None = Field(description="the uploader that finished the upload")
+    remote_id: str | None = Field(
+        description="the uploaded copy's id; null when nothing was uploaded"
+    )
+    remote_url: str | None
+    uploaded_at: IsoTime | None
+    upload_ms: int | None
 
     @classmethod
     def from_vod(cls, vod: Vod) -> VodOut:
@@ -181,6 +212,13 @@ class VodOut(BaseModel):
             finished_at=vod.finished_at,
             download_ms=vod.download_ms,
             skip_upload=vod.skip_upload,
+            upload_attempts=vod.upload_attempts,
+            upload_next_at=vod.upload_next_at,
+            uploader=vod.uploader,
+            remote_id=vod.remote_id,
+            remote_url=vod.remote_url,
+            uploaded_at=vod.uploaded_at,
+            upload_ms=vod.upload_ms,
         )
 
 
@@ -221,6 +259,12 @@ class StatusOut(BaseModel):
     queue_by_state: dict[str, int]
     active_downloads: int
     max_concurrent_downloads: int
+    uploader: str = Field(description="none, command or youtube")
+    uploading: int = Field(description="VODs uploading, across every worker")
+    awaiting_upload: int = Field(
+        description="downloaded VODs waiting for an upload slot or retry"
+    )
+    max_concurrent_uploads: int
     retry_config: RetryConfig
     download_rate_limit: str | None
     download_rate_limit_bytes: int | None

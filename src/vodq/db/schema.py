@@ -103,8 +103,22 @@ vods = Table(
     Column("finished_at", UTCDateTime),
     Column("download_ms", BigInteger),
     Column("skip_upload", Boolean, nullable=False, server_default=text("false")),
+    # The upload stage's own attempts and retry time; lease_owner and
+    # lease_expires_at serve both stages, because a VOD is never in both.
+    Column("upload_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("upload_next_at", UTCDateTime),
+    # What the uploader stored to resume or verify an interrupted upload.
+    Column("upload_session", Text),
+    # Set by each upload claim, so that a result write names its claim.
+    Column("upload_started_at", UTCDateTime),
+    Column("remote_id", Text),
+    Column("remote_url", Text),
+    Column("uploaded_at", UTCDateTime),
+    Column("uploader", Text),
+    Column("upload_ms", BigInteger),
     CheckConstraint(f"state IN ({STATES_SQL})", name="ck_vods_state"),
     CheckConstraint("attempts >= 0", name="ck_vods_attempts"),
+    CheckConstraint("upload_attempts >= 0", name="ck_vods_upload_attempts"),
 )
 
 # Serves the claim query: eligible VODs in priority order, ties oldest first.
@@ -123,6 +137,16 @@ Index(
     vods.c.lease_expires_at,
     sqlite_where=vods.c.state == VodState.DOWNLOADING.value,
     postgresql_where=vods.c.state == VodState.DOWNLOADING.value,
+)
+# Serves the upload claim, in the same order as the download claim.
+Index(
+    "ix_vods_upload_claim",
+    vods.c.priority.desc(),
+    vods.c.date.is_(None),
+    vods.c.date.asc(),
+    vods.c.id.asc(),
+    sqlite_where=vods.c.state == VodState.DOWNLOADED.value,
+    postgresql_where=vods.c.state == VodState.DOWNLOADED.value,
 )
 Index("ix_vods_state", vods.c.state, vods.c.priority)
 

@@ -1,0 +1,603 @@
+"""The upload stage of one worker: slots, leases, retries, cancel and retention.
+
+A thread of its own claims downloaded VODs (vodq.upload.store) while this
+worker has a free upload slot, renews their leases every HEARTBEAT_S, and
+runs each upload on a thread of its own. Uploads hold no download slot.
+
+Exactly once: the uploader's resumable state is stored through
+``on_session`` before it sends the file, and the remote id is written in the
+same transaction that marks the VOD done. An attempt interrupted by a crash,
+a kill or a lost lease leaves the VOD in ``uploading`` or ``downloaded``
+with its session, and the next attempt gets that session back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from vodq.config import Settings
+from vodq.errors import StorageUnavailable, UploadCancelled, UploadFailed, VodqError
+from vodq.metrics import Metrics
+from vodq.models import Vod, VodState
+from vodq.retry import backoff_delay
+from vodq.upload import Uploader, UploadJob, UploadResult, archive
+from vodq.upload.store import UploadStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Maximum delay before the stage notices a change made with SQL, in seconds.
+POLL_INTERVAL_S = 1.0
+# How often upload leases are renewed, in seconds.
+HEARTBEAT_S = 1.0
+# How often files of old confirmed uploads are looked for, in seconds.
+RETENTION_CHECK_S = 60.0
+# Maximum number of files one retention pass deletes, so that it stays short.
+RETENTION_BATCH = 500
+
+
+class StopReason:
+    """Why a running upload was stopped; decides the state it returns to."""
+
+    CANCEL = "cancel"
+    SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass
+class RunningUpload:
+    """An upload this process runs: its VOD, attempt and cancel flag."""
+
+    vod: Vod
+    attempt: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str | None = None
+    started_monotonic: float = field(default_factory=time.monotonic)
+    thread: threading.Thread | None = None
+    # When the lease expires at the latest (time.monotonic()).
+    lease_until: float = 0.0
+
+
+class UploadStage:
+    """Runs up to MAX_CONCURRENT_UPLOADS uploads of downloaded VODs."""
+
+    def __init__(
+        self,
+        store: UploadStore,
+        uploader: Uploader | None,
+        settings: Callable[[], Settings],
+        metrics: Metrics,
+    ) -> None:
+        """Build the stage; ``uploader`` None means UPLOADER=none (rename only)."""
+        self.store = store
+        self.uploader = uploader
+        self._settings = settings
+        self.metrics = metrics
+        self.worker_id = settings().worker_id
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[int, RunningUpload] = {}
+        self._thread: threading.Thread | None = None
+        self._last_renewal = 0.0
+        self._last_retention = float("-inf")
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings()
+
+    @property
+    def uploader_name(self) -> str:
+        return self.uploader.name if self.uploader is not None else "none"
+
+    # -- control ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Free the upload leases of dead processes and start the stage's thread."""
+        self._release_dead_leases()
+        self._thread = threading.Thread(
+            target=self._loop, name="vodq-uploads", daemon=True
+        )
+        self._thread.start()
+        log.info(
+            "upload stage started with uploader %s",
+            self.uploader_name,
+            extra={"worker_id": self.worker_id, "action": "upload_stage_start"},
+        )
+
+    def wake(self) -> None:
+        """Look for uploads now: a download finished or an operator asked."""
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop claiming, stop running uploads (files stay) and wait for them."""
+        self._stopping.set()
+        self._wake.set()
+        running = self.running()
+        for entry in running:
+            self._stop(entry, StopReason.SHUTDOWN)
+        deadline = time.monotonic() + timeout_s
+        for entry in running:
+            if entry.thread is not None:
+                entry.thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    def running(self) -> list[RunningUpload]:
+        with self._lock:
+            return list(self._running.values())
+
+    def cancel_running(self, vod_id: str) -> bool:
+        """Stop ``vod_id``'s upload if this process runs it; return whether it did."""
+        entry = next((e for e in self.running() if e.vod.vod_id == vod_id), None)
+        if entry is None:
+            return False
+        self._stop(entry, StopReason.CANCEL)
+        return True
+
+    def wait_stopped(self, vod_id: str, timeout_s: float) -> bool:
+        """Wait until no upload of ``vod_id`` runs here; False if one still does."""
+        threads = [
+            entry.thread
+            for entry in self.running()
+            if entry.vod.vod_id == vod_id and entry.thread is not None
+        ]
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
+
+    # -- the stage's thread -----------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                self._renew()
+                self._fill_slots()
+                self._retention_if_due()
+            except (StorageUnavailable, SQLAlchemyError) as exc:
+                log.warning(
+                    "could not claim uploads, retrying in %.0fs: %s",
+                    POLL_INTERVAL_S,
+                    exc,
+                    extra={"worker_id": self.worker_id, "action": "upload_claim"},
+                )
+            self._wake.wait(min(POLL_INTERVAL_S, HEARTBEAT_S))
+
+    def _fill_slots(self) -> None:
+        settings = self.settings
+        free = settings.max_concurrent_uploads - len(self.running())
+        if free < 1:
+            return
+        claimed_at = time.monotonic()
+        for vod in self.store.claim(
+            self.worker_id,
+            wanted=free,
+            limit=settings.max_concurrent_uploads,
+            lease_s=settings.lease_duration,
+        ):
+            self._start_upload(vod, claimed_at + settings.lease_duration)
+
+    def _start_upload(self, vod: Vod, lease_until: float) -> None:
+        entry = RunningUpload(
+            vod=vod, attempt=vod.upload_attempts + 1, lease_until=lease_until
+        )
+        thread = threading.Thread(
+            target=self._run, args=(entry,), name=f"vodq-upload-{vod.id}", daemon=True
+        )
+        entry.thread = thread
+        with self._lock:
+            self._running[vod.id] = entry
+            active = len(self._running)
+        self.metrics.active_uploads.set(active)
+        thread.start()
+
+    def _renew(self) -> None:
+        """Renew this process's upload leases; stop uploads whose VOD was taken."""
+        if time.monotonic() - self._last_renewal < HEARTBEAT_S:
+            return
+        self._last_renewal = time.monotonic()
+        running = self.running()
+        if not running:
+            return
+        lease_s = self.settings.lease_duration
+        renewed_at = time.monotonic()
+        try:
+            held = self.store.renew(
+                self.worker_id,
+                {entry.vod.id: entry.vod.upload_started_at for entry in running},
+                lease_s=lease_s,
+            )
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            log.warning(
+                "could not renew upload leases: %s",
+                exc,
+                extra={"worker_id": self.worker_id, "action": "upload_heartbeat"},
+            )
+            # Another worker may take a VOD once its lease expires, so an
+            # upload that would outlive its lease stops here.
+            for entry in running:
+                if entry.lease_until <= time.monotonic() + HEARTBEAT_S:
+                    self._stop(entry, StopReason.LEASE_LOST)
+            return
+        for entry in running:
+            if entry.vod.id in held:
+                entry.lease_until = renewed_at + lease_s
+            elif not entry.cancelled.is_set() and self._is_alive(entry):
+                self._on_lease_lost(entry)
+
+    def _on_lease_lost(self, entry: RunningUpload) -> None:
+        vod_id = entry.vod.vod_id
+        try:
+            state: VodState | None = self.store.queue.get(vod_id).state
+        except VodqError:
+            state = None
+        if state is VodState.DONE:
+            # This worker has just recorded the result.
+            return
+        reason = StopReason.CANCEL if state is VodState.CANCELLED else None
+        log.warning(
+            "VOD %s is %s, no longer uploading here; stopping its upload",
+            vod_id,
+            state,
+            extra={"vod_id": vod_id, "action": "upload_lease_lost"},
+        )
+        self._stop(entry, reason or StopReason.LEASE_LOST)
+
+    # -- an upload thread -------------------------------------------------
+
+    def _run(self, entry: RunningUpload) -> None:
+        vod = entry.vod
+        fields = {"vod_id": vod.vod_id, "attempt": entry.attempt}
+        try:
+            job = self._job(entry)
+            log.info(
+                "upload started with %s: %d bytes",
+                self.uploader_name,
+                job.size,
+                extra={**fields, "bytes": job.size, "action": "upload_start"},
+            )
+            if self.uploader is None:
+                path = archive.place(
+                    job,
+                    self.settings.archive_name_template,
+                    lambda session: self._save_session(entry, session),
+                )
+                result = None
+            else:
+                path = job.path
+                result = self.uploader.upload(
+                    job,
+                    cancelled=entry.cancelled,
+                    on_session=lambda session: self._save_session(entry, session),
+                    on_progress=lambda _sent: None,
+                )
+        except UploadCancelled:
+            self._after_stop(entry)
+        except UploadFailed as exc:
+            self._after_failure(entry, exc)
+        except Exception as exc:
+            log.exception("upload crashed", extra={**fields, "action": "upload_crash"})
+            self._after_failure(
+                entry, UploadFailed(f"unexpected error: {exc}", retryable=True)
+            )
+        else:
+            self._after_success(entry, path, result)
+        finally:
+            # Counted when the attempt ends, with its outcome, as downloads are.
+            self.metrics.uploads_started.inc()
+            with self._lock:
+                self._running.pop(vod.id, None)
+                active = len(self._running)
+            self.metrics.active_uploads.set(active)
+            self.wake()
+
+    def _job(self, entry: RunningUpload) -> UploadJob:
+        vod = entry.vod
+        path = Path(vod.file_path) if vod.file_path else None
+        if path is not None and path.is_file():
+            size = path.stat().st_size
+        elif path is not None and self.uploader is None and vod.upload_session:
+            # The rename may have happened before the attempt was cut short;
+            # archive.place looks for the file under the stored name.
+            size = 0
+        else:
+            raise UploadFailed(
+                f"the downloaded file {vod.file_path!r} is missing; reprocess "
+                "the VOD to download it again",
+                retryable=False,
+            )
+        return UploadJob(
+            vod_id=vod.vod_id,
+            path=path,
+            size=size,
+            attempt=entry.attempt,
+            title=vod.title,
+            channel=vod.channel,
+            date=vod.date,
+            source_url=vod.source_url,
+            session=vod.upload_session,
+        )
+
+    def _save_session(self, entry: RunningUpload, session: str) -> None:
+        """Store the uploader's resumable state before it sends any bytes.
+
+        Raises UploadCancelled when the state cannot be stored, because an
+        upload that a later attempt could not find might be sent twice.
+        """
+        vod = entry.vod
+        saved = self._store(
+            lambda: self.store.save_session(
+                vod.id, self.worker_id, vod.upload_started_at, session
+            )
+        )
+        if not saved:
+            self._stop(entry, StopReason.LEASE_LOST)
+            raise UploadCancelled(
+                f"could not store the upload session of VOD {vod.vod_id!r}, so "
+                "the upload stops before it could be sent twice"
+            )
+
+    def _after_success(
+        self, entry: RunningUpload, path: Path, result: UploadResult | None
+    ) -> None:
+        vod = entry.vod
+        duration_s = time.monotonic() - entry.started_monotonic
+        recorded = self._store(
+            lambda: self.store.finish(
+                vod.id,
+                self.worker_id,
+                vod.upload_started_at,
+                uploader=self.uploader_name,
+                remote_id=result.remote_id if result else None,
+                remote_url=result.remote_url if result else None,
+                file_path=str(path),
+                upload_ms=round(duration_s * 1000),
+            )
+        )
+        fields = {
+            "vod_id": vod.vod_id,
+            "attempt": entry.attempt,
+            "duration_ms": round(duration_s * 1000),
+        }
+        if not recorded:
+            log.warning(
+                "upload finished after another worker took the VOD over; that "
+                "worker's attempt verifies the upload through its session",
+                extra={**fields, "action": "upload_lease_lost"},
+            )
+            return
+        self.metrics.uploads_succeeded.inc()
+        self.metrics.upload_duration.observe(duration_s)
+        log.info(
+            "upload finished in %.1fs: %s",
+            duration_s,
+            result.remote_url or result.remote_id if result else path.name,
+            extra={
+                **fields,
+                "remote_id": result.remote_id if result else None,
+                "path": str(path),
+                "action": "upload_done",
+            },
+        )
+        if result is not None and self.settings.upload_retention == 0:
+            self.apply_retention()
+
+    def _after_failure(self, entry: RunningUpload, error: UploadFailed) -> None:
+        vod = entry.vod
+        settings = self.settings
+        retry_at = None
+        if error.retryable and entry.attempt < settings.upload_max_attempts:
+            delay_s = backoff_delay(entry.attempt, settings.upload_backoff_base)
+            retry_at = self.store.clock() + timedelta(seconds=delay_s)
+        state = self._store(
+            lambda: self.store.fail(
+                vod.id,
+                self.worker_id,
+                vod.upload_started_at,
+                error=str(error),
+                retry_at=retry_at,
+            )
+        )
+        self.metrics.uploads_failed.inc()
+        fields = {"vod_id": vod.vod_id, "attempt": entry.attempt, "error": str(error)}
+        if state is VodState.DOWNLOADED and retry_at is not None:
+            log.warning(
+                "upload failed, retrying at %s: %s",
+                retry_at.isoformat(),
+                error,
+                extra={**fields, "retry_at": retry_at.isoformat(), "action": "retry"},
+            )
+        elif state is VodState.FAILED:
+            reason = (
+                "cannot succeed on retry"
+                if not error.retryable
+                else f"all {settings.upload_max_attempts} attempts used"
+            )
+            log.error(
+                "upload failed for good (%s), file kept at %s: %s",
+                reason,
+                vod.file_path,
+                error,
+                extra={**fields, "action": "upload_failed"},
+            )
+        else:
+            log.warning(
+                "upload failed after this worker lost its lease: %s",
+                error,
+                extra={**fields, "action": "upload_lease_lost"},
+            )
+
+    def _after_stop(self, entry: RunningUpload) -> None:
+        vod = entry.vod
+        reason = entry.stop_reason or StopReason.SHUTDOWN
+        # A cancel from the API has already written ``cancelled``; after a
+        # shutdown the VOD waits in ``downloaded`` for the next start.
+        if reason == StopReason.SHUTDOWN:
+            self._store(
+                lambda: self.store.release(
+                    vod.id,
+                    self.worker_id,
+                    vod.upload_started_at,
+                    VodState.DOWNLOADED,
+                )
+            )
+        log.warning(
+            "upload stopped (%s); the file is kept at %s",
+            reason,
+            vod.file_path,
+            extra={
+                "vod_id": vod.vod_id,
+                "attempt": entry.attempt,
+                "reason": reason,
+                "action": "upload_stopped",
+            },
+        )
+
+    def _stop(self, entry: RunningUpload, reason: str) -> None:
+        if entry.stop_reason is None:
+            entry.stop_reason = reason
+        entry.cancelled.set()
+
+    def _is_alive(self, entry: RunningUpload) -> bool:
+        return entry.thread is not None and entry.thread.is_alive()
+
+    def _store(self, write: Callable[[], T]) -> T | None:
+        """Run a result write, retrying while the database is briefly unavailable."""
+        deadline = time.monotonic() + self.settings.lease_duration
+        while True:
+            try:
+                return write()
+            except (StorageUnavailable, SQLAlchemyError) as exc:
+                if time.monotonic() >= deadline:
+                    log.error(
+                        "could not record an upload result, giving up: %s",
+                        exc,
+                        extra={"worker_id": self.worker_id, "action": "upload_store"},
+                    )
+                    return None
+                time.sleep(0.5)
+
+    # -- retention --------------------------------------------------------
+
+    def _retention_if_due(self) -> None:
+        if self.settings.upload_retention is None:
+            return
+        if time.monotonic() - self._last_retention < RETENTION_CHECK_S:
+            return
+        self._last_retention = time.monotonic()
+        self.apply_retention()
+
+    def apply_retention(self) -> int:
+        """Delete files of confirmed uploads older than UPLOAD_RETENTION.
+
+        Only a done VOD with a remote id loses its file, only a file inside
+        DATA_DIR/vods is deleted, and the path is cleared in the database
+        first, so a reprocess that races this pass downloads the file again
+        instead of uploading a deleted one. Returns the files deleted.
+        """
+        retention_s = self.settings.upload_retention
+        if retention_s is None:
+            return 0
+        archive_dir = (self.settings.data_dir / "vods").resolve()
+        before = self.store.clock() - timedelta(seconds=retention_s)
+        deleted = 0
+        for vod in self.store.uploaded_before(before, RETENTION_BATCH):
+            path = Path(vod.file_path or "")
+            if path.resolve().parent != archive_dir:
+                continue
+            if not self.store.forget_file(vod):
+                continue
+            # NOTE: a crash between clearing the path and unlinking leaves
+            # the file on disk, unknown to the database.
+            path.unlink(missing_ok=True)
+            deleted += 1
+            log.info(
+                "deleted the file of VOD %s after its confirmed upload",
+                vod.vod_id,
+                extra={
+                    "vod_id": vod.vod_id,
+                    "path": str(path),
+                    "remote_id": vod.remote_id,
+                    "action": "retention_delete",
+                },
+            )
+        return deleted
+
+    # -- start-up ---------------------------------------------------------
+
+    def _release_dead_leases(self) -> None:
+        """Return uploads held by this worker's id or dead local pids to the stage."""
+        try:
+            owners = [self.worker_id]
+            prefix = socket.gethostname() + "-"
+            for owner in self.store.lease_owners():
+                pid_text = owner.removeprefix(prefix)
+                if owner != pid_text and pid_text.isdigit() and _is_dead(int(pid_text)):
+                    owners.append(owner)
+            released = self.store.release_leases(owners)
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            log.warning(
+                "could not release upload leases of dead workers: %s",
+                exc,
+                extra={"worker_id": self.worker_id, "action": "upload_stage_start"},
+            )
+            return
+        for vod_id in released:
+            log.warning(
+                "upload of VOD %s was held by a worker that is no longer running; "
+                "it resumes from its stored session",
+                vod_id,
+                extra={"vod_id": vod_id, "action": "upload_lease_released"},
+            )
+
+
+def _is_dead(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def make_uploader(settings: Settings) -> Uploader | None:
+    """Build the uploader UPLOADER names; None for ``none`` (rename only)."""
+    if settings.uploader == "command":
+        from vodq.upload.command import CommandUploader
+
+        return CommandUploader(
+            settings.upload_command, timeout_s=settings.upload_command_timeout
+        )
+    if settings.uploader == "youtube":
+        # Imported here, so that the default uploaders never need its code.
+        from vodq.upload.youtube import YouTubeUploader
+
+        assert settings.youtube_credentials_file is not None
+        uploader: Uploader = YouTubeUploader(
+            settings.youtube_credentials_file,
+            api_url=settings.youtube_api_url,
+            privacy=settings.youtube_privacy,
+            title_template=settings.youtube_title_template,
+            description_template=settings.youtube_description_template,
+            chunk_bytes=settings.youtube_chunk_bytes,
+            timeout_s=settings.youtube_timeout,
+        )
+        return uploader
+    return None
