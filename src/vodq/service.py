@@ -24,7 +24,8 @@ from vodq.db.clock import DatabaseClock
 from vodq.db.engine import make_engine
 from vodq.db.migrate import upgrade
 from vodq.download.files import ArchiveLayout
-from vodq.download.ytdlp import YtDlpDownloader
+from vodq.download.process import ProcessDownloader, warm_up
+from vodq.download.ytdlp import YtDlpEngine
 from vodq.errors import InvalidInput
 from vodq.metrics import Metrics
 from vodq.models import Vod, VodState
@@ -234,10 +235,16 @@ class Service:
                 lambda: self.settings,
                 self.metrics,
             )
-            downloader = YtDlpDownloader(
-                self.layout,
-                socket_timeout_s=min(settings.socket_timeout, settings.stall_timeout),
+            downloader = ProcessDownloader(
+                YtDlpEngine(
+                    settings.data_dir,
+                    socket_timeout_s=min(
+                        settings.socket_timeout, settings.stall_timeout
+                    ),
+                ),
+                stall_timeout_s=settings.stall_timeout,
             )
+            warm_up()
             self.scheduler = Scheduler(
                 self.queue,
                 downloader,

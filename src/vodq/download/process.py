@@ -1,0 +1,475 @@
+"""Each download in a child process of its own, which can always be killed.
+
+A download thread inside the service cannot be stopped from outside: a hung
+yt-dlp extractor, a server that trickles bytes, or a child program that
+yt-dlp started would keep running until the service exits. So every attempt
+runs in a child process that leads a process group of its own, and the
+service keeps the means to end it:
+
+- **Cancel, pause, shutdown, lost lease:** the child is asked to stop and
+  does so at its next progress hook, keeping its partial file consistent. If
+  it has not stopped after CANCEL_GRACE_S, its whole process group is killed
+  with SIGKILL. The partial file keeps every byte written before the kill,
+  and the next attempt resumes from its size.
+- **Stall:** when no media byte arrives for DOWNLOAD_STALL_TIMEOUT (longer
+  when the rate limit alone explains the wait), the process group is killed
+  and the attempt fails as ``transient``, so it is retried with backoff.
+  Silent sockets fail sooner inside the child, through yt-dlp's socket
+  timeout, with the same class.
+- **The service dies:** the child's end of the pipe reads end-of-file and the
+  child kills its own process group at once, so a restarted service never
+  shares a partial file with a leftover writer.
+
+Children are forked from multiprocessing's fork server, which imports
+yt-dlp once at start-up, so a new attempt costs a fork, not the 0.35 s that
+importing yt-dlp takes (yt-dlp 2026.11 on 2 cores), and the children share
+those pages with it.
+
+The pipe carries small tuples. From the service: ``("rate", bytes_per_s)``
+and ``("cancel",)``. From the child: ``("log", record)``, ``("progress",
+bytes_done, bytes_total, speed_bps)``, then exactly one of ``("done", path,
+size)``, ``("failed", message, error_class, retryable, retry_after_s)``,
+``("cancelled",)`` or ``("crashed", description)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Protocol
+
+from vodq.bandwidth import TokenBucket
+from vodq.download import Downloader, DownloadJob, DownloadResult
+from vodq.errors import DownloadCancelled, DownloadFailed
+from vodq.models import Progress
+
+log = logging.getLogger(__name__)
+
+# How long a child may take to stop after it was asked, in seconds, before
+# its process group is killed. A child stops at its next progress hook, which
+# runs after every read block: well under a second unless the source is very
+# slow or yt-dlp is not reading media at all.
+CANCEL_GRACE_S = 2.0
+
+# How often the service side looks at the cancel flag, the rate and the
+# stall clock while it waits for messages, in seconds.
+POLL_S = 0.05
+
+# Shortest time between two progress messages from a child, in seconds. The
+# hook runs after every read block, up to a thousand times a second on a
+# fast source; the service needs a fresh figure, not every one of them.
+PROGRESS_INTERVAL_S = 0.1
+
+# Extra seconds the stall watchdog grants beyond DOWNLOAD_STALL_TIMEOUT, so
+# that a silent socket fails first inside the child, through yt-dlp's own
+# timeout, with its precise message.
+STALL_MARGIN_S = 5.0
+
+# The modules the fork server imports once, for every child to share.
+PRELOAD = ["vodq.download.process", "vodq.download.ytdlp"]
+
+
+class Engine(Protocol):
+    """A picklable recipe for the downloader that a child process runs."""
+
+    @property
+    def read_block_bytes(self) -> int:
+        """Bytes read between two progress hooks, which bounds stall detection."""
+        ...
+
+    def build(self) -> Downloader: ...
+
+
+_context = multiprocessing.get_context("forkserver")
+_context.set_forkserver_preload(PRELOAD)
+
+
+def warm_up() -> None:
+    """Start the fork server now, so that the first download does not wait for it."""
+    multiprocessing.forkserver.ensure_running()
+
+
+@dataclass
+class _Outcome:
+    """What the service side learned from a child when its run ended."""
+
+    message: tuple[Any, ...] | None = None
+    killed_for: str | None = None
+
+
+class ProcessDownloader:
+    """Run each download of an Engine in a child process with its own group."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        stall_timeout_s: float,
+        cancel_grace_s: float = CANCEL_GRACE_S,
+        stall_margin_s: float = STALL_MARGIN_S,
+    ) -> None:
+        self.engine = engine
+        self.stall_timeout_s = stall_timeout_s
+        self.cancel_grace_s = cancel_grace_s
+        self.stall_margin_s = stall_margin_s
+
+    def download(
+        self,
+        job: DownloadJob,
+        *,
+        on_progress: Callable[[Progress], None],
+        cancelled: threading.Event,
+        bucket: TokenBucket,
+    ) -> DownloadResult:
+        """Download ``job`` in a child process; raise as the child's attempt ended."""
+        ours, theirs = _context.Pipe(duplex=True)
+        level = logging.getLogger().getEffectiveLevel()
+        child = _context.Process(
+            target=child_main,
+            args=(theirs, self.engine, job, bucket.rate, level),
+            name=f"vodq-download-{job.vod_id}",
+            daemon=True,
+        )
+        try:
+            child.start()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            raise DownloadFailed(
+                f"could not start a download process: {exc}. Check the "
+                "service's process and memory limits; retried after "
+                "PROCESSING_RETRY_COOLDOWN",
+                error_class="error",
+                retryable=True,
+            ) from exc
+        # The child holds its own copy now; ours must go, or the child's
+        # death would never read as end-of-file here.
+        theirs.close()
+
+        try:
+            outcome = self._watch(
+                child,
+                ours,
+                job,
+                on_progress=on_progress,
+                cancelled=cancelled,
+                bucket=bucket,
+            )
+        finally:
+            _kill_group(child)
+            ours.close()
+            child.join(timeout=5.0)
+        return _result(outcome, child, job, self.stall_timeout_s)
+
+    def _watch(
+        self,
+        child: Any,
+        conn: Connection,
+        job: DownloadJob,
+        *,
+        on_progress: Callable[[Progress], None],
+        cancelled: threading.Event,
+        bucket: TokenBucket,
+    ) -> _Outcome:
+        """Relay messages until the child reports a result, dies or is killed."""
+        sent_rate = bucket.rate
+        last_bytes = -1
+        last_activity = time.monotonic()
+        cancel_deadline: float | None = None
+
+        while True:
+            try:
+                ready = conn.poll(POLL_S)
+                message = conn.recv() if ready else None
+            except (EOFError, OSError):
+                return _Outcome()
+            now = time.monotonic()
+
+            if message is not None:
+                kind = message[0]
+                if kind == "log":
+                    _emit(message[1])
+                elif kind == "progress":
+                    _, done, total, speed = message
+                    if done != last_bytes:
+                        last_bytes = done
+                        last_activity = now
+                    on_progress(Progress(done, total, speed))
+                else:
+                    return _Outcome(message=message)
+
+            if cancelled.is_set() and cancel_deadline is None:
+                cancel_deadline = now + self.cancel_grace_s
+                _send(conn, ("cancel",))
+            if cancel_deadline is not None and now >= cancel_deadline:
+                log.warning(
+                    "VOD %s: the download process did not stop within %.0fs of "
+                    "the request; killing its process group",
+                    job.vod_id,
+                    self.cancel_grace_s,
+                    extra={"vod_id": job.vod_id, "attempt": job.attempt},
+                )
+                return _Outcome(killed_for="cancel")
+
+            rate = bucket.rate
+            if rate != sent_rate:
+                sent_rate = rate
+                _send(conn, ("rate", rate))
+
+            if now - last_activity > self._stall_limit_s(rate):
+                return _Outcome(killed_for="stall")
+
+    def _stall_limit_s(self, rate: float | None) -> float:
+        """Seconds without a new byte after which the attempt counts as stalled.
+
+        A rate limit of r bytes/s spaces progress hooks one read block apart,
+        so a wait of a few blocks at that rate is throttling, not a stall.
+        """
+        limit = self.stall_timeout_s + self.stall_margin_s
+        if rate:
+            limit = max(limit, 3 * self.engine.read_block_bytes / rate)
+        return limit
+
+
+def _result(
+    outcome: _Outcome, child: Any, job: DownloadJob, stall_timeout_s: float
+) -> DownloadResult:
+    """Turn what the child reported, or how it ended, into a result or an error."""
+    if outcome.killed_for == "cancel":
+        raise DownloadCancelled("download cancelled; its process group was killed")
+    if outcome.killed_for == "stall":
+        raise DownloadFailed(
+            f"download stalled: no data arrived for {stall_timeout_s:g}s, so "
+            "yt-dlp and its child processes were killed. The next attempt "
+            "resumes the partial file after the retry backoff",
+            error_class="transient",
+            retryable=True,
+        )
+
+    message = outcome.message
+    if message is None:
+        raise DownloadFailed(
+            f"the download process ended ({_exit_description(child)}) without "
+            "reporting a result. The partial file is kept and the next attempt "
+            "resumes it",
+            error_class="error",
+            retryable=True,
+        )
+    kind = message[0]
+    if kind == "done":
+        return DownloadResult(path=Path(message[1]), size=int(message[2]))
+    if kind == "failed":
+        _, text, error_class, retryable, retry_after_s = message
+        raise DownloadFailed(
+            text,
+            error_class=error_class,
+            retryable=retryable,
+            retry_after_s=retry_after_s,
+        )
+    if kind == "cancelled":
+        raise DownloadCancelled("download cancelled")
+    raise DownloadFailed(
+        f"unexpected error in the download process: {message[1]}",
+        error_class="error",
+        retryable=True,
+    )
+
+
+def _exit_description(child: Any) -> str:
+    child.join(timeout=1.0)
+    code = child.exitcode
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _kill_group(child: Any) -> None:
+    """SIGKILL the child's process group, and the child if it has no group yet.
+
+    The child leads its own group (``os.setsid`` is its first step), so the
+    group holds yt-dlp and any program it started. Killing it after a result
+    ends whatever the attempt left running.
+    """
+    pid = child.pid
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if child.exitcode is None:
+            child.kill()
+
+
+def _send(conn: Connection, message: tuple[Any, ...]) -> None:
+    # A child that already exited cannot read; its end is noticed by recv.
+    with contextlib.suppress(OSError, ValueError):
+        conn.send(message)
+
+
+def _emit(fields: dict[str, Any]) -> None:
+    record = logging.makeLogRecord(fields)
+    logging.getLogger(record.name).handle(record)
+
+
+# -- the child side ------------------------------------------------------
+
+
+class _PipeHandler(logging.Handler):
+    """Send each log record of the child to the service, ready to format."""
+
+    def __init__(self, outbox: _Outbox) -> None:
+        super().__init__()
+        self.outbox = outbox
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = dict(record.__dict__)
+            fields["msg"] = record.getMessage()
+            fields["args"] = None
+            if record.exc_info:
+                fields["exc_text"] = self.format_exception(record)
+            fields["exc_info"] = None
+            self.outbox.send(("log", _picklable(fields)))
+        except Exception:
+            self.handleError(record)
+
+    def format_exception(self, record: logging.LogRecord) -> str:
+        exc_info = record.exc_info
+        if not exc_info or exc_info[0] is None:
+            return ""
+        return "".join(traceback.format_exception(*exc_info))
+
+
+def _picklable(fields: dict[str, Any]) -> dict[str, Any]:
+    plain = (str, int, float, bool, type(None))
+    return {k: v if isinstance(v, plain) else str(v) for k, v in fields.items()}
+
+
+class _Outbox:
+    """The child's end of the pipe, shared by its threads."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.final_sent = False
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            if not self.final_sent:
+                self.conn.send(message)
+
+    def send_final(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            if not self.final_sent:
+                self.final_sent = True
+                self.conn.send(message)
+
+
+def child_main(
+    conn: Connection,
+    engine: Engine,
+    job: DownloadJob,
+    rate: float | None,
+    log_level: int,
+) -> None:
+    """Run one attempt in this child process and report it through ``conn``."""
+    os.setsid()
+    outbox = _Outbox(conn)
+    root = logging.getLogger()
+    root.handlers[:] = [_PipeHandler(outbox)]
+    root.setLevel(log_level)
+    cancelled = threading.Event()
+    bucket = TokenBucket(rate)
+    threading.Thread(
+        target=_listen, args=(conn, outbox, cancelled, bucket), daemon=True
+    ).start()
+
+    last_sent = 0.0
+    pending: Progress | None = None
+
+    def on_progress(progress: Progress) -> None:
+        nonlocal last_sent, pending
+        now = time.monotonic()
+        if now - last_sent < PROGRESS_INTERVAL_S:
+            pending = progress
+            return
+        last_sent = now
+        pending = None
+        outbox.send(_progress_message(progress))
+
+    try:
+        result = engine.build().download(
+            job, on_progress=on_progress, cancelled=cancelled, bucket=bucket
+        )
+    except DownloadCancelled:
+        final: tuple[Any, ...] = ("cancelled",)
+    except DownloadFailed as exc:
+        final = (
+            "failed",
+            str(exc),
+            exc.error_class,
+            exc.retryable,
+            exc.retry_after_s,
+        )
+    except BaseException as exc:
+        log.exception(
+            "VOD %s: the download crashed",
+            job.vod_id,
+            extra={"vod_id": job.vod_id, "attempt": job.attempt},
+        )
+        final = ("crashed", f"{type(exc).__name__}: {exc}")
+    else:
+        final = ("done", str(result.path), result.size)
+
+    if pending is not None:
+        outbox.send(_progress_message(pending))
+    outbox.send_final(final)
+    conn.close()
+    # yt-dlp may leave non-daemon fragment threads behind a failed HLS
+    # download; the attempt is over and reported, so nothing may keep this
+    # process alive.
+    os._exit(0)
+
+
+def _progress_message(progress: Progress) -> tuple[Any, ...]:
+    return ("progress", progress.bytes_done, progress.bytes_total, progress.speed_bps)
+
+
+def _listen(
+    conn: Connection,
+    outbox: _Outbox,
+    cancelled: threading.Event,
+    bucket: TokenBucket,
+) -> None:
+    """Apply the service's rate changes and cancel; die with the service."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break
+        if message[0] == "rate":
+            bucket.set_rate(message[1])
+        elif message[0] == "cancel":
+            cancelled.set()
+
+    if outbox.final_sent:
+        return
+    # The service is gone: it can no longer renew this VOD's lease, and a
+    # restarted service will resume the partial file. Nothing may write it
+    # after this point.
+    os.killpg(0, signal.SIGKILL)

@@ -1,0 +1,262 @@
+"""The download process: each attempt in a child process that can always be killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+from engines import CrashingEngine, HangingEngine, RateEngine
+from mediaserver import CHUNK_SIZE, MediaServer
+from vodq.bandwidth import TokenBucket
+from vodq.download import DownloadJob
+from vodq.download.process import ProcessDownloader
+from vodq.download.ytdlp import YtDlpEngine
+from vodq.errors import DownloadCancelled, DownloadFailed
+from vodq.models import Progress
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie counts as gone, its work has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _pids(pid_file: Path) -> tuple[int, int]:
+    wait_for(pid_file.exists, timeout_s=20)
+    child, grandchild = pid_file.read_text().split()
+    return int(child), int(grandchild)
+
+
+def _job(vod_id: str = "v1", url: str = "http://127.0.0.1:9/none.mp4") -> DownloadJob:
+    return DownloadJob(vod_id=vod_id, source_url=url, attempt=1)
+
+
+def _run_in_thread(
+    downloader: ProcessDownloader,
+    job: DownloadJob,
+    cancelled: threading.Event,
+    bucket: TokenBucket | None = None,
+) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            downloader.download(
+                job,
+                on_progress=lambda _progress: None,
+                cancelled=cancelled,
+                bucket=bucket or TokenBucket(None),
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_process_download_equals_source(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    url = media_server.add_file("talk.mp4", data)
+    downloader = ProcessDownloader(
+        YtDlpEngine(tmp_path, socket_timeout_s=10), stall_timeout_s=30
+    )
+    seen: list[Progress] = []
+
+    result = downloader.download(
+        _job(url=url),
+        on_progress=seen.append,
+        cancelled=threading.Event(),
+        bucket=TokenBucket(None),
+    )
+
+    assert result.path.read_bytes() == data
+    assert seen[-1].bytes_done == len(data)
+
+
+def test_process_hung_extractor_is_killed_as_stalled(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    # A page whose first chunk arrives at once and the rest at 1 KiB/s: the
+    # extractor reads it for minutes, long past the stall timeout, and no
+    # progress hook runs meanwhile, so only the service's watchdog can end it.
+    url = media_server.add_file(
+        "page", b"<html>" + b" " * (4 * CHUNK_SIZE), rate=1024, content_type="text/html"
+    )
+    downloader = ProcessDownloader(
+        YtDlpEngine(tmp_path, socket_timeout_s=20),
+        stall_timeout_s=1,
+        stall_margin_s=0.5,
+    )
+
+    with pytest.raises(DownloadFailed) as caught:
+        downloader.download(
+            _job(url=url),
+            on_progress=lambda _progress: None,
+            cancelled=threading.Event(),
+            bucket=TokenBucket(None),
+        )
+
+    assert caught.value.error_class == "transient"
+    assert "stalled" in str(caught.value)
+    assert len(media_server.requests_for(url)) == 1
+
+
+def test_process_stall_kills_the_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    downloader = ProcessDownloader(
+        HangingEngine(pid_file, progress_steps=5),
+        stall_timeout_s=0.5,
+        stall_margin_s=0.0,
+    )
+    thread, errors = _run_in_thread(downloader, _job(), threading.Event())
+    child, grandchild = _pids(pid_file)
+
+    thread.join(timeout=20)
+
+    assert isinstance(errors[0], DownloadFailed)
+    assert not _alive(child)
+    assert not _alive(grandchild)
+
+
+def test_process_cancel_ignored_kills_the_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    downloader = ProcessDownloader(
+        HangingEngine(pid_file), stall_timeout_s=60, cancel_grace_s=0.3
+    )
+    cancelled = threading.Event()
+    thread, errors = _run_in_thread(downloader, _job(), cancelled)
+    child, grandchild = _pids(pid_file)
+
+    cancelled.set()
+    thread.join(timeout=20)
+
+    assert isinstance(errors[0], DownloadCancelled)
+    assert not _alive(child)
+    assert not _alive(grandchild)
+
+
+def test_process_cancel_honoured_reports_cancelled(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    downloader = ProcessDownloader(
+        HangingEngine(pid_file, honour_cancel=True), stall_timeout_s=60
+    )
+    cancelled = threading.Event()
+    thread, errors = _run_in_thread(downloader, _job(), cancelled)
+    _child, grandchild = _pids(pid_file)
+
+    cancelled.set()
+    thread.join(timeout=20)
+
+    assert isinstance(errors[0], DownloadCancelled)
+    assert not _alive(grandchild)
+
+
+def test_process_crash_becomes_retryable_error(tmp_path: Path) -> None:
+    downloader = ProcessDownloader(CrashingEngine("raise"), stall_timeout_s=60)
+
+    with pytest.raises(DownloadFailed) as caught:
+        downloader.download(
+            _job(vod_id="broken"),
+            on_progress=lambda _progress: None,
+            cancelled=threading.Event(),
+            bucket=TokenBucket(None),
+        )
+
+    assert "engine broke while downloading broken" in str(caught.value)
+    assert caught.value.retryable
+
+
+def test_process_exit_without_result_names_the_exit(tmp_path: Path) -> None:
+    downloader = ProcessDownloader(CrashingEngine("exit"), stall_timeout_s=60)
+
+    with pytest.raises(DownloadFailed) as caught:
+        downloader.download(
+            _job(),
+            on_progress=lambda _progress: None,
+            cancelled=threading.Event(),
+            bucket=TokenBucket(None),
+        )
+
+    assert "exit status 3" in str(caught.value)
+
+
+def test_process_rate_change_reaches_the_child(tmp_path: Path) -> None:
+    rate_file = tmp_path / "rate"
+    downloader = ProcessDownloader(RateEngine(rate_file), stall_timeout_s=60)
+    bucket = TokenBucket(1000.0)
+    cancelled = threading.Event()
+    thread, _errors = _run_in_thread(downloader, _job(), cancelled, bucket)
+    wait_for(lambda: rate_file.exists() and rate_file.read_text() == "1000.0")
+
+    bucket.set_rate(5000.0)
+
+    wait_for(lambda: rate_file.read_text() == "5000.0", timeout_s=10)
+    cancelled.set()
+    thread.join(timeout=20)
+
+
+def test_process_throttling_is_not_a_stall() -> None:
+    downloader = ProcessDownloader(
+        CrashingEngine("raise", read_block_bytes=100_000), stall_timeout_s=60
+    )
+
+    assert downloader._stall_limit_s(1000.0) == pytest.approx(300.0)
+
+
+_SERVICE_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading
+    from pathlib import Path
+    from engines import HangingEngine
+    from vodq.bandwidth import TokenBucket
+    from vodq.download import DownloadJob
+    from vodq.download.process import ProcessDownloader
+
+    downloader = ProcessDownloader(HangingEngine(Path(sys.argv[1])), stall_timeout_s=60)
+    downloader.download(
+        DownloadJob("v1", "http://127.0.0.1:9/none.mp4", 1),
+        on_progress=lambda _progress: None,
+        cancelled=threading.Event(),
+        bucket=TokenBucket(None),
+    )
+    """
+)
+
+
+def test_process_service_killed_takes_its_downloads_along(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    tests_dir = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tests_dir}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
+    }
+    service = subprocess.Popen(
+        [sys.executable, "-c", _SERVICE_SCRIPT, str(pid_file)], env=env
+    )
+    try:
+        child, grandchild = _pids(pid_file)
+
+        service.send_signal(signal.SIGKILL)
+        service.wait(timeout=10)
+
+        wait_for(lambda: not _alive(child) and not _alive(grandchild), timeout_s=10)
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait(timeout=10)
+
+    assert not _alive(grandchild)
