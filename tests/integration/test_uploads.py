@@ -478,3 +478,28 @@ def test_upload_concurrency_changes_at_runtime(make_service: ServiceFactory) -> 
     assert response.status_code == 200, response.text
     assert response.json()["max_concurrent_uploads"]["value"] == 4
     assert service.settings.max_concurrent_uploads == 4
+
+
+def test_upload_logs_start_and_finish(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    remote: Remote,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="vodq.upload")
+    service = command_service(make_service, remote)
+    add(service, "logged", media_server.add_file("logged.mp4", media(16 * KIB, 24)))
+    wait_for_state(service, "logged", FINISHED)
+
+    records = {getattr(r, "action", ""): r for r in caplog.records}
+    start = records["upload_start"]
+    done = records["upload_done"]
+    assert (start.levelno, done.levelno) == (logging.INFO, logging.INFO)
+    assert getattr(start, "vod_id", None) == "logged"
+    assert getattr(start, "attempt", None) == 1
+    assert getattr(start, "bytes", None) == 16 * KIB
+    assert getattr(done, "remote_id", None) == "copy-logged"
+    assert isinstance(getattr(done, "duration_ms", None), int)
+    output = records["upload_output"]
+    assert getattr(output, "vod_id", None) == "logged"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
