@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     api.set_defaults(handler=_serve, run_api=True, run_worker=False)
 
     worker = commands.add_parser(
-        "worker", help="run only the download scheduler, sharing DB_DSN with others"
+        "worker",
+        help="run only the download and upload stages, sharing DB_DSN with others",
     )
     worker.add_argument(
         "--no-migrate",
