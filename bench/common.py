@@ -292,6 +292,25 @@ class VodqProcess:
                 hwm = int(line.split()[1])
         return rss, hwm
 
+    def tree_kib(self) -> tuple[int, int, int]:
+        """Return (processes, summed VmRSS, summed Pss) of the service's process tree.
+
+        Downloads run in child processes forked from a fork server, so the
+        service's memory is the whole tree. Pss divides each shared page
+        between the processes that map it, so its sum counts every page once;
+        the RSS sum counts shared pages once per process.
+        """
+        pids = _descendants(self.pid)
+        rss = pss = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        return len(pids), rss, pss
+
 
 @contextlib.contextmanager
 def vodq_process(
@@ -368,3 +387,19 @@ def sqlalchemy_dsn(dsn: str) -> str:
     if dsn.startswith(("postgres://", "postgresql://")):
         return "postgresql+psycopg://" + dsn.split("://", 1)[1]
     return dsn
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process below it, from each process's parent id."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found = [root]
+    for pid in found:
+        found.extend(children.get(pid, []))
+    return found

@@ -661,6 +661,12 @@ class Scheduler:
         share = total / max(1, running + extra_local)
         return share if per_download is None else min(per_download, share)
 
+    def apply_rates(self) -> None:
+        """Give running downloads the rate in force now, not at the next heartbeat."""
+        running = self.running()
+        if running:
+            self._apply_rates(running)
+
     def _apply_rates(self, running: list[RunningDownload]) -> None:
         rate = self._download_rate()
         for entry in running:

@@ -280,6 +280,10 @@ class Service:
             "configuration changed at runtime",
             extra={"changes": dict(changes), "stopped": stopped, "action": "config"},
         )
+        if self.scheduler is not None:
+            # Other workers apply a new rate within their next refresh and
+            # heartbeat (about 2 s); this one need not wait for either.
+            self.scheduler.apply_rates()
         self.wake()
         return settings
 

@@ -66,9 +66,25 @@ log = logging.getLogger(__name__)
 DIRECT_MEDIA_EXTENSIONS = frozenset({"mp4", "m4v", "mkv", "webm", "mov", "flv", "ts"})
 HLS_EXTENSIONS = frozenset({"m3u8"})
 
-# Bytes yt-dlp reads per block. Fixed (not grown up to 4 MiB, yt-dlp's
+# Most bytes yt-dlp reads per block. Fixed (not grown up to 4 MiB, yt-dlp's
 # default) so the token bucket is consulted often enough to hold a rate.
 READ_BLOCK_BYTES = 131_072
+
+# A download that starts under a rate limit reads blocks of at most this
+# share of a second at that rate, and at least MIN_READ_BLOCK_BYTES: at 500K
+# a 128 KiB block is a quarter of a second of data, and a 5 s window then
+# sees the rate only to within about 5%.
+READ_BLOCK_SHARE_S = 0.05
+MIN_READ_BLOCK_BYTES = 16_384
+
+
+def read_block_for(rate: float | None) -> int:
+    """Return the read block for a download that starts at ``rate`` bytes/s."""
+    if rate is None:
+        return READ_BLOCK_BYTES
+    block = int(rate * READ_BLOCK_SHARE_S) // 4096 * 4096
+    return max(MIN_READ_BLOCK_BYTES, min(READ_BLOCK_BYTES, block))
+
 
 # HLS fragments downloaded at once. The token bucket would hold the rate for
 # any number (the fragment threads share it), but in yt-dlp 2026.11 a
@@ -667,7 +683,7 @@ class YtDlpDownloader:
             # Never False: yt-dlp would then append to an old .part file.
             "continuedl": True,
             "socket_timeout": self.socket_timeout_s,
-            "buffersize": READ_BLOCK_BYTES,
+            "buffersize": read_block_for(hook.bucket.rate),
             "noresizebuffer": True,
             # The native HLS downloader keeps cancellation and throttling in
             # this process; ffmpeg would be a child we cannot throttle.
