@@ -3,7 +3,10 @@
 Benchmarks use this to put a number on a fix before anyone changes the
 product: ``python bench/variant_vodq.py serve ...`` behaves like ``vodq
 serve ...`` with the changes listed in VODQ_BENCH_VARIANT (comma-separated)
-applied in memory. Nothing in ``src/`` is touched.
+applied in memory. Nothing in ``src/`` is touched. Downloads run in
+children of multiprocessing's fork server, a fresh interpreter, so this
+module is added to the fork server's preload and applies the same changes
+there when it is imported.
 
 * ``block=<bytes>``: READ_BLOCK_BYTES of the yt-dlp downloader.
 * ``ytdlp-buffer``: no fixed block at all; yt-dlp's own buffer, which starts
@@ -17,6 +20,8 @@ applied in memory. Nothing in ``src/`` is touched.
   playlists), which are the only ones the benchmarks use.
 * ``shared-ssl``: reuse one SSL context per set of options instead of
   loading the CA bundle again for every YoutubeDL.
+* ``fragments=<n>``: HLS fragments downloaded at once
+  (HLS_CONCURRENT_FRAGMENTS).
 """
 
 from __future__ import annotations
@@ -78,6 +83,10 @@ def apply(variant: str) -> list[str]:
                 _init(self, params, auto_init=False)
 
             yt_dlp.YoutubeDL.__init__ = no_auto_init
+        elif name == "fragments":
+            import vodq.download.ytdlp as ytdlp
+
+            ytdlp.HLS_CONCURRENT_FRAGMENTS = int(value)
         elif name == "shared-ssl":
             from yt_dlp.networking import _helper, common
 
@@ -87,7 +96,7 @@ def apply(variant: str) -> list[str]:
         else:
             raise SystemExit(
                 f"unknown variant {item!r}; use block=BYTES, ytdlp-buffer, "
-                "progress-delta=SECONDS, no-extractors or shared-ssl"
+                "progress-delta=SECONDS, no-extractors, shared-ssl or fragments=N"
             )
         applied.append(item)
     return applied
@@ -95,6 +104,10 @@ def apply(variant: str) -> list[str]:
 
 def main() -> int:
     applied = apply(os.environ.get("VODQ_BENCH_VARIANT", ""))
+    from vodq.download import process
+
+    process.PRELOAD.append("variant_vodq")
+    process._context.set_forkserver_preload(process.PRELOAD)
     print(f"vodq variant: {', '.join(applied) or 'none'}", file=sys.stderr, flush=True)
     from vodq.cli import main as vodq_main
 
@@ -103,3 +116,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+elif os.environ.get("VODQ_BENCH_VARIANT"):
+    # Imported by the fork server that the downloads are forked from.
+    apply(os.environ["VODQ_BENCH_VARIANT"])

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 
 from vodq.bandwidth import TokenBucket
 from vodq.download import Downloader, DownloadJob, DownloadResult
+from vodq.download.receive import ReceiveBuffers
 from vodq.errors import DownloadCancelled, DownloadFailed
 from vodq.models import Progress
 
@@ -395,8 +396,10 @@ def child_main(
     root.setLevel(log_level)
     cancelled = threading.Event()
     bucket = TokenBucket(rate)
+    buffers = ReceiveBuffers(rate)
+    buffers.install()
     threading.Thread(
-        target=_listen, args=(conn, outbox, cancelled, bucket), daemon=True
+        target=_listen, args=(conn, outbox, cancelled, bucket, buffers), daemon=True
     ).start()
 
     last_sent = 0.0
@@ -455,6 +458,7 @@ def _listen(
     outbox: _Outbox,
     cancelled: threading.Event,
     bucket: TokenBucket,
+    buffers: ReceiveBuffers,
 ) -> None:
     """Apply the service's rate changes and cancel; die with the service."""
     while True:
@@ -464,6 +468,7 @@ def _listen(
             break
         if message[0] == "rate":
             bucket.set_rate(message[1])
+            buffers.set_rate(message[1])
         elif message[0] == "cancel":
             cancelled.set()
 
