@@ -91,6 +91,13 @@ def add(service: Service, vod_id: str, url: str, **fields: Any) -> None:
     service.add_vod(NewVod(vod_id=vod_id, url=url, **fields))
 
 
+def settle(service: Service) -> None:
+    """Wait until every upload thread of ``service`` has ended and logged."""
+    stage = service.upload_stage
+    assert stage is not None
+    wait_for(lambda: not stage.running(), timeout_s=10)
+
+
 def body_gets(server: MediaServer, url: str) -> list[RequestRecord]:
     return [
         r for r in server.requests_for(url) if r.method == "GET" and r.bytes_sent > 0
@@ -136,6 +143,7 @@ def test_upload_failure_retries_then_fails_keeping_file(
     add(service, "doomed", media_server.add_file("doomed.mp4", media(64 * KIB, 7)))
 
     vod = wait_for_state(service, "doomed", {VodState.FAILED})
+    settle(service)
     assert vod.error_class == "upload_failed"
     assert vod.upload_attempts == 3
     assert (
@@ -194,9 +202,7 @@ def test_cancel_during_upload_kills_process_group(
     assert vod.state is VodState.CANCELLED
     wait_for(lambda: not pid_alive(child_pid), timeout_s=10)
     assert not pid_alive(script_pid)
-    stage = service.upload_stage
-    assert stage is not None
-    wait_for(lambda: not stage.running(), timeout_s=10)
+    settle(service)
     stored = service.queue.get("stopme")
     assert stored.state is VodState.CANCELLED
     assert stored.file_path is not None
@@ -313,6 +319,8 @@ def test_retention_delete_removes_uploaded_file(
     add(service, "tidy", media_server.add_file("tidy.mp4", media(32 * KIB, 16)))
     wait_for(lambda: service.queue.get("tidy").uploaded_at is not None)
     wait_for(lambda: service.queue.get("tidy").file_path is None)
+    # The path is cleared before the file is deleted.
+    settle(service)
 
     vod = service.queue.get("tidy")
     assert vod.state is VodState.DONE
@@ -449,6 +457,7 @@ def test_status_and_vod_show_upload(
     service = command_service(make_service, remote, MAX_CONCURRENT_UPLOADS="3")
     add(service, "shown", media_server.add_file("shown.mp4", media(16 * KIB, 23)))
     wait_for_state(service, "shown", FINISHED)
+    settle(service)
     api = Api(service)
 
     status = api.get("/status").json()
@@ -490,6 +499,7 @@ def test_upload_logs_start_and_finish(
     service = command_service(make_service, remote)
     add(service, "logged", media_server.add_file("logged.mp4", media(16 * KIB, 24)))
     wait_for_state(service, "logged", FINISHED)
+    settle(service)
 
     records = {getattr(r, "action", ""): r for r in caplog.records}
     start = records["upload_start"]

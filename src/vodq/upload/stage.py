@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -68,6 +68,10 @@ class RunningUpload:
     thread: threading.Thread | None = None
     # When the lease expires at the latest (time.monotonic()).
     lease_until: float = 0.0
+    # The claim (upload_started_at) that the attempt's outcome was written
+    # for, and whether it was written yet.
+    outcome_claim: datetime | None = None
+    outcome_written: bool = False
 
 
 class UploadStage:
@@ -189,7 +193,25 @@ class UploadStage:
             limit=settings.max_concurrent_uploads,
             lease_s=settings.lease_duration,
         ):
-            self._start_upload(vod, claimed_at + settings.lease_duration)
+            lease_until = claimed_at + settings.lease_duration
+            with self._lock:
+                previous = self._running.get(vod.id)
+                if previous is not None:
+                    # The lease lapsed (or the VOD was reprocessed) while the
+                    # earlier attempt's thread still runs here. A second
+                    # thread would upload the same file twice, so the earlier
+                    # one goes on under this claim.
+                    previous.vod = vod
+                    previous.lease_until = lease_until
+            if previous is None:
+                self._start_upload(vod, lease_until)
+                continue
+            log.warning(
+                "claimed VOD %s again while its earlier upload is still running "
+                "in this worker; that upload continues under the new claim",
+                vod.vod_id,
+                extra={"vod_id": vod.vod_id, "action": "upload_claim"},
+            )
 
     def _start_upload(self, vod: Vod, lease_until: float) -> None:
         entry = RunningUpload(
@@ -302,7 +324,16 @@ class UploadStage:
             with self._lock:
                 self._running.pop(vod.id, None)
                 active = len(self._running)
+                claim = entry.vod.upload_started_at
             self.metrics.active_uploads.set(active)
+            if entry.outcome_written and claim != entry.outcome_claim:
+                # A new claim came after this outcome was written; nothing
+                # runs for it here, so it goes back for the next claim.
+                self._store(
+                    lambda: self.store.release(
+                        vod.id, self.worker_id, claim, VodState.DOWNLOADED
+                    )
+                )
             self.wake()
 
     def _job(self, entry: RunningUpload) -> UploadJob:
@@ -354,7 +385,7 @@ class UploadStage:
     def _after_success(
         self, entry: RunningUpload, path: Path, result: UploadResult | None
     ) -> None:
-        vod = entry.vod
+        vod = self._outcome_vod(entry)
         duration_s = time.monotonic() - entry.started_monotonic
         recorded = self._store(
             lambda: self.store.finish(
@@ -397,7 +428,7 @@ class UploadStage:
             self.apply_retention()
 
     def _after_failure(self, entry: RunningUpload, error: UploadFailed) -> None:
-        vod = entry.vod
+        vod = self._outcome_vod(entry)
         settings = self.settings
         retry_at = None
         if error.retryable and entry.attempt < settings.upload_max_attempts:
@@ -442,7 +473,7 @@ class UploadStage:
             )
 
     def _after_stop(self, entry: RunningUpload) -> None:
-        vod = entry.vod
+        vod = self._outcome_vod(entry)
         reason = entry.stop_reason or StopReason.SHUTDOWN
         # A cancel from the API has already written ``cancelled``; after a
         # shutdown the VOD waits in ``downloaded`` for the next start.
@@ -466,6 +497,13 @@ class UploadStage:
                 "action": "upload_stopped",
             },
         )
+
+    def _outcome_vod(self, entry: RunningUpload) -> Vod:
+        """Return the claim the outcome is written for, and note it."""
+        with self._lock:
+            entry.outcome_claim = entry.vod.upload_started_at
+            entry.outcome_written = True
+            return entry.vod
 
     def _stop(self, entry: RunningUpload, reason: str) -> None:
         if entry.stop_reason is None:
