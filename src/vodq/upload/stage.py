@@ -32,6 +32,7 @@ from vodq.metrics import Metrics
 from vodq.models import Vod, VodState
 from vodq.retry import backoff_delay
 from vodq.upload import Uploader, UploadJob, UploadResult, archive
+from vodq.upload.retention import delete_expired_files
 from vodq.upload.store import UploadStore
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ POLL_INTERVAL_S = 1.0
 HEARTBEAT_S = 1.0
 # How often files of old confirmed uploads are looked for, in seconds.
 RETENTION_CHECK_S = 60.0
-# Maximum number of files one retention pass deletes, so that it stays short.
-RETENTION_BATCH = 500
 
 
 class StopReason:
@@ -540,40 +539,13 @@ class UploadStage:
         self.apply_retention()
 
     def apply_retention(self) -> int:
-        """Delete files of confirmed uploads older than UPLOAD_RETENTION.
-
-        Only a done VOD with a remote id loses its file, only a file inside
-        DATA_DIR/vods is deleted, and the path is cleared in the database
-        first, so a reprocess that races this pass downloads the file again
-        instead of uploading a deleted one. Returns the files deleted.
-        """
+        """Delete files of confirmed uploads older than UPLOAD_RETENTION now."""
         retention_s = self.settings.upload_retention
         if retention_s is None:
             return 0
-        archive_dir = (self.settings.data_dir / "vods").resolve()
-        before = self.store.clock() - timedelta(seconds=retention_s)
-        deleted = 0
-        for vod in self.store.uploaded_before(before, RETENTION_BATCH):
-            path = Path(vod.file_path or "")
-            if path.resolve().parent != archive_dir:
-                continue
-            if not self.store.forget_file(vod):
-                continue
-            # NOTE: a crash between clearing the path and unlinking leaves
-            # the file on disk, unknown to the database.
-            path.unlink(missing_ok=True)
-            deleted += 1
-            log.info(
-                "deleted the file of VOD %s after its confirmed upload",
-                vod.vod_id,
-                extra={
-                    "vod_id": vod.vod_id,
-                    "path": str(path),
-                    "remote_id": vod.remote_id,
-                    "action": "retention_delete",
-                },
-            )
-        return deleted
+        return delete_expired_files(
+            self.store, retention_s, self.settings.data_dir / "vods"
+        )
 
     # -- start-up ---------------------------------------------------------
 
