@@ -29,7 +29,10 @@ def delete_expired_files(
     deleted = 0
     for vod in store.uploaded_before(before, RETENTION_BATCH):
         path = Path(vod.file_path or "")
-        if path.resolve().parent != archive_dir:
+        # A file on another machine's DATA_DIR is that machine's to delete.
+        # NOTE: a pass looks at the RETENTION_BATCH oldest uploads only, so
+        # many such files can delay the deletion of this machine's own.
+        if path.resolve().parent != archive_dir or not path.is_file():
             continue
         if not store.forget_file(vod):
             continue
