@@ -78,7 +78,10 @@ PROGRESS_INTERVAL_S = 0.1
 STALL_MARGIN_S = 5.0
 
 # The modules the fork server imports once, for every child to share.
-PRELOAD = ["vodq.download.process", "vodq.download.ytdlp"]
+# "__main__" makes it import the program's main script (the ``vodq``
+# command) too: a child whose parent's script was not imported yet would
+# otherwise run it again, importing the whole service, before each download.
+PRELOAD = ["__main__", "vodq.download.process", "vodq.download.ytdlp"]
 
 
 class Engine(Protocol):
