@@ -81,7 +81,7 @@ STALL_MARGIN_S = 5.0
 # "__main__" makes it import the program's main script (the ``vodq``
 # command) too: a child whose parent's script was not imported yet would
 # otherwise run it again, importing the whole service, before each download.
-PRELOAD = ["__main__", "vodq.download.process", "vodq.download.ytdlp"]
+PRELOAD = ["__main__", "vodq.download.process", "vodq.download.preload"]
 
 
 class Engine(Protocol):

@@ -41,6 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yt_dlp
+from yt_dlp.downloader import get_suitable_downloader
 from yt_dlp.networking import Request, Response
 from yt_dlp.networking.exceptions import HTTPError, RequestError
 from yt_dlp.utils import YoutubeDLError
@@ -732,8 +733,8 @@ def share_ssl_context() -> bool:
 
     yt-dlp builds a context, parsing the whole CA bundle, for each YoutubeDL:
     about 40 ms of every download's start on 2 cores (yt-dlp 2026.11). The
-    fork server calls this when it imports the module and builds the default
-    context once, so each download process starts with it. The function is
+    fork server calls this and builds the default
+    context once (preload.py), so each download process starts with it. The function is
     private to yt-dlp; when it is missing, nothing changes. Returns whether
     the context is shared.
     """
@@ -749,4 +750,23 @@ def share_ssl_context() -> bool:
     return True
 
 
-share_ssl_context()
+def rehearse() -> None:
+    """Run yt-dlp's steps before a download's first request once, with no request.
+
+    yt-dlp imports its HTTP downloader, request handlers and format code on
+    first use and fills caches as it goes. Done once in the fork server,
+    every download process starts with all of it ready.
+    """
+    info = {
+        "id": "rehearsal",
+        "title": "rehearsal",
+        "url": "http://127.0.0.1:9/rehearsal.mp4",
+        "ext": "mp4",
+    }
+    params = {"quiet": True, "noprogress": True, "cachedir": False}
+    with yt_dlp.YoutubeDL(params, auto_init=False) as ydl:
+        processed = ydl.process_ie_result(info, download=False)
+        get_suitable_downloader(processed, ydl.params)
+        get_suitable_downloader({**info, "protocol": "m3u8_native"}, ydl.params)
+        # Reading it builds the request handlers, and their SSL context.
+        assert ydl._request_director.handlers
