@@ -300,7 +300,7 @@ class VodqProcess:
         between the processes that map it, so its sum counts every page once;
         the RSS sum counts shared pages once per process.
         """
-        pids = _descendants(self.pid)
+        pids = descendants(self.pid)
         rss = pss = 0
         for pid in pids:
             with contextlib.suppress(OSError):
@@ -389,7 +389,7 @@ def sqlalchemy_dsn(dsn: str) -> str:
     return dsn
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     """``root`` and every process below it, from each process's parent id."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

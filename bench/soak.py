@@ -20,7 +20,7 @@ status is 0 only when every check passed.
 
 Run from the repository root:
 
-    /work/venv/bin/python bench/soak.py --minutes 10 --seed 1
+    .venv/bin/python bench/soak.py --minutes 10 --seed 1
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from mediaserver import Fault, MediaServer  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import descendants  # noqa: E402
 
 KIB = 1024
 VODQ = [sys.executable, "-m", "vodq"]
@@ -236,6 +239,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs; a zombie has ended its work."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 class Serve:
     """The ``vodq serve`` subprocess: start, kill with SIGKILL, start again."""
 
@@ -246,6 +258,8 @@ class Serve:
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.kills = 0
+        # Download processes still alive 5 s after their service was killed.
+        self.orphans: list[int] = []
         self.log = (work / "serve.log").open("ab")
 
     def env(self) -> dict[str, str]:
@@ -291,12 +305,18 @@ class Serve:
         raise RuntimeError("vodq serve did not respond to /healthz within 60 s")
 
     def kill(self) -> None:
+        """SIGKILL the service; its download processes must end with it."""
         if self.process is None:
             return
+        tree = descendants(self.process.pid)[1:]
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
         self.kills += 1
         self.process = None
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+            time.sleep(0.1)
+        self.orphans.extend(pid for pid in tree if _alive(pid))
 
     def stop(self) -> None:
         if self.process is None:
@@ -542,7 +562,15 @@ def run(args: argparse.Namespace) -> int:
     for vod in over:
         print(f"  OVER BOUND {vod.vod_id}: {vod.requests} > {vod.bound}")
 
-    passed = not problems and not over and total_requests <= total_bound
+    print(
+        f"processes of a killed service alive 5 s after its kill: {len(serve.orphans)}"
+    )
+    passed = (
+        not problems
+        and not over
+        and total_requests <= total_bound
+        and not serve.orphans
+    )
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "seed": args.seed,
@@ -550,6 +578,7 @@ def run(args: argparse.Namespace) -> int:
         "duration_s": round(duration, 1),
         "service_env": SERVICE_ENV,
         "kills": serve.kills,
+        "orphan_processes": len(serve.orphans),
         "starts": serve.starts,
         "vods": len(vods),
         "as_expected": ok_count,
