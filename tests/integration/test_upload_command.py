@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import threading
 from datetime import UTC, datetime
@@ -196,3 +197,47 @@ def test_command_cancel_kills_process_group(tmp_path: Path) -> None:
     assert not thread.is_alive()
     assert [type(error) for error in errors] == [UploadCancelled]
     wait_for(lambda: not pid_alive(int(pid_file.read_text())), timeout_s=10)
+
+
+_UPLOAD_IN_A_SERVICE = """
+import sys, threading
+from datetime import UTC, datetime
+from pathlib import Path
+from vodq.upload import UploadJob
+from vodq.upload.command import CommandUploader
+
+job = UploadJob("v1", Path(sys.argv[1]), 4, 1, None, None, None, "http://127.0.0.1:9/v")
+CommandUploader(tuple(sys.argv[2:]), timeout_s=60).upload(
+    job,
+    cancelled=threading.Event(),
+    on_session=lambda _session: None,
+    on_progress=lambda _sent: None,
+)
+"""
+
+
+def test_command_dies_with_a_killed_service(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    media = make_job(tmp_path).path
+    service = subprocess.Popen(
+        [
+            PYTHON,
+            "-c",
+            _UPLOAD_IN_A_SERVICE,
+            str(media),
+            *python(CHILD_AND_WAIT, str(pid_file)),
+        ]
+    )
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", timeout_s=20)
+        child = int(pid_file.read_text())
+
+        service.kill()
+        service.wait(timeout=10)
+
+        wait_for(lambda: not pid_alive(child), timeout_s=10)
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait(timeout=10)
+    assert not pid_alive(child)

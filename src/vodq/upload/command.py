@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import signal
 import string
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -207,21 +209,35 @@ class CommandUploader:
     ) -> UploadResult:
         fields = job_fields(job)
         argv = [argument.format_map(fields) for argument in self.argv]
+        if shutil.which(argv[0]) is None:
+            raise UploadFailed(
+                f"UPLOAD_COMMAND could not start {argv[0]!r}: no such executable "
+                "file; check that the program exists and is executable",
+                retryable=False,
+            )
+        # The tether kills the command's group if this process dies, so a
+        # command never outlives its attempt; only this process holds the
+        # pipe's write end.
+        tether_read, tether_write = os.pipe()
         try:
             process = subprocess.Popen(  # noqa: S603 - the operator's own command, no shell
-                argv,
+                [sys.executable, "-m", "vodq.tether", str(tether_read), *argv],
                 env=command_environment(job),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
+                pass_fds=(tether_read,),
             )
         except OSError as exc:
+            os.close(tether_write)
             raise UploadFailed(
                 f"UPLOAD_COMMAND could not start {argv[0]!r}: {exc.strerror or exc}; "
                 "check that the program exists and is executable",
                 retryable=False,
             ) from exc
+        finally:
+            os.close(tether_read)
 
         assert process.stdout is not None and process.stderr is not None
         stdout = _OutputReader(process.stdout, "stdout", job, on_session)
@@ -234,6 +250,7 @@ class CommandUploader:
             # Whatever the command left running belongs to this attempt and
             # could otherwise upload a second copy later.
             _kill_group(process, signal.SIGKILL)
+            os.close(tether_write)
             for reader in (stdout, stderr):
                 reader.thread.join(READER_JOIN_S)
         for reader in (stdout, stderr):
