@@ -1,4 +1,4 @@
-"""What the fork server prepares once, so that each download process starts warm.
+"""The fork server's preparation, done once so that each download process starts warm.
 
 The fork server imports this module before it forks any download process
 (see ``PRELOAD`` in process.py). Every child then inherits a shared SSL

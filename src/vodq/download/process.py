@@ -21,9 +21,9 @@ service keeps the means to end it:
   shares a partial file with a leftover writer.
 
 Children are forked from multiprocessing's fork server, which imports
-yt-dlp once at start-up, so a new attempt costs a fork, not the 0.35 s that
-importing yt-dlp takes (yt-dlp 2026.11 on 2 cores), and the children share
-those pages with it.
+yt-dlp once at start-up. A new attempt then costs a fork, not the 0.35 s
+that importing yt-dlp takes (yt-dlp 2026.11 on 2 cores), and the children
+share those pages with the fork server.
 
 The pipe carries small tuples. From the service: ``("rate", bytes_per_s)``
 and ``("cancel",)``. From the child: ``("log", record)``, ``("progress",
@@ -51,7 +51,6 @@ from typing import Any, Protocol
 
 from vodq.bandwidth import TokenBucket
 from vodq.download import Downloader, DownloadJob, DownloadResult
-from vodq.download.receive import ReceiveBuffers
 from vodq.errors import DownloadCancelled, DownloadFailed
 from vodq.models import Progress
 
@@ -69,7 +68,7 @@ POLL_S = 0.05
 
 # Shortest time between two progress messages from a child, in seconds. The
 # hook runs after every read block, up to a thousand times a second on a
-# fast source; the service needs a fresh figure, not every one of them.
+# fast source, and the service needs only a recent figure.
 PROGRESS_INTERVAL_S = 0.1
 
 # Extra seconds the stall watchdog grants beyond DOWNLOAD_STALL_TIMEOUT, so
@@ -106,7 +105,7 @@ def warm_up() -> None:
 
 @dataclass
 class _Outcome:
-    """What the service side learned from a child when its run ended."""
+    """The end of a child's run, as the service side saw it."""
 
     message: tuple[Any, ...] | None = None
     killed_for: str | None = None
@@ -157,8 +156,8 @@ class ProcessDownloader:
                 error_class="error",
                 retryable=True,
             ) from exc
-        # The child holds its own copy now; ours must go, or the child's
-        # death would never read as end-of-file here.
+        # The child has its own copy now. Ours must be closed, or the
+        # child's death would never read as end-of-file here.
         theirs.close()
 
         try:
@@ -306,7 +305,7 @@ def _kill_group(child: Any) -> None:
     """SIGKILL the child's process group, and the child if it has no group yet.
 
     The child leads its own group (``os.setsid`` is its first step), so the
-    group holds yt-dlp and any program it started. Killing it after a result
+    group contains yt-dlp and any program it started. Killing it after a result
     ends whatever the attempt left running.
     """
     pid = child.pid
@@ -399,10 +398,8 @@ def child_main(
     root.setLevel(log_level)
     cancelled = threading.Event()
     bucket = TokenBucket(rate)
-    buffers = ReceiveBuffers(rate)
-    buffers.install()
     threading.Thread(
-        target=_listen, args=(conn, outbox, cancelled, bucket, buffers), daemon=True
+        target=_listen, args=(conn, outbox, cancelled, bucket), daemon=True
     ).start()
 
     last_sent = 0.0
@@ -461,7 +458,6 @@ def _listen(
     outbox: _Outbox,
     cancelled: threading.Event,
     bucket: TokenBucket,
-    buffers: ReceiveBuffers,
 ) -> None:
     """Apply the service's rate changes and cancel; die with the service."""
     while True:
@@ -471,7 +467,6 @@ def _listen(
             break
         if message[0] == "rate":
             bucket.set_rate(message[1])
-            buffers.set_rate(message[1])
         elif message[0] == "cancel":
             cancelled.set()
 
