@@ -13,8 +13,8 @@ def test_read_block_unlimited_is_largest() -> None:
     assert read_block_for(None) == READ_BLOCK_BYTES
 
 
-def test_read_block_500k_is_a_twentieth_second() -> None:
-    assert read_block_for(500 * 1024) == 24_576
+def test_read_block_2m_is_a_fortieth_second() -> None:
+    assert read_block_for(2 * 1024 * 1024) == 49_152
 
 
 def test_read_block_slow_rate_has_a_floor() -> None:

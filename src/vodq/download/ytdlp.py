@@ -73,10 +73,12 @@ HLS_EXTENSIONS = frozenset({"m3u8"})
 READ_BLOCK_BYTES = 131_072
 
 # A download that starts under a rate limit reads blocks of at most this
-# share of a second at that rate, and at least MIN_READ_BLOCK_BYTES: at 500K
-# a 128 KiB block is a quarter of a second of data, and a 5 s window then
-# sees the rate only to within about 5%.
-READ_BLOCK_SHARE_S = 0.05
+# share of a second at that rate, and at least MIN_READ_BLOCK_BYTES. At 500K
+# a 128 KiB block is a quarter of a second of data, so a 5 s window shows the
+# rate only to within about 5%. A fortieth of a second leaves room for the
+# rate to fall to a quarter later (a pool shared by more downloads) with a
+# 2 s window still within 5%.
+READ_BLOCK_SHARE_S = 0.025
 MIN_READ_BLOCK_BYTES = 16_384
 
 
