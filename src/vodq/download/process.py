@@ -76,11 +76,13 @@ PROGRESS_INTERVAL_S = 0.1
 # timeout, with its precise message.
 STALL_MARGIN_S = 5.0
 
-# The modules the fork server imports once, for every child to share.
-# "__main__" makes it import the program's main script (the ``vodq``
-# command) too: a child whose parent's script was not imported yet would
-# otherwise run it again, importing the whole service, before each download.
-PRELOAD = ["__main__", "vodq.download.process", "vodq.download.preload"]
+# The modules the fork server imports once, for every child to share. Each
+# child runs the parent's main script again before it starts (multiprocessing
+# does so for every start method but fork); for the ``vodq`` command that
+# script imports vodq.cli and with it the whole service, 50 to 150 ms per
+# download unless the fork server has imported it already. (Python 3.11
+# ignores "__main__" in this list: it never passes the script's path on.)
+PRELOAD = ["vodq.cli", "vodq.download.process", "vodq.download.preload"]
 
 
 class Engine(Protocol):
