@@ -277,10 +277,22 @@ class VodqProcess:
         self._log.close()
 
     def cpu_s(self) -> float:
-        """Return the CPU seconds (user + system) the process has used."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        """Return the CPU seconds (user + system) of the process and its tree.
+
+        Downloads run in children of a fork server, which reaps them, so
+        their time is in the fork server's own counters for reaped children
+        (cutime, cstime) once they end, and in their own while they run.
+        """
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        total = 0
+        for index, pid in enumerate(descendants(self.pid)):
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                fields = stat.rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+                if index > 0:
+                    total += int(fields[13]) + int(fields[14])
+        return total / ticks
 
     def rss_kib(self) -> tuple[int, int]:
         """Return (VmRSS, VmHWM) of the process in KiB."""
