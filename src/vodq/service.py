@@ -47,8 +47,8 @@ _VOD_ID = re.compile(VOD_ID_PATTERN)
 _TWITCH_VIDEO = re.compile(r"twitch\.tv/(?:[^/]+/)?videos?/(\d+)")
 MAX_BATCH_IDS = 10_000
 # Maximum time a delete with delete_files waits for the VOD's download or
-# upload to stop. A cancelled download stops after its current read of at most
-# READ_BLOCK_BYTES (128 KiB), so within a second from a source at 128 KiB/s.
+# upload to stop, in seconds. A cancelled download stops after its current
+# read block, or its process group is killed after CANCEL_GRACE_S (2 s).
 DELETE_WAIT_S = 5.0
 PRIORITY_MIN = -(2**63)
 PRIORITY_MAX = 2**63 - 1
@@ -590,10 +590,15 @@ class Service:
     def status(self) -> dict[str, Any]:
         """Build the ``/status`` document from the values in force."""
         settings = self.settings
-        counts = self.queue.counts()
-        stored = self.queue.get_kv(
-            [*breaker.KEYS, "last_process_run", "avg_download_ms", PAUSED_KEY]
-        )
+        # One connection for the three reads, because each checkout costs
+        # round trips of its own on PostgreSQL.
+        with self.queue.connect_read() as conn:
+            counts = self.queue.counts(conn)
+            stored = self.queue.get_kv(
+                [*breaker.KEYS, "last_process_run", "avg_download_ms", PAUSED_KEY],
+                conn,
+            )
+            workers = self.registry.list(conn)
         circuit = breaker.snapshot_from(stored)
         last_run = self.scheduler.last_process_run if self.scheduler else None
         if last_run is None and "last_process_run" in stored:
@@ -636,7 +641,7 @@ class Service:
             "avg_download_ms": int(float(stored.get("avg_download_ms", "0") or 0)),
             "worker_id": settings.worker_id if self.scheduler else None,
             "paused": stored.get(PAUSED_KEY) == "true",
-            "workers": [asdict(worker) for worker in self.registry.list()],
+            "workers": [asdict(worker) for worker in workers],
         }
 
 
