@@ -221,16 +221,32 @@ def test_finalise_moves_into_archive(tmp_path: Path) -> None:
     assert not downloaded.exists()
 
 
-def test_finalise_replaces_existing_archive_file(tmp_path: Path) -> None:
+def test_finalise_keeps_existing_archive_file(tmp_path: Path) -> None:
     layout = ArchiveLayout(tmp_path)
     layout.ensure()
-    (layout.archive_dir / "123.mp4").write_bytes(b"old")
+    (layout.archive_dir / "123.mp4").write_bytes(b"another VOD's file")
     downloaded = layout.partial_dir / "123.mp4"
     downloaded.write_bytes(b"new")
 
     final = layout.finalise(downloaded)
 
+    assert (layout.archive_dir / "123.mp4").read_bytes() == b"another VOD's file"
+    assert final == layout.archive_dir / "123 (2).mp4"
     assert final.read_bytes() == b"new"
+
+
+def test_finalise_after_interrupted_link_keeps_one_file(tmp_path: Path) -> None:
+    layout = ArchiveLayout(tmp_path)
+    layout.ensure()
+    downloaded = layout.partial_dir / "123.mp4"
+    downloaded.write_bytes(b"complete video")
+    # A crash between the link and the unlink leaves both names.
+    (layout.archive_dir / "123.mp4").hardlink_to(downloaded)
+
+    final = layout.finalise(downloaded)
+
+    assert final == layout.archive_dir / "123.mp4"
+    assert not downloaded.exists()
 
 
 def test_finalise_missing_file_raises(tmp_path: Path) -> None:

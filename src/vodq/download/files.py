@@ -9,12 +9,16 @@ disk and renamed in one step.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 from pathlib import Path
 
 SIDECAR_SUFFIX = ".vodq.json"
+
+# Numbered names tried after a file's name is taken, before giving up.
+MAX_NAME_TRIES = 100
 
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -106,17 +110,65 @@ class ArchiveLayout:
         """Sync ``downloaded`` and move it into the archive; return its new path.
 
         With ``expected_size`` a file of any other size raises SizeMismatch
-        and stays where it is, out of the archive.
+        and stays where it is, out of the archive. A name that another file
+        has in the archive gets `` (2)``, `` (3)`` and so on.
         """
-        target = self.archive_dir / downloaded.name
         with downloaded.open("rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if expected_size is not None and size != expected_size:
                 raise SizeMismatch(downloaded, size, expected_size)
             os.fsync(handle.fileno())
-        os.replace(downloaded, target)
-        _fsync_dir(self.archive_dir)
-        return target
+        # The archive also holds files renamed after ARCHIVE_NAME_TEMPLATE
+        # and the operator's own, so the name may be taken already.
+        for number in range(1, MAX_NAME_TRIES + 1):
+            target = self.archive_dir / numbered(downloaded.name, number)
+            if take_name(downloaded, target):
+                return target
+        raise FileExistsError(
+            errno.EEXIST,
+            f"every name from {downloaded.name!r} to "
+            f"{numbered(downloaded.name, MAX_NAME_TRIES)!r} is taken in "
+            f"{self.archive_dir}; move files out of it",
+        )
+
+
+def numbered(name: str, number: int) -> str:
+    """Return ``name`` for the first try, then ``stem (2).ext`` and so on."""
+    if number == 1:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    if not dot:
+        return f"{name} ({number})"
+    return f"{stem} ({number}).{suffix}"
+
+
+def take_name(source: Path, target: Path) -> bool:
+    """Move ``source`` to ``target`` unless another file has that name.
+
+    The name is taken with a hard link, which fails when it exists, so no
+    file is ever replaced. Returns False when ``target`` belongs to another
+    file.
+    """
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        if os.path.samefile(source, target):
+            # An earlier attempt linked the name and stopped before unlinking.
+            source.unlink()
+            return True
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+            raise
+        # NOTE: without hard links, two files moved to one name at the same
+        # moment could race here.
+        if target.exists():
+            return False
+        os.rename(source, target)
+        return True
+    source.unlink()
+    _fsync_dir(target.parent)
+    return True
 
 
 def glob_escape(text: str) -> str:
