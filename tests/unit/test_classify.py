@@ -125,6 +125,12 @@ def _http_error(status: int, reason: str) -> HTTPError:
             id="incomplete-read",
         ),
         pytest.param(
+            "ERROR: Downloaded 300000 bytes, expected 1048576 bytes",
+            "transient",
+            True,
+            id="content-too-short",
+        ),
+        pytest.param(
             "ERROR: Unsupported URL: https://example.invalid/x",
             "unsupported",
             False,

@@ -57,6 +57,8 @@ _AUTH_PHRASES = (
 _TIMEOUT_PHRASES = ("timed out", "timeout")
 _TRUNCATED_PHRASES = (
     "bytes read",
+    # yt-dlp's ContentTooShortError: "Downloaded 300000 bytes, expected ...".
+    "bytes, expected",
     "incomplete read",
     "incompleteread",
     "content too short",

@@ -687,6 +687,10 @@ class YtDlpDownloader:
             # Never False: yt-dlp would then append to an old .part file.
             "continuedl": True,
             "socket_timeout": self.socket_timeout_s,
+            # One HTTP stack wherever vodq runs. Without this yt-dlp prefers
+            # the requests library when it happens to be installed (as in
+            # the test environment), whose errors read differently.
+            "compat_opts": {"prefer-legacy-http-handler"},
             "buffersize": read_block_for(hook.bucket.rate),
             "noresizebuffer": True,
             # The native HLS downloader keeps cancellation and throttling in
