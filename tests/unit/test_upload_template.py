@@ -80,6 +80,18 @@ def test_file_name_long_title_keeps_vod_id() -> None:
     assert len(name.removesuffix(".mp4").encode()) <= MAX_NAME_BYTES
 
 
+@pytest.mark.parametrize(
+    "title",
+    [
+        pytest.param("word  " * 80, id="doubled-spaces"),
+        pytest.param("\u00e9t\u00e9 \U0001f600 " * 60, id="trailing-space"),
+    ],
+)
+def test_file_name_long_spaced_title_keeps_vod_id(title: str) -> None:
+    name = file_name(DEFAULT, job(title=title), "mp4")
+    assert name.endswith(" [123].mp4")
+
+
 def test_file_name_cut_on_character_boundary() -> None:
     name = file_name("{title}", job(title="\U0001f600" * 100), "mp4")
     assert name.encode().decode() == name

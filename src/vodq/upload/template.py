@@ -107,7 +107,9 @@ def _fitted(template: str, job: UploadJob) -> str:
     long title does not push the rest of the template, such as ``[{vod_id}]``,
     out of the name.
     """
-    values = fields(job)
+    # Cleaned first, so that the length measured is the length that stays:
+    # collapsed white space would otherwise shorten a field less than needed.
+    values = {name: _clean(value) for name, value in fields(job).items()}
     for name in ("title", "channel", "source_url"):
         excess = len(_clean(template.format_map(values)).encode()) - MAX_NAME_BYTES
         if excess <= 0:
