@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_for
-from vodq.errors import UploadCancelled, UploadFailed
+from vodq.errors import ConfigError, UploadCancelled, UploadFailed
 from vodq.upload import UploadJob, UploadResult
 from vodq.upload.command import (
     MAX_LOGGED_LINES,
@@ -136,9 +136,27 @@ def test_command_failure_names_status_and_stderr(tmp_path: Path) -> None:
     assert caught.value.retryable
 
 
-def test_command_missing_program_not_retryable(tmp_path: Path) -> None:
+def test_command_missing_program_stops_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        CommandUploader((str(tmp_path / "no-such-program"),), timeout_s=30)
+    assert "UPLOAD_COMMAND names the program" in str(caught.value)
+
+
+def test_command_program_gone_later_not_retryable(tmp_path: Path) -> None:
+    program = tmp_path / "uploader"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    uploader = CommandUploader((str(program),), timeout_s=30)
+    program.unlink()
+
     with pytest.raises(UploadFailed) as caught:
-        run([str(tmp_path / "no-such-program")], make_job(tmp_path))
+        uploader.upload(
+            make_job(tmp_path),
+            cancelled=threading.Event(),
+            on_session=lambda _session: None,
+            on_progress=lambda _sent: None,
+        )
+
     assert caught.value.retryable is False
     assert "could not start" in str(caught.value)
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO
 
-from vodq.errors import UploadCancelled, UploadFailed
+from vodq.errors import ConfigError, UploadCancelled, UploadFailed
 from vodq.upload import UploadJob, UploadResult
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,16 @@ class CommandUploader:
     name = "command"
 
     def __init__(self, argv: tuple[str, ...], *, timeout_s: float) -> None:
+        program = argv[0]
+        if "{" not in program and shutil.which(program) is None:
+            # Checked where uploads run, not in every process that reads the
+            # settings: an API machine need not have the program.
+            raise ConfigError(
+                f"invalid configuration:\n  UPLOAD_COMMAND names the program "
+                f"{program!r}, which is not an executable file here (not found "
+                "on PATH); install it or give its full path, for example "
+                "UPLOAD_COMMAND='/usr/bin/rclone copy {path} remote:vods'"
+            )
         self.argv = argv
         self.timeout_s = timeout_s
 
