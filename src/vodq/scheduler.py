@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -58,6 +59,10 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# The end of a classified message that says when the next attempt comes.
+_RETRY_PROMISE = re.compile(r"\. Retried\b.*$", re.DOTALL)
 
 
 class CancelReason:
@@ -474,11 +479,19 @@ class Scheduler:
             self.queue.clock(),
             retry_after_s=error.retry_after_s,
         )
+        message = str(error)
+        if retry_at is None and error.retryable:
+            # The class's message promises a retry that will not come.
+            message = (
+                _RETRY_PROMISE.sub("", message)
+                + f". Not retried: all {policy.max_attempts} attempts are used; "
+                "reprocess the VOD to try again"
+            )
         state = self._store(
             lambda: self.queue.fail(
                 vod.id,
                 self.worker_id,
-                error=str(error),
+                error=message,
                 error_class=error.error_class,
                 retry_at=retry_at,
                 started_at=vod.started_at,

@@ -137,7 +137,10 @@ def test_server_error_exhausts_attempts_as_transient(
     assert body["error_class"] == "transient"
     assert body["attempts"] == 3
     assert body["last_error"].startswith("the server answered HTTP 502 Bad Gateway")
-    assert body["last_error"].endswith("Retried with backoff")
+    assert body["last_error"].endswith(
+        "Not retried: all 3 attempts are used; reprocess the VOD to try again"
+    )
+    assert "Retried with backoff" not in body["last_error"]
     assert len(gets(media_server, url)) == 3
 
 
