@@ -67,6 +67,15 @@ def test_patch_config_rejects_invalid_value(make_service: ServiceFactory) -> Non
     assert service.status()["download_rate_limit"] is None
 
 
+def test_patch_config_rejects_boolean(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False, MAX_CONCURRENT_DOWNLOADS="2")
+    response = call(
+        service, "PATCH", "/admin/config", {"MAX_CONCURRENT_DOWNLOADS": True}
+    )
+    assert response.status_code == 422
+    assert service.status()["max_concurrent_downloads"] == 2
+
+
 def test_patch_config_rejects_unknown_variable(make_service: ServiceFactory) -> None:
     service = make_service(run_worker=False)
     response = call(service, "PATCH", "/admin/config", {"DB_DSN": "sqlite:///x.db"})

@@ -12,6 +12,9 @@ from pydantic import (
     Field,
     PlainSerializer,
     Strict,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
 )
 
 from vodq.models import Vod, VodState
@@ -290,7 +293,8 @@ ConfigReport = dict[str, ConfigValue]
 
 # A runtime change: variable name (any case) to its new value in the start-up
 # grammar, or null to return to the start-up value.
-ConfigChanges = dict[str, int | float | str | None]
+# Strict, so that JSON true and false are refused rather than read as 1 and 0.
+ConfigChanges = dict[str, StrictInt | StrictFloat | StrictStr | None]
 
 
 class HealthOut(BaseModel):
