@@ -111,6 +111,8 @@ class _Outcome:
 
     message: tuple[Any, ...] | None = None
     killed_for: str | None = None
+    # Seconds without progress before a stall kill.
+    waited_s: float = 0.0
 
 
 class ProcessDownloader:
@@ -233,7 +235,7 @@ class ProcessDownloader:
                 _send(conn, ("rate", rate))
 
             if now - last_activity > self._stall_limit_s(rate):
-                return _Outcome(killed_for="stall")
+                return _Outcome(killed_for="stall", waited_s=now - last_activity)
 
     def _stall_limit_s(self, rate: float | None) -> float:
         """Seconds without a new byte after which the attempt counts as stalled.
@@ -255,9 +257,10 @@ def _result(
         raise DownloadCancelled("download cancelled; its process group was killed")
     if outcome.killed_for == "stall":
         raise DownloadFailed(
-            f"download stalled: no data arrived for {stall_timeout_s:g}s, so "
-            "yt-dlp and its child processes were killed. The next attempt "
-            "resumes the partial file after the retry backoff",
+            f"download stalled: no data arrived for {outcome.waited_s:.0f}s "
+            f"(DOWNLOAD_STALL_TIMEOUT is {stall_timeout_s:g}s), so yt-dlp and "
+            "its child processes were killed. Retried with backoff, resuming "
+            "any partial file",
             error_class="transient",
             retryable=True,
         )
