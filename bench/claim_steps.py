@@ -1,10 +1,12 @@
 """Per-statement timing of ``VodQueue.claim``, to show where a claim's time goes.
 
 A profiling aid for bench_claim.py, not a benchmark of its own: it replays
-the statements that ``claim`` runs, in its order and in one transaction,
-against a database of 100k queued VODs, and prints the p50 of each. It calls
-the queue's private helpers, so it follows the current ``src/vodq/queue.py``
-and may need updating when that changes.
+the statements that ``claim`` runs when the breaker is closed and no lease
+has expired, in its order and in one transaction, against a database of
+100k queued VODs, and prints the p50 of each. The pool checkout includes
+its pre-ping on PostgreSQL. It imports the queue's statements and private
+helpers, so it follows the current ``src/vodq/queue.py`` and may need
+updating when that changes.
 
     python bench/claim_steps.py                     # PostgreSQL
     python bench/claim_steps.py --backend sqlite
@@ -21,7 +23,7 @@ from typing import Any
 
 from common import LoadWatch, database, median, print_table, sqlalchemy_dsn, workdir
 from populate import populate
-from sqlalchemy import select, text, update
+from sqlalchemy import text, update
 
 ROUNDS = 60
 WARMUP = 10
@@ -33,12 +35,18 @@ def main() -> int:
     parser.add_argument("--vods", type=int, default=100_000)
     args = parser.parse_args()
 
-    from vodq import breaker
     from vodq.db.clock import DatabaseClock
     from vodq.db.engine import make_engine
-    from vodq.db.schema import kv, vods
+    from vodq.db.schema import vods
     from vodq.models import VodState
-    from vodq.queue import CLAIM_LOCK_KEY, PAUSED_KEY, VodQueue, utcnow
+    from vodq.queue import (
+        CLAIM_LOCK_KEY,
+        POSTGRES_CLAIM,
+        SQLITE_CANDIDATES,
+        VodQueue,
+        _claim_flags,
+        utcnow,
+    )
 
     with workdir("claim-steps") as work, database(args.backend, work) as dsn:
         populate(dsn, args.vods)
@@ -57,52 +65,64 @@ def main() -> int:
         watch = LoadWatch()
         for _ in range(WARMUP + ROUNDS):
             now = clock()
+            lease_until = now + timedelta(seconds=30)
             started = time.perf_counter()
-            with engine.connect() as conn:
+            with timed("pool checkout", engine.connect) as conn:
                 transaction = conn.begin()
                 if postgres:
+                    # psycopg sends BEGIN before the first statement, so this
+                    # step takes two round trips.
                     timed(
-                        "advisory lock",
+                        "BEGIN, advisory lock",
                         lambda c=conn: c.execute(
                             text("SELECT pg_advisory_xact_lock(:key)"),
                             {"key": CLAIM_LOCK_KEY},
                         ),
                     )
-                timed(
-                    "release expired",
-                    lambda c=conn, n=now: queue._release_expired(c, n),
-                )
-                timed(
-                    "read paused",
-                    lambda c=conn: c.execute(
-                        select(kv.c.value).where(kv.c.key == PAUSED_KEY)
-                    ).all(),
-                )
-                timed("count active", lambda c=conn, n=now: queue._count_active(c, n))
-                timed("breaker admit", lambda c=conn, n=now: breaker.admit(c, n, 1))
-                ids = timed(
-                    "candidates", lambda c=conn, n=now: queue._candidates(c, n, 1)
-                )
-                timed(
-                    "update returning",
-                    lambda c=conn, n=now, i=ids: c.execute(
-                        update(vods)
-                        .where(vods.c.id.in_(i))
-                        .values(
-                            state=VodState.DOWNLOADING.value,
-                            lease_owner="steps",
-                            lease_expires_at=n + timedelta(seconds=30),
-                            started_at=n,
-                            updated_at=n,
-                        )
-                        .returning(vods)
-                    ).all(),
-                )
-                timed("commit", transaction.commit)
-            steps.setdefault("whole claim", []).append(
+                    rows = timed(
+                        "claim statement",
+                        lambda c=conn, n=now, u=lease_until: c.execute(
+                            POSTGRES_CLAIM,
+                            {
+                                "now": n,
+                                "lease_until": u,
+                                "owner": "steps",
+                                "wanted": 1,
+                                "max_active": 10,
+                            },
+                        ).all(),
+                    )
+                else:
+                    timed(
+                        "BEGIN IMMEDIATE, flags",
+                        lambda c=conn, n=now: c.execute(_claim_flags(n)).one(),
+                    )
+                    rows = timed(
+                        "UPDATE ... RETURNING",
+                        lambda c=conn, n=now, u=lease_until: c.execute(
+                            update(vods)
+                            .where(
+                                vods.c.id.in_(
+                                    SQLITE_CANDIDATES.bindparams(now=n, room=1).columns(
+                                        vods.c.id
+                                    )
+                                )
+                            )
+                            .values(
+                                state=VodState.DOWNLOADING.value,
+                                lease_owner="steps",
+                                lease_expires_at=u,
+                                started_at=n,
+                                updated_at=n,
+                            )
+                            .returning(vods)
+                        ).all(),
+                    )
+                timed("COMMIT", transaction.commit)
+            steps.setdefault("whole claim, with checkout and check-in", []).append(
                 (time.perf_counter() - started) * 1000
             )
-            queue.release(ids[0], "steps", state=VodState.QUEUED)
+            queue.release(rows[0].id, "steps", state=VodState.QUEUED)
         engine.dispose()
         load = watch.stop()
 

@@ -5,24 +5,30 @@ transaction takes the write lock at BEGIN, on PostgreSQL it takes a
 transaction-level advisory lock and then locks candidate rows with
 ``FOR UPDATE SKIP LOCKED``. Either way, counting the running downloads and
 claiming new ones happen under the same lock, so the concurrency limit holds
-for every process that shares the database.
+for every process that shares the database. Only ``downloading`` VODs count
+against that limit, because the upload stage (``downloaded``, ``uploading``)
+has a limit of its own.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     Connection,
     Engine,
     Row,
+    Text,
     and_,
     bindparam,
+    column,
+    exists,
     func,
     insert,
     literal_column,
@@ -34,7 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from vodq import breaker
-from vodq.breaker import BreakerPolicy
+from vodq.breaker import Admission, BreakerPolicy, BreakerState
 from vodq.db.schema import UTCDateTime, kv, vod_counts, vods
 from vodq.errors import InvalidTransition, StorageUnavailable, VodNotFound
 from vodq.models import Progress, Vod, VodState
@@ -72,6 +78,86 @@ SQLITE_CANDIDATES = text(
     "WHERE state = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= :now) "
     "ORDER BY priority DESC, date IS NULL, date ASC, id ASC LIMIT :room"
 ).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("room"))
+
+# Raw ``circuit_state`` values that the PostgreSQL claim statement takes for
+# a closed breaker: none stored, or exactly "closed". Any other value goes
+# through ``breaker.admit``, which also reads what an operator may have typed.
+BREAKER_CLOSED_VALUES = (None, BreakerState.CLOSED.value)
+
+_VOD_COLUMNS = ", ".join(f"claimed.{col.name}" for col in vods.c)
+
+# The whole PostgreSQL claim in the common case, as one statement run after
+# the advisory lock. It releases expired leases, reads the pause flag and the
+# breaker state, counts running downloads, and locks and claims as many
+# candidates as leave :max_active running. It returns one row when it claims
+# nothing, or one row per claimed VOD. It claims nothing when the queue is
+# paused, when the breaker is not plainly closed (``breaker.admit`` decides
+# then), or when it released a lease. Every CTE reads the same snapshot, so
+# only a later statement can claim the released VODs in claim order. The
+# UPDATE matches ``id = ANY (ARRAY(...))`` because with a join the generic
+# plan, which psycopg's prepared statement gets after five runs, hashed every
+# queued row (PostgreSQL 15). Keep the state literals, key names and order
+# in step with IS_QUEUED, IS_DOWNLOADING, PAUSED_KEY, breaker.STATE_KEY and
+# CLAIM_ORDER.
+POSTGRES_CLAIM = (
+    text(
+        f"""
+WITH expired AS (
+    UPDATE vods
+    SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL,
+        speed_bps = NULL, updated_at = :now
+    WHERE state = 'downloading'
+        AND (lease_expires_at IS NULL OR lease_expires_at <= :now)
+    RETURNING vod_id
+), flags AS (
+    SELECT
+        (SELECT value FROM kv WHERE key = '{PAUSED_KEY}') AS paused,
+        (SELECT value FROM kv WHERE key = '{breaker.STATE_KEY}') AS circuit_state,
+        (SELECT count(*) FROM vods
+            WHERE state = 'downloading' AND lease_expires_at > :now) AS active
+), room AS (
+    SELECT CASE
+        WHEN paused IS DISTINCT FROM 'true'
+            AND (circuit_state IS NULL OR circuit_state = 'closed')
+            AND NOT EXISTS (SELECT 1 FROM expired)
+        THEN GREATEST(0, LEAST(:wanted, :max_active - active))
+        ELSE 0
+    END AS n
+    FROM flags
+), candidates AS (
+    SELECT id FROM vods
+    WHERE state = 'queued'
+        AND (next_attempt_at IS NULL OR next_attempt_at <= :now)
+    ORDER BY priority DESC, date IS NULL, date ASC, id ASC
+    LIMIT (SELECT n FROM room)
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE vods
+    SET state = 'downloading', lease_owner = :owner,
+        lease_expires_at = :lease_until, started_at = :now, updated_at = :now,
+        speed_bps = NULL
+    WHERE id = ANY (ARRAY(SELECT id FROM candidates)) AND state = 'queued'
+    RETURNING vods.*
+)
+SELECT flags.paused, flags.circuit_state,
+    ARRAY(SELECT vod_id FROM expired) AS expired, {_VOD_COLUMNS}
+FROM flags LEFT JOIN claimed ON true
+"""
+    )
+    .bindparams(
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("lease_until", type_=UTCDateTime()),
+        bindparam("owner", type_=Text()),
+        bindparam("wanted"),
+        bindparam("max_active"),
+    )
+    .columns(
+        column("paused", Text()),
+        column("circuit_state", Text()),
+        column("expired", ARRAY(Text())),
+        *(column(col.name, col.type) for col in vods.c),
+    )
+)
 
 
 def utcnow() -> datetime:
@@ -127,22 +213,28 @@ class VodQueue:
         with self._read() as conn:
             return [to_vod(row) for row in conn.execute(query)]
 
-    def counts(self) -> QueueCounts:
+    def counts(self, conn: Connection | None = None) -> QueueCounts:
         """Count VODs by state, queued VODs by priority, and unexpired claims.
 
         Reads ``vod_counts``, which triggers keep, so the cost depends on the
-        number of distinct priorities, not on the number of VODs.
+        number of distinct priorities, not on the number of VODs. Reads
+        through ``conn`` when given (see ``connect_read``).
         """
+        if conn is None:
+            with self._read() as own:
+                return self._counts(own)
+        return self._counts(conn)
+
+    def _counts(self, conn: Connection) -> QueueCounts:
         now = self.clock()
         by_state: dict[str, int] = {}
         by_priority: list[tuple[int, int]] = []
-        with self._read() as conn:
-            rows = conn.execute(
-                select(vod_counts.c.state, vod_counts.c.priority, vod_counts.c.count)
-                .where(vod_counts.c.count > 0)
-                .order_by(vod_counts.c.priority.desc())
-            ).all()
-            active = self._count_active(conn, now)
+        rows = conn.execute(
+            select(vod_counts.c.state, vod_counts.c.priority, vod_counts.c.count)
+            .where(vod_counts.c.count > 0)
+            .order_by(vod_counts.c.priority.desc())
+        ).all()
+        active = self._count_active(conn, now)
         for state, priority, count in rows:
             by_state[str(state)] = by_state.get(str(state), 0) + int(count)
             if state == VodState.QUEUED.value:
@@ -369,45 +461,147 @@ class VodQueue:
         if wanted < 1:
             return []
         now = self.clock()
+        lease_until = now + timedelta(seconds=lease_s)
         with self._write() as conn:
             if self.is_postgres:
-                conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY}
+                rows, transition = self._claim_postgres(
+                    conn, owner, now, lease_until, wanted=wanted, limit=limit
                 )
-            self._release_expired(conn, now)
-            paused = conn.execute(select(kv.c.value).where(kv.c.key == PAUSED_KEY))
-            if paused.scalar_one_or_none() == "true":
-                return []
-            room = min(wanted, limit - self._count_active(conn, now))
-            if room < 1:
-                return []
-            admission = breaker.admit(conn, now, room)
-            transition = admission.transition
-            room = admission.count
-            if room < 1:
-                return []
-
-            ids = self._candidates(conn, now, room)
-            if not ids:
-                return []
-            if admission.trial:
-                breaker.claim_trial(conn, now, ids[0])
-
-            rows = conn.execute(
-                update(vods)
-                .where(vods.c.id.in_(ids), vods.c.state == VodState.QUEUED.value)
-                .values(
-                    state=VodState.DOWNLOADING.value,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_s),
-                    started_at=now,
-                    updated_at=now,
-                    speed_bps=None,
+            else:
+                rows, transition = self._claim_sqlite(
+                    conn, owner, now, lease_until, wanted=wanted, limit=limit
                 )
-                .returning(vods)
-            ).all()
         self._notify_breaker(transition)
-        return sorted((to_vod(row) for row in rows), key=lambda vod: ids.index(vod.id))
+        return sorted((to_vod(row) for row in rows), key=_claim_order)
+
+    def _claim_postgres(
+        self,
+        conn: Connection,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+        *,
+        wanted: int,
+        limit: int,
+    ) -> tuple[list[Row[Any]], str | None]:
+        # The lock needs a statement of its own. Under READ COMMITTED each
+        # statement reads a snapshot taken when it starts, so a count in the
+        # statement that waited for the lock could miss a claim committed
+        # meanwhile. Two workers could then pass the limit together.
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY}
+        )
+        result = conn.execute(
+            POSTGRES_CLAIM,
+            {
+                "now": now,
+                "lease_until": lease_until,
+                "owner": owner,
+                "wanted": wanted,
+                "max_active": limit,
+            },
+        ).all()
+        flags = result[0]
+        expired = list(flags.expired)
+        _log_expired(expired)
+        if flags.paused == "true":
+            return [], None
+        closed = flags.circuit_state in BREAKER_CLOSED_VALUES
+        if closed and not expired:
+            return [row for row in result if row.id is not None], None
+
+        # The statement claimed nothing, because the breaker needs ``admit``
+        # or because the leases it released made VODs claimable.
+        return self._admit_and_claim(
+            conn,
+            owner,
+            now,
+            lease_until,
+            room=min(wanted, limit - self._count_active(conn, now)),
+            check_breaker=not closed,
+        )
+
+    def _claim_sqlite(
+        self,
+        conn: Connection,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+        *,
+        wanted: int,
+        limit: int,
+    ) -> tuple[list[Row[Any]], str | None]:
+        # The write lock taken at BEGIN serialises claims, so reading the
+        # flags and the count first and claiming after is safe.
+        flags = conn.execute(_claim_flags(now)).one()
+        if flags.expired:
+            self._release_expired(conn, now)
+        if flags.paused == "true":
+            return [], None
+        return self._admit_and_claim(
+            conn,
+            owner,
+            now,
+            lease_until,
+            room=min(wanted, limit - int(flags.active)),
+            check_breaker=flags.circuit_state not in BREAKER_CLOSED_VALUES,
+        )
+
+    def _admit_and_claim(
+        self,
+        conn: Connection,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+        *,
+        room: int,
+        check_breaker: bool,
+    ) -> tuple[list[Row[Any]], str | None]:
+        """Claim up to ``room`` VODs, as many as the breaker admits if asked.
+
+        Returns the claimed rows and the breaker's transition, if any.
+        """
+        if room < 1:
+            return [], None
+        admission = breaker.admit(conn, now, room) if check_breaker else Admission(room)
+        if admission.count < 1:
+            return [], admission.transition
+
+        if self.is_postgres:
+            ids = self._lock_candidates(conn, now, admission.count)
+            if not ids:
+                return [], admission.transition
+            chosen: Any = vods.c.id.in_(ids)
+        else:
+            # SQLite's planner prefers ix_vods_state and sorts every queued
+            # row of the top priority; INDEXED BY makes it walk ix_vods_claim
+            # in order and stop after ``room`` rows. The subquery runs to its
+            # LIMIT before the UPDATE changes any row.
+            chosen = vods.c.id.in_(
+                SQLITE_CANDIDATES.bindparams(now=now, room=admission.count).columns(
+                    vods.c.id
+                )
+            )
+        # No state condition here: the candidates are still queued, because
+        # they are locked (PostgreSQL row locks, the SQLite write lock), and
+        # on SQLite a state condition makes the UPDATE scan ix_vods_state.
+        rows = conn.execute(
+            update(vods)
+            .where(chosen)
+            .values(
+                state=VodState.DOWNLOADING.value,
+                lease_owner=owner,
+                lease_expires_at=lease_until,
+                started_at=now,
+                updated_at=now,
+                speed_bps=None,
+            )
+            .returning(vods)
+        ).all()
+        if admission.trial and rows:
+            # The admission was for one VOD, so this is the only row.
+            breaker.claim_trial(conn, now, int(rows[0].id))
+        return list(rows), admission.transition
 
     def renew(
         self,
@@ -545,13 +739,28 @@ class VodQueue:
 
     # -- key-value state --------------------------------------------------
 
-    def get_kv(self, keys: Iterable[str]) -> dict[str, str]:
-        """Read the values of ``keys`` that exist in the ``kv`` table."""
-        with self._read() as conn:
-            rows = conn.execute(
-                select(kv.c.key, kv.c.value).where(kv.c.key.in_(list(keys)))
-            )
-            return {str(key): str(value) for key, value in rows}
+    def get_kv(
+        self, keys: Iterable[str], conn: Connection | None = None
+    ) -> dict[str, str]:
+        """Read the values of ``keys`` that exist in the ``kv`` table.
+
+        Reads through ``conn`` when given (see ``connect_read``).
+        """
+        query = select(kv.c.key, kv.c.value).where(kv.c.key.in_(list(keys)))
+        if conn is None:
+            with self._read() as own:
+                rows = own.execute(query).all()
+        else:
+            rows = conn.execute(query).all()
+        return {str(key): str(value) for key, value in rows}
+
+    def connect_read(self) -> AbstractContextManager[Connection]:
+        """Open one read-only connection for several reads.
+
+        Each read through it saves a pool checkout (on PostgreSQL a pre-ping
+        and a rollback, each a round trip). Failures raise StorageUnavailable.
+        """
+        return self._read()
 
     def delete_kv(self, keys: Iterable[str]) -> None:
         """Delete ``keys`` from the ``kv`` table; missing keys are ignored."""
@@ -697,15 +906,8 @@ class VodQueue:
             query = query.where(vods.c.started_at == started_at)
         return query
 
-    def _candidates(self, conn: Connection, now: datetime, room: int) -> list[int]:
-        """Return the ids of up to ``room`` eligible VODs, in claim order."""
-        if not self.is_postgres:
-            # SQLite's planner prefers ix_vods_state and sorts every queued
-            # row of the top priority; INDEXED BY makes it walk ix_vods_claim
-            # in order and stop after ``room`` rows.
-            return list(
-                conn.execute(SQLITE_CANDIDATES, {"now": now, "room": room}).scalars()
-            )
+    def _lock_candidates(self, conn: Connection, now: datetime, room: int) -> list[int]:
+        """Lock up to ``room`` eligible VODs (PostgreSQL); return their ids in order."""
         candidates = (
             select(vods.c.id)
             .where(
@@ -736,13 +938,8 @@ class VodQueue:
             )
             .values(**_back_to_queue(now))
             .returning(vods.c.vod_id)
-        ).all()
-        for (vod_id,) in rows:
-            log.warning(
-                "lease of VOD %s expired; its worker is gone, so it is queued again",
-                vod_id,
-                extra={"vod_id": vod_id, "action": "lease_expired"},
-            )
+        ).scalars()
+        _log_expired([str(vod_id) for vod_id in rows])
 
     def _record_download_time(
         self, conn: Connection, download_ms: int, now: datetime
@@ -789,6 +986,51 @@ FRESH_UPLOAD: dict[str, Any] = {
     "uploader": None,
     "upload_ms": None,
 }
+
+
+def _claim_flags(now: datetime) -> Any:
+    """Build the one SELECT that the SQLite claim decides on.
+
+    Returns ``paused`` and ``circuit_state`` (raw ``kv`` values or None),
+    ``active`` (unexpired leases) and ``expired`` (whether any lease expired).
+    """
+    return select(
+        _kv_value(PAUSED_KEY).label("paused"),
+        _kv_value(breaker.STATE_KEY).label("circuit_state"),
+        select(func.count())
+        .where(IS_DOWNLOADING, vods.c.lease_expires_at > now)
+        .scalar_subquery()
+        .label("active"),
+        exists()
+        .where(
+            IS_DOWNLOADING,
+            or_(vods.c.lease_expires_at.is_(None), vods.c.lease_expires_at <= now),
+        )
+        .label("expired"),
+    )
+
+
+def _kv_value(key: str) -> Any:
+    return select(kv.c.value).where(kv.c.key == key).scalar_subquery()
+
+
+def _claim_order(vod: Vod) -> tuple[int, bool, datetime, int]:
+    """Sort key of CLAIM_ORDER, for rows that RETURNING gives in no set order."""
+    return (
+        -vod.priority,
+        vod.date is None,
+        vod.date or datetime.min.replace(tzinfo=UTC),
+        vod.id,
+    )
+
+
+def _log_expired(vod_ids: list[str]) -> None:
+    for vod_id in vod_ids:
+        log.warning(
+            "lease of VOD %s expired; its worker is gone, so it is queued again",
+            vod_id,
+            extra={"vod_id": vod_id, "action": "lease_expired"},
+        )
 
 
 def _back_to_queue(now: datetime) -> dict[str, Any]:

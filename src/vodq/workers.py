@@ -13,11 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from vodq.db.schema import vods, workers
-from vodq.models import VodState
-from vodq.queue import utcnow
+from vodq.queue import IS_DOWNLOADING, utcnow
 
 # How often a worker writes its heartbeat row, in seconds.
 WORKER_HEARTBEAT_S = 5.0
@@ -87,29 +86,39 @@ class WorkerRegistry:
         with self.engine.begin() as conn:
             conn.execute(delete(workers).where(workers.c.worker_id == worker_id))
 
-    def list(self) -> list[WorkerInfo]:
-        """Return every registered worker with the VODs it holds leases on."""
-        now = self.clock()
-        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
-            rows = conn.execute(select(workers).order_by(workers.c.worker_id)).all()
-            held = conn.execute(
-                select(vods.c.lease_owner, vods.c.vod_id)
-                .where(vods.c.state == VodState.DOWNLOADING.value)
-                .order_by(vods.c.vod_id)
-            ).all()
-        downloads: dict[str, list[str]] = {}
-        for owner, vod_id in held:
-            downloads.setdefault(str(owner), []).append(str(vod_id))
-        return [
-            WorkerInfo(
-                worker_id=row.worker_id,
-                hostname=row.hostname,
-                pid=row.pid,
-                started_at=row.started_at,
-                last_heartbeat=row.heartbeat_at,
-                slots=row.slots,
-                alive=(now - row.heartbeat_at).total_seconds() <= WORKER_GONE_S,
-                downloads=downloads.get(row.worker_id, []),
-            )
-            for row in rows
-        ]
+    def list(self, conn: Connection | None = None) -> list[WorkerInfo]:
+        """Return every registered worker with the VODs it holds leases on.
+
+        Reads through ``conn`` when given, so that a caller can make several
+        reads on one connection.
+        """
+        if conn is not None:
+            return _read_workers(conn, self.clock())
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as own:
+            return _read_workers(own, self.clock())
+
+
+def _read_workers(conn: Connection, now: datetime) -> list[WorkerInfo]:
+    rows = conn.execute(select(workers).order_by(workers.c.worker_id)).all()
+    # With the literal state SQLite can use the partial index
+    # ix_vods_running. Sorting here, not with ORDER BY vod_id, keeps it
+    # from walking the whole vod_id index, as it did without ix_vods_state.
+    held = conn.execute(
+        select(vods.c.lease_owner, vods.c.vod_id).where(IS_DOWNLOADING)
+    ).all()
+    downloads: dict[str, list[str]] = {}
+    for owner, vod_id in sorted(held, key=lambda pair: str(pair[1])):
+        downloads.setdefault(str(owner), []).append(str(vod_id))
+    return [
+        WorkerInfo(
+            worker_id=row.worker_id,
+            hostname=row.hostname,
+            pid=row.pid,
+            started_at=row.started_at,
+            last_heartbeat=row.heartbeat_at,
+            slots=row.slots,
+            alive=(now - row.heartbeat_at).total_seconds() <= WORKER_GONE_S,
+            downloads=downloads.get(row.worker_id, []),
+        )
+        for row in rows
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -104,6 +105,13 @@ def test_claim_respects_limit_across_owners(queue: VodQueue) -> None:
     assert len(first) == 2
     assert len(second) == 1
     assert third == []
+
+
+def test_claim_under_lowered_limit_claims_nothing(queue: VodQueue) -> None:
+    for index in range(4):
+        add(queue, f"v{index}")
+    claim_ids(queue, "w1", wanted=3, limit=3)
+    assert claim_ids(queue, "w2", wanted=1, limit=1) == []
 
 
 def test_claim_never_returns_claimed_vod(queue: VodQueue) -> None:
@@ -416,3 +424,115 @@ def test_stale_claim_cannot_finish_newer_claim(queue: VodQueue, clock: Clock) ->
         started_at=first.started_at,
     )
     assert not finished
+
+
+def test_claim_limit_ignores_upload_stage(queue: VodQueue, clock: Clock) -> None:
+    for vod_id in ("up", "done-down", "a"):
+        add(queue, vod_id)
+    lease_until = (clock.now + timedelta(seconds=LEASE_S)).isoformat()
+    with queue.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE vods SET state = 'uploading', lease_owner = 'uploader', "
+                "lease_expires_at = :until WHERE vod_id = 'up'"
+            ),
+            {"until": lease_until},
+        )
+        conn.execute(
+            text("UPDATE vods SET state = 'downloaded' WHERE vod_id = 'done-down'")
+        )
+    assert claim_ids(queue, wanted=1, limit=1) == ["a"]
+
+
+def test_claim_leaves_expired_upload_lease(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "up")
+    with queue.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE vods SET state = 'uploading', lease_owner = 'uploader', "
+                "lease_expires_at = NULL WHERE vod_id = 'up'"
+            )
+        )
+    claim_ids(queue)
+    assert queue.get("up").state is VodState.UPLOADING
+
+
+def test_expired_lease_release_keeps_limit(queue: VodQueue, clock: Clock) -> None:
+    for vod_id in ("a", "b", "c"):
+        add(queue, vod_id)
+    claim_ids(queue, "dead-worker", wanted=2, limit=2)
+    clock.advance(LEASE_S + 1)
+    claimed = claim_ids(queue, "w2", wanted=3, limit=2)
+    assert claimed == ["a", "b"]
+    assert queue.count_active() == 2
+
+
+def test_claim_while_paused_returns_nothing(queue: VodQueue) -> None:
+    add(queue, "a")
+    queue.set_paused(True)
+    assert claim_ids(queue) == []
+    queue.set_paused(False)
+    assert claim_ids(queue) == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        pytest.param("Closed ", 2, id="closed-with-case-and-space"),
+        pytest.param("garbage", 2, id="unknown-reads-closed"),
+        pytest.param("OPEN", 0, id="open-with-case"),
+    ],
+)
+def test_claim_reads_operator_breaker_state(
+    queue: VodQueue, clock: Clock, stored: str, expected: int
+) -> None:
+    add(queue, "a")
+    add(queue, "b")
+    until = (clock.now + timedelta(seconds=60)).isoformat()
+    queue.set_kv({"circuit_state": stored, "circuit_open_until": until})
+    assert len(claim_ids(queue)) == expected
+
+
+def test_concurrent_claims_keep_limit(queue: VodQueue) -> None:
+    for index in range(20):
+        add(queue, f"v{index}")
+    claimed = run_concurrent_claims(queue, workers=6, wanted=3, limit=5)
+    assert len(claimed) == 5
+    assert len(set(claimed)) == 5
+
+
+def test_concurrent_claims_admit_one_trial(queue: VodQueue, clock: Clock) -> None:
+    for index in range(10):
+        add(queue, f"v{index}")
+    until = (clock.now - timedelta(seconds=1)).isoformat()
+    queue.set_kv({"circuit_state": "open", "circuit_open_until": until})
+    claimed = run_concurrent_claims(queue, workers=6, wanted=3, limit=10)
+    assert len(claimed) == 1
+    assert queue.get_kv(["circuit_state"]) == {"circuit_state": "half-open"}
+
+
+def run_concurrent_claims(
+    queue: VodQueue, *, workers: int, wanted: int, limit: int
+) -> list[str]:
+    """Claim from ``workers`` threads released together; return every VOD id."""
+    barrier = threading.Barrier(workers, timeout=10)
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def worker(owner: str) -> None:
+        try:
+            barrier.wait()
+            results.append(claim_ids(queue, owner, wanted=wanted, limit=limit))
+        except BaseException as exc:  # reported by the assert below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=worker, args=(f"w{index}",)) for index in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert not any(thread.is_alive() for thread in threads)
+    return [vod_id for claimed in results for vod_id in claimed]
