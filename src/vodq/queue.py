@@ -670,6 +670,7 @@ class VodQueue:
             )
             if result.rowcount != 1:
                 return False
+            release_path(conn, file_path, keep=row_id, now=now)
             self._record_download_time(conn, download_ms, now)
             transition = breaker.record_success(conn, now, row_id)
         self._notify_breaker(transition)
@@ -1031,6 +1032,21 @@ def _log_expired(vod_ids: list[str]) -> None:
             vod_id,
             extra={"vod_id": vod_id, "action": "lease_expired"},
         )
+
+
+def release_path(conn: Connection, path: str, *, keep: int, now: datetime) -> None:
+    """Make every VOD but ``keep`` forget ``path``, which now holds ``keep``'s file.
+
+    An operator may move or delete an archived file, and another VOD may then
+    be given the same name. The older record must not claim the new file, or
+    a reprocess would take another VOD's bytes for its own and a delete with
+    files would remove them.
+    """
+    conn.execute(
+        update(vods)
+        .where(vods.c.file_path == path, vods.c.id != keep)
+        .values(file_path=None, updated_at=now)
+    )
 
 
 def _back_to_queue(now: datetime) -> dict[str, Any]:

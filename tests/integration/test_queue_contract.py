@@ -192,6 +192,16 @@ def test_finish_hands_vod_to_upload_stage(queue: VodQueue) -> None:
     assert stored.lease_owner is None
 
 
+def test_finish_takes_path_from_older_record(queue: VodQueue) -> None:
+    for vod_id in ("a", "b"):
+        add(queue, vod_id)
+        (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+        # Both downloads end at one path: a's file was moved away meanwhile.
+        queue.finish(vod.id, "w1", file_path="/x/X.mp4", size=1, download_ms=1)
+    assert queue.get("a").file_path is None
+    assert queue.get("b").file_path == "/x/X.mp4"
+
+
 def test_finish_by_former_owner_is_rejected(queue: VodQueue, clock: Clock) -> None:
     add(queue, "a")
     (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)

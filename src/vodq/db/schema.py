@@ -149,6 +149,13 @@ Index(
     postgresql_where=vods.c.state == VodState.DOWNLOADED.value,
 )
 Index("ix_vods_state", vods.c.state, vods.c.priority)
+# Serves the release of a path that another VOD's record still names.
+Index(
+    "ix_vods_file_path",
+    vods.c.file_path,
+    sqlite_where=vods.c.file_path.is_not(None),
+    postgresql_where=vods.c.file_path.is_not(None),
+)
 
 workers = Table(
     "workers",

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, and_, func, literal_column, or_, select, text
 from vodq.db.schema import vods
 from vodq.errors import InvalidInput, InvalidTransition, VodNotFound
 from vodq.models import Vod, VodState
-from vodq.queue import CLAIM_ORDER, FRESH_UPLOAD, VodQueue, to_vod
+from vodq.queue import CLAIM_ORDER, FRESH_UPLOAD, VodQueue, release_path, to_vod
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,8 @@ class UploadStore:
                     updated_at=now,
                 )
             )
+            if result.rowcount == 1:
+                release_path(conn, file_path, keep=row_id, now=now)
         return bool(result.rowcount == 1)
 
     def fail(
