@@ -71,9 +71,14 @@ class UploadFailed(VodqError):
     sends the same file.
     """
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        # How long the destination asked to wait before the next attempt, in
+        # seconds (a Retry-After, or the time until a quota resets).
+        self.retry_after_s = retry_after_s
 
 
 class UploadCancelled(VodqError):

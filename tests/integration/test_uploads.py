@@ -146,8 +146,9 @@ def test_upload_failure_retries_then_fails_keeping_file(
     settle(service)
     assert vod.error_class == "upload_failed"
     assert vod.upload_attempts == 3
-    assert (
-        vod.last_error == "UPLOAD_COMMAND exited with status 3: remote refused doomed"
+    assert vod.last_error == (
+        "UPLOAD_COMMAND exited with status 3: remote refused doomed. Not retried: "
+        "all 3 upload attempts are used; reprocess the VOD to upload it again"
     )
     assert vod.file_path is not None
     assert Path(vod.file_path).is_file()

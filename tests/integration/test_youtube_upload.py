@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from vodq.upload.youtube import (
     MAX_DESCRIPTION_BYTES,
     MAX_TITLE_CHARS,
     YouTubeUploader,
+    seconds_to_quota_reset,
 )
 from youtube_server import CLIENT_SECRET, REFRESH_TOKEN, YouTubeServer
 
@@ -839,3 +841,24 @@ def test_upload_foreign_stored_session_not_retryable(
     assert not caught.value.retryable
     assert "set YOUTUBE_API_URL back" in str(caught.value)
     assert youtube.requests == []
+
+
+@pytest.mark.parametrize("reason", ["quotaExceeded", "uploadLimitExceeded"])
+def test_upload_daily_limit_waits_for_reset(
+    youtube: YouTubeServer, video: Path, make_uploader: UploaderFactory, reason: str
+) -> None:
+    youtube.fail("initiate", 403 if reason == "quotaExceeded" else 400, reason=reason)
+
+    with pytest.raises(UploadFailed) as caught:
+        upload(make_uploader(), make_job(video), youtube)
+
+    assert caught.value.retry_after_s is not None
+    assert caught.value.retry_after_s > 60
+    assert youtube.count("initiate") == 1
+
+
+def test_quota_reset_is_next_pacific_midnight() -> None:
+    # 07:00 UTC on 4 December is 23:00 the day before in Los Angeles (PST).
+    now = datetime(2026, 12, 4, 7, 0, tzinfo=UTC)
+
+    assert seconds_to_quota_reset(now) == 3600 + 60

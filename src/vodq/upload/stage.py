@@ -430,15 +430,24 @@ class UploadStage:
         vod = self._outcome_vod(entry)
         settings = self.settings
         retry_at = None
+        message = str(error)
         if error.retryable and entry.attempt < settings.upload_max_attempts:
             delay_s = backoff_delay(entry.attempt, settings.upload_backoff_base)
+            # A destination that names its wait (a quota that resets at a set
+            # time) is not asked again before it.
+            delay_s = max(delay_s, error.retry_after_s or 0.0)
             retry_at = self.store.clock() + timedelta(seconds=delay_s)
+        elif error.retryable:
+            message += (
+                f". Not retried: all {settings.upload_max_attempts} upload attempts "
+                "are used; reprocess the VOD to upload it again"
+            )
         state = self._store(
             lambda: self.store.fail(
                 vod.id,
                 self.worker_id,
                 vod.upload_started_at,
-                error=str(error),
+                error=message,
                 retry_at=retry_at,
             )
         )

@@ -22,14 +22,17 @@ import string
 import threading
 import time
 import unicodedata
+import zoneinfo
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from vodq.download.classify import retry_after_s
 from vodq.errors import ConfigError, UploadCancelled, UploadFailed
 from vodq.upload import UploadJob, UploadResult
 from vodq.upload.template import TemplateError, check, render
@@ -756,19 +759,22 @@ class _Attempt:
             return UploadFailed(
                 f"{vod} was rate limited ({what}); the next attempt tries again",
                 retryable=True,
+                retry_after_s=retry_after_s(dict(response.headers)),
             )
         if error.reason in _QUOTA_REASONS:
             return UploadFailed(
                 f"{vod} failed: the API quota of the Google Cloud project is used"
-                f" up ({what}); the next attempt tries again, or request more"
-                " quota in the Google Cloud console",
+                f" up ({what}); the next attempt waits for the daily reset, or"
+                " request more quota in the Google Cloud console",
                 retryable=True,
+                retry_after_s=seconds_to_quota_reset(),
             )
         if error.reason == "uploadLimitExceeded":
             return UploadFailed(
                 f"{vod} failed: the channel reached its daily upload limit"
-                f" ({what}); the next attempt tries again",
+                f" ({what}); the next attempt waits for the daily reset",
                 retryable=True,
+                retry_after_s=seconds_to_quota_reset(),
             )
         if status in (401, 403):
             return UploadFailed(
@@ -816,3 +822,21 @@ class _Attempt:
                 "action": action,
             },
         )
+
+
+def seconds_to_quota_reset(now: datetime | None = None) -> float:
+    """Seconds until midnight Pacific time, when YouTube's daily quotas reset.
+
+    Without the time zone database, one hour: long enough not to spend the
+    attempts, short enough to notice a reset soon after it happens.
+    """
+    try:
+        pacific = zoneinfo.ZoneInfo("America/Los_Angeles")
+    except zoneinfo.ZoneInfoNotFoundError:
+        return 3600.0
+    local = (now or datetime.now(UTC)).astimezone(pacific)
+    midnight = datetime.combine(
+        local.date() + timedelta(days=1), datetime.min.time(), tzinfo=pacific
+    )
+    # A minute past midnight, so that the reset has surely happened.
+    return (midnight - local).total_seconds() + 60.0
