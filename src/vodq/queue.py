@@ -413,16 +413,30 @@ class VodQueue:
         return int(result.rowcount)
 
     def set_skip_upload(self, vod_id: str, skip: bool) -> Vod:
-        """Mark whether the upload stage skips this VOD."""
+        """Mark whether the upload stage skips this VOD.
+
+        A VOD whose upload runs cannot be marked: the upload would go on and
+        leave a remote copy that the flag denies.
+        """
         with self._write() as conn:
+            query = update(vods).where(vods.c.vod_id == vod_id)
+            if skip:
+                query = query.where(vods.c.state != VodState.UPLOADING.value)
             row = conn.execute(
-                update(vods)
-                .where(vods.c.vod_id == vod_id)
-                .values(skip_upload=skip, updated_at=self.clock())
-                .returning(vods)
+                query.values(skip_upload=skip, updated_at=self.clock()).returning(vods)
             ).first()
+            if row is None:
+                current = conn.execute(
+                    select(vods.c.state).where(vods.c.vod_id == vod_id)
+                ).scalar_one_or_none()
         if row is None:
-            raise VodNotFound(vod_id)
+            if current is None:
+                raise VodNotFound(vod_id)
+            raise InvalidTransition(
+                f"VOD {vod_id!r} is uploading now, so its upload cannot be "
+                "skipped; cancel it first (POST /admin/vod/cancel), or let it "
+                "finish"
+            )
         return to_vod(row)
 
     def set_paused(self, paused: bool, *, stop_running: bool = False) -> int:

@@ -546,3 +546,14 @@ def run_concurrent_claims(
     assert errors == []
     assert not any(thread.is_alive() for thread in threads)
     return [vod_id for claimed in results for vod_id in claimed]
+
+
+def test_skip_upload_refused_while_uploading(queue: VodQueue) -> None:
+    add(queue, "a")
+    with queue.engine.begin() as conn:
+        conn.execute(text("UPDATE vods SET state = 'uploading' WHERE vod_id = 'a'"))
+
+    with pytest.raises(InvalidTransition):
+        queue.set_skip_upload("a", True)
+
+    assert queue.get("a").skip_upload is False
