@@ -752,6 +752,32 @@ class VodQueue:
             breaker.record_release(conn, row_id)
         return bool(result.rowcount == 1)
 
+    def give_up(
+        self,
+        row_id: int,
+        owner: str,
+        *,
+        error: str,
+        started_at: datetime | None = None,
+    ) -> bool:
+        """Fail a claimed VOD for good without an attempt (its attempts are used)."""
+        now = self.clock()
+        with self._write() as conn:
+            result = conn.execute(
+                self._owned(row_id, owner, started_at).values(
+                    state=VodState.FAILED.value,
+                    next_attempt_at=None,
+                    last_error=error,
+                    speed_bps=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            breaker.record_release(conn, row_id)
+        return bool(result.rowcount == 1)
+
     # -- key-value state --------------------------------------------------
 
     def get_kv(

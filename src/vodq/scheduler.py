@@ -283,6 +283,9 @@ class Scheduler:
                     previous = self._running.get(vod.id)
                     if previous is not None:
                         previous.lease_until = lease_until
+                if previous is None and vod.attempts >= settings.download_max_attempts:
+                    self._give_up(vod, settings.download_max_attempts)
+                    continue
                 if previous is None:
                     self._start_download(vod, lease_until)
                     continue
@@ -329,6 +332,30 @@ class Scheduler:
         if time.monotonic() - self._last_run_written >= LAST_RUN_WRITE_S:
             self.queue.set_kv({"last_process_run": self.last_process_run.isoformat()})
             self._last_run_written = time.monotonic()
+
+    def _give_up(self, vod: Vod, max_attempts: int) -> None:
+        """Fail a VOD whose retry was scheduled before DOWNLOAD_MAX_ATTEMPTS fell."""
+        error = (
+            f"{_RETRY_PROMISE.sub('', vod.last_error or 'download failed')}. Not "
+            f"retried: DOWNLOAD_MAX_ATTEMPTS is now {max_attempts} and "
+            f"{vod.attempts} attempts are used; reprocess the VOD to try again"
+        )
+        given_up = self._store(
+            lambda: self.queue.give_up(
+                vod.id, self.worker_id, error=error, started_at=vod.started_at
+            )
+        )
+        if given_up:
+            log.error(
+                "download failed for good (all %d attempts used): %s",
+                max_attempts,
+                vod.last_error,
+                extra={
+                    "vod_id": vod.vod_id,
+                    "attempt": vod.attempts,
+                    "action": "download_failed",
+                },
+            )
 
     def _start_download(self, vod: Vod, lease_until: float) -> None:
         entry = RunningDownload(

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import ServiceFactory, wait_for, wait_for_state
-from mediaserver import MediaServer
+from mediaserver import Fault, MediaServer
 from vodq.api.app import create_app
 from vodq.models import VodState
 from vodq.service import NewVod, Service
@@ -194,3 +194,21 @@ def test_lower_concurrency_excess_downloads(
             service.cancel_vod(f"ex{index}")
     for index in range(3):
         wait_for_state(service, f"ex{index}", {VodState.CANCELLED}, timeout_s=10)
+
+
+def test_lowered_max_attempts_cancels_scheduled_retry(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    url = media_server.add_file("lower.mp4", random.randbytes(32 * KIB))
+    media_server.script(url, [Fault.status(500)] * 5)
+    service = make_service(DOWNLOAD_MAX_ATTEMPTS="5", DOWNLOAD_BACKOFF_BASE="1s")
+    service.add_vod(NewVod(vod_id="lower", url=url))
+    wait_for(lambda: service.queue.get("lower").attempts == 1)
+
+    service.update_config({"DOWNLOAD_MAX_ATTEMPTS": "1"})
+    vod = wait_for_state(service, "lower", {VodState.FAILED})
+
+    assert vod.attempts == 1
+    assert vod.last_error is not None
+    assert "DOWNLOAD_MAX_ATTEMPTS is now 1" in vod.last_error
+    assert len([r for r in media_server.requests_for(url) if r.method == "GET"]) == 1
