@@ -243,6 +243,7 @@ class Service:
                     ),
                 ),
                 stall_timeout_s=settings.stall_timeout,
+                orphan_after_s=settings.lease_duration / 2,
             )
             warm_up()
             self.scheduler = Scheduler(

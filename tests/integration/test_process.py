@@ -237,7 +237,11 @@ _SERVICE_SCRIPT = textwrap.dedent(
     from vodq.download import DownloadJob
     from vodq.download.process import ProcessDownloader
 
-    downloader = ProcessDownloader(HangingEngine(Path(sys.argv[1])), stall_timeout_s=60)
+    downloader = ProcessDownloader(
+        HangingEngine(Path(sys.argv[1])),
+        stall_timeout_s=60,
+        orphan_after_s=float(sys.argv[2]),
+    )
     downloader.download(
         DownloadJob("v1", "http://127.0.0.1:9/none.mp4", 1),
         on_progress=lambda _progress: None,
@@ -256,7 +260,7 @@ def test_process_service_killed_takes_its_downloads_along(tmp_path: Path) -> Non
         "PYTHONPATH": f"{tests_dir}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
     }
     service = subprocess.Popen(
-        [sys.executable, "-c", _SERVICE_SCRIPT, str(pid_file)], env=env
+        [sys.executable, "-c", _SERVICE_SCRIPT, str(pid_file), "15"], env=env
     )
     try:
         child, grandchild = _pids(pid_file)
@@ -271,3 +275,29 @@ def test_process_service_killed_takes_its_downloads_along(tmp_path: Path) -> Non
             service.wait(timeout=10)
 
     assert _ends(grandchild)
+
+
+def test_process_paused_service_stops_its_downloads(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    tests_dir = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tests_dir}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
+    }
+    service = subprocess.Popen(
+        [sys.executable, "-c", _SERVICE_SCRIPT, str(pid_file), "1"], env=env
+    )
+    try:
+        child, grandchild = _pids(pid_file)
+
+        # A paused service cannot renew its leases, so its downloads must
+        # stop before another worker takes them over.
+        service.send_signal(signal.SIGSTOP)
+
+        wait_for(lambda: not _alive(child) and not _alive(grandchild), timeout_s=10)
+    finally:
+        service.send_signal(signal.SIGCONT)
+        service.kill()
+        service.wait(timeout=10)
+
+    assert not _alive(grandchild)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -225,7 +226,9 @@ from vodq.upload import UploadJob
 from vodq.upload.command import CommandUploader
 
 job = UploadJob("v1", Path(sys.argv[1]), 4, 1, None, None, None, "http://127.0.0.1:9/v")
-CommandUploader(tuple(sys.argv[2:]), timeout_s=60).upload(
+CommandUploader(
+    tuple(sys.argv[3:]), timeout_s=60, orphan_after_s=float(sys.argv[2])
+).upload(
     job,
     cancelled=threading.Event(),
     on_session=lambda _session: None,
@@ -243,6 +246,7 @@ def test_command_dies_with_a_killed_service(tmp_path: Path) -> None:
             "-c",
             _UPLOAD_IN_A_SERVICE,
             str(media),
+            "15",
             *python(CHILD_AND_WAIT, str(pid_file)),
         ]
     )
@@ -258,4 +262,33 @@ def test_command_dies_with_a_killed_service(tmp_path: Path) -> None:
         if service.poll() is None:
             service.kill()
             service.wait(timeout=10)
+    assert not pid_alive(child)
+
+
+def test_command_stops_when_its_service_is_paused(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    media = make_job(tmp_path).path
+    service = subprocess.Popen(
+        [
+            PYTHON,
+            "-c",
+            _UPLOAD_IN_A_SERVICE,
+            str(media),
+            "1",
+            *python(CHILD_AND_WAIT, str(pid_file)),
+        ]
+    )
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", timeout_s=20)
+        child = int(pid_file.read_text())
+
+        # A paused worker cannot renew the upload's lease; another worker may
+        # take it over, so the command must not go on meanwhile.
+        service.send_signal(signal.SIGSTOP)
+
+        wait_for(lambda: not pid_alive(child), timeout_s=10)
+    finally:
+        service.send_signal(signal.SIGCONT)
+        service.kill()
+        service.wait(timeout=10)
     assert not pid_alive(child)

@@ -71,6 +71,13 @@ POLL_S = 0.05
 # fast source, and the service needs only a recent figure.
 PROGRESS_INTERVAL_S = 0.1
 
+# How often the service side tells a child that it is still there, in
+# seconds. A child that hears nothing for its orphan timeout (half the lease,
+# passed in) kills its group: a service that is paused (SIGSTOP, a frozen
+# machine) cannot renew the lease either, and another worker may take the
+# VOD over and write the same partial file.
+ALIVE_INTERVAL_S = 0.5
+
 # Extra seconds the stall watchdog grants beyond DOWNLOAD_STALL_TIMEOUT, so
 # that a silent socket fails first inside the child, through yt-dlp's own
 # timeout, with its precise message.
@@ -125,11 +132,15 @@ class ProcessDownloader:
         stall_timeout_s: float,
         cancel_grace_s: float = CANCEL_GRACE_S,
         stall_margin_s: float = STALL_MARGIN_S,
+        orphan_after_s: float = 15.0,
     ) -> None:
         self.engine = engine
         self.stall_timeout_s = stall_timeout_s
         self.cancel_grace_s = cancel_grace_s
         self.stall_margin_s = stall_margin_s
+        # Seconds without a word from this side after which a child kills
+        # its group; below the lease, so that it stops before a takeover.
+        self.orphan_after_s = orphan_after_s
 
     def download(
         self,
@@ -144,7 +155,12 @@ class ProcessDownloader:
         level = logging.getLogger().getEffectiveLevel()
         child = _context.Process(
             target=child_main,
-            args=(theirs, self.engine, job, bucket.rate, level),
+            args=(theirs, self.engine, job),
+            kwargs={
+                "rate": bucket.rate,
+                "log_level": level,
+                "orphan_after_s": self.orphan_after_s,
+            },
             name=f"vodq-download-{job.vod_id}",
             daemon=True,
         )
@@ -193,6 +209,7 @@ class ProcessDownloader:
         sent_rate = bucket.rate
         last_bytes = -1
         last_activity = time.monotonic()
+        last_alive = last_activity
         cancel_deadline: float | None = None
 
         while True:
@@ -233,6 +250,9 @@ class ProcessDownloader:
             if rate != sent_rate:
                 sent_rate = rate
                 _send(conn, ("rate", rate))
+            if now - last_alive >= ALIVE_INTERVAL_S:
+                last_alive = now
+                _send(conn, ("alive",))
 
             if now - last_activity > self._stall_limit_s(rate):
                 return _Outcome(killed_for="stall", waited_s=now - last_activity)
@@ -392,8 +412,10 @@ def child_main(
     conn: Connection,
     engine: Engine,
     job: DownloadJob,
+    *,
     rate: float | None,
     log_level: int,
+    orphan_after_s: float,
 ) -> None:
     """Run one attempt in this child process and report it through ``conn``."""
     os.setsid()
@@ -404,7 +426,9 @@ def child_main(
     cancelled = threading.Event()
     bucket = TokenBucket(rate)
     threading.Thread(
-        target=_listen, args=(conn, outbox, cancelled, bucket), daemon=True
+        target=_listen,
+        args=(conn, outbox, cancelled, bucket, orphan_after_s),
+        daemon=True,
     ).start()
 
     last_sent = 0.0
@@ -463,10 +487,18 @@ def _listen(
     outbox: _Outbox,
     cancelled: threading.Event,
     bucket: TokenBucket,
+    orphan_after_s: float,
 ) -> None:
-    """Apply the service's rate changes and cancel; die with the service."""
+    """Apply the service's rate changes and cancel; die with the service.
+
+    The service side writes at least every ALIVE_INTERVAL_S, so silence for
+    ``orphan_after_s`` means it is paused or wedged, and is treated like its
+    death.
+    """
     while True:
         try:
+            if not conn.poll(orphan_after_s):
+                break
             message = conn.recv()
         except (EOFError, OSError):
             break
@@ -477,7 +509,7 @@ def _listen(
 
     if outbox.final_sent:
         return
-    # The service is gone: it can no longer renew this VOD's lease, and a
-    # restarted service will resume the partial file. Nothing may write it
-    # after this point.
+    # The service is gone or silent: it can no longer renew this VOD's lease,
+    # and another worker, or a restarted service, will resume the partial
+    # file. Nothing may write it after this point.
     os.killpg(0, signal.SIGKILL)

@@ -15,6 +15,7 @@ timeout end the whole group: SIGTERM first, SIGKILL after KILL_GRACE_S.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -195,7 +196,9 @@ class CommandUploader:
 
     name = "command"
 
-    def __init__(self, argv: tuple[str, ...], *, timeout_s: float) -> None:
+    def __init__(
+        self, argv: tuple[str, ...], *, timeout_s: float, orphan_after_s: float = 15.0
+    ) -> None:
         program = argv[0]
         if "{" not in program and shutil.which(program) is None:
             # Checked where uploads run, not in every process that reads the
@@ -208,6 +211,9 @@ class CommandUploader:
             )
         self.argv = argv
         self.timeout_s = timeout_s
+        # Seconds of silence from this process after which the tether kills
+        # the command; below the lease, so that it stops before a takeover.
+        self.orphan_after_s = orphan_after_s
 
     def upload(
         self,
@@ -229,9 +235,18 @@ class CommandUploader:
         # command never outlives its attempt; only this process holds the
         # pipe's write end.
         tether_read, tether_write = os.pipe()
+        # Never wait on the tether: a full pipe only means it has not read yet.
+        os.set_blocking(tether_write, False)
         try:
             process = subprocess.Popen(  # noqa: S603 - the operator's own command, no shell
-                [sys.executable, "-m", "vodq.tether", str(tether_read), *argv],
+                [
+                    sys.executable,
+                    "-m",
+                    "vodq.tether",
+                    str(tether_read),
+                    str(self.orphan_after_s),
+                    *argv,
+                ],
                 env=command_environment(job),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -255,7 +270,7 @@ class CommandUploader:
         stdout.thread.start()
         stderr.thread.start()
         try:
-            status = self._wait(process, cancelled)
+            status = self._wait(process, cancelled, tether_write)
         finally:
             # Whatever the command left running belongs to this attempt and
             # could otherwise upload a second copy later.
@@ -293,7 +308,7 @@ class CommandUploader:
         return UploadResult(remote_id=remote, remote_url=remote if is_url else None)
 
     def _wait(
-        self, process: subprocess.Popen[bytes], cancelled: threading.Event
+        self, process: subprocess.Popen[bytes], cancelled: threading.Event, tether: int
     ) -> int:
         """Wait for the command; stop its group on cancel or timeout."""
         deadline = time.monotonic() + self.timeout_s
@@ -301,6 +316,7 @@ class CommandUploader:
             status = process.poll()
             if status is not None:
                 return status
+            _keep_alive(tether)
             if cancelled.wait(POLL_S):
                 _stop_group(process)
                 raise UploadCancelled("the upload command was stopped")
@@ -311,6 +327,13 @@ class CommandUploader:
                     "stopped; raise UPLOAD_COMMAND_TIMEOUT if uploads take longer",
                     retryable=True,
                 )
+
+
+def _keep_alive(tether: int) -> None:
+    """Tell the tether that this process still runs the attempt."""
+    # A tether that already ended cannot read; the command's status says why.
+    with contextlib.suppress(OSError):
+        os.write(tether, b".")
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:

@@ -602,7 +602,9 @@ def make_uploader(settings: Settings) -> Uploader | None:
         from vodq.upload.command import CommandUploader
 
         return CommandUploader(
-            settings.upload_command, timeout_s=settings.upload_command_timeout
+            settings.upload_command,
+            timeout_s=settings.upload_command_timeout,
+            orphan_after_s=settings.lease_duration / 2,
         )
     if settings.uploader == "youtube":
         # Imported here, so that the default uploaders never need its code.
