@@ -309,8 +309,8 @@ class VodqProcess:
 
         Downloads run in child processes forked from a fork server, so the
         service's memory is the whole tree. Pss divides each shared page
-        between the processes that map it, so its sum counts every page once;
-        the RSS sum counts shared pages once per process.
+        between the processes that map it, so its sum counts every page once.
+        The RSS sum counts shared pages once per process.
         """
         pids = descendants(self.pid)
         rss = pss = 0

@@ -240,7 +240,7 @@ def free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs; a zombie has ended its work."""
+    """Return whether ``pid`` still runs; a zombie counts as ended."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:

@@ -20,7 +20,7 @@ from vodq.download import DownloadJob, DownloadResult
 from vodq.errors import DownloadCancelled, DownloadFailed
 from vodq.models import Progress
 
-# Longest any of these downloaders runs, in seconds.
+# Maximum time any of these downloaders runs, in seconds.
 HANG_S = 60.0
 
 

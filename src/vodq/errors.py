@@ -65,7 +65,7 @@ class DownloadCancelled(VodqError):
 
 
 class UploadFailed(VodqError):
-    """An upload attempt failed; ``retryable`` tells whether to try again.
+    """An upload attempt failed; ``retryable`` is whether to try again.
 
     A failed upload never discards the downloaded file: the next attempt
     sends the same file.

@@ -738,19 +738,7 @@ class VodQueue:
         started_at: datetime | None = None,
     ) -> bool:
         """Give a claimed VOD back without counting an attempt (cancel, shutdown)."""
-        now = self.clock()
-        with self._write() as conn:
-            result = conn.execute(
-                self._owned(row_id, owner, started_at).values(
-                    state=state.value,
-                    speed_bps=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-            )
-            breaker.record_release(conn, row_id)
-        return bool(result.rowcount == 1)
+        return self._let_go(row_id, owner, started_at, state=state.value)
 
     def give_up(
         self,
@@ -761,18 +749,28 @@ class VodQueue:
         started_at: datetime | None = None,
     ) -> bool:
         """Fail a claimed VOD for good without an attempt (its attempts are used)."""
-        now = self.clock()
+        return self._let_go(
+            row_id,
+            owner,
+            started_at,
+            state=VodState.FAILED.value,
+            next_attempt_at=None,
+            last_error=error,
+            finished_at=self.clock(),
+        )
+
+    def _let_go(
+        self, row_id: int, owner: str, started_at: datetime | None, **values: Any
+    ) -> bool:
+        """End ``owner``'s lease with ``values``, counting no attempt."""
         with self._write() as conn:
             result = conn.execute(
                 self._owned(row_id, owner, started_at).values(
-                    state=VodState.FAILED.value,
-                    next_attempt_at=None,
-                    last_error=error,
+                    **values,
                     speed_bps=None,
                     lease_owner=None,
                     lease_expires_at=None,
-                    finished_at=now,
-                    updated_at=now,
+                    updated_at=self.clock(),
                 )
             )
             breaker.record_release(conn, row_id)
@@ -1075,7 +1073,7 @@ def _log_expired(vod_ids: list[str]) -> None:
 
 
 def release_path(conn: Connection, path: str, *, keep: int, now: datetime) -> None:
-    """Make every VOD but ``keep`` forget ``path``, which now holds ``keep``'s file.
+    """Clear ``path`` from every VOD but ``keep``, whose file is now at ``path``.
 
     An operator may move or delete an archived file, and another VOD may then
     be given the same name. The older record must not claim the new file, or

@@ -10,11 +10,24 @@ seconds. A server's ``Retry-After`` is a floor on top of both.
 
 from __future__ import annotations
 
+import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
-from vodq.errors import DownloadFailed
+from sqlalchemy.exc import SQLAlchemyError
+
+from vodq.errors import DownloadFailed, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Pause between two tries of a result write, in seconds.
+STORE_RETRY_S = 0.5
 
 # Longest wait between two attempts, in seconds, however many attempts failed.
 BACKOFF_CAP_S = 3600.0
@@ -60,3 +73,29 @@ def next_attempt_at(
     if retry_after_s is not None:
         delay_s = max(delay_s, retry_after_s)
     return now + timedelta(seconds=delay_s)
+
+
+def store_outcome(
+    write: Callable[[], T], *, within_s: float, what: str, worker_id: str
+) -> T | None:
+    """Run ``write``, trying again while the database is briefly unavailable.
+
+    The outcome of a finished attempt must not be lost to a database
+    restart, so the write is tried until ``within_s`` (the lease, which
+    would have expired by then anyway) has passed. Returns None, after one
+    ERROR line naming ``what``, when every try failed.
+    """
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return write()
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            if time.monotonic() >= deadline:
+                log.error(
+                    "could not record %s, giving up: %s",
+                    what,
+                    exc,
+                    extra={"worker_id": worker_id, "action": "store"},
+                )
+                return None
+            time.sleep(STORE_RETRY_S)

@@ -36,7 +36,7 @@ from vodq.errors import (
 from vodq.metrics import Metrics
 from vodq.models import Progress, Vod, VodState
 from vodq.queue import VodQueue
-from vodq.retry import RetryPolicy, next_attempt_at
+from vodq.retry import RetryPolicy, next_attempt_at, store_outcome
 from vodq.workers import WORKER_HEARTBEAT_S, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# The end of a classified message that says when the next attempt comes.
+# The end of a classified message, which announces the next attempt.
 _RETRY_PROMISE = re.compile(r"\. Retried\b.*$", re.DOTALL)
 
 
@@ -598,25 +598,13 @@ class Scheduler:
         entry.cancelled.set()
 
     def _store(self, write: Callable[[], T]) -> T | None:
-        """Run a result write, retrying while the database is briefly unavailable.
-
-        The outcome of a finished attempt must not be lost to a database
-        restart, so the write is retried until the lease would have expired
-        anyway.
-        """
-        deadline = time.monotonic() + self.settings.lease_duration
-        while True:
-            try:
-                return write()
-            except (StorageUnavailable, SQLAlchemyError) as exc:
-                if time.monotonic() >= deadline:
-                    log.error(
-                        "could not record a download result, giving up: %s",
-                        exc,
-                        extra={"worker_id": self.worker_id, "action": "store"},
-                    )
-                    return None
-                time.sleep(0.5)
+        """Run a result write; see vodq.retry.store_outcome."""
+        return store_outcome(
+            write,
+            within_s=self.settings.lease_duration,
+            what="a download result",
+            worker_id=self.worker_id,
+        )
 
     # -- the heartbeat thread ---------------------------------------------
 

@@ -118,7 +118,7 @@ class ArchiveLayout:
             if expected_size is not None and size != expected_size:
                 raise SizeMismatch(downloaded, size, expected_size)
             os.fsync(handle.fileno())
-        # The archive also holds files renamed after ARCHIVE_NAME_TEMPLATE
+        # The archive also contains files renamed after ARCHIVE_NAME_TEMPLATE
         # and the operator's own, so the name may be taken already.
         for number in range(1, MAX_NAME_TRIES + 1):
             target = self.archive_dir / numbered(downloaded.name, number)

@@ -71,11 +71,10 @@ POLL_S = 0.05
 # fast source, and the service needs only a recent figure.
 PROGRESS_INTERVAL_S = 0.1
 
-# How often the service side tells a child that it is still there, in
-# seconds. A child that hears nothing for its orphan timeout (half the lease,
-# passed in) kills its group: a service that is paused (SIGSTOP, a frozen
-# machine) cannot renew the lease either, and another worker may take the
-# VOD over and write the same partial file.
+# How often the service side writes to a child that it is still running, in
+# seconds. A child that reads nothing for its orphan timeout (half the lease)
+# kills its group, because a paused service (SIGSTOP, a frozen machine)
+# cannot renew the lease, and another worker may take the VOD over.
 ALIVE_INTERVAL_S = 0.5
 
 # Extra seconds the stall watchdog grants beyond DOWNLOAD_STALL_TIMEOUT, so
@@ -84,11 +83,12 @@ ALIVE_INTERVAL_S = 0.5
 STALL_MARGIN_S = 5.0
 
 # The modules the fork server imports once, for every child to share. Each
-# child runs the parent's main script again before it starts (multiprocessing
-# does so for every start method but fork); for the ``vodq`` command that
-# script imports vodq.cli and with it the whole service, 50 to 150 ms per
-# download unless the fork server has imported it already. (Python 3.11
-# ignores "__main__" in this list: it never passes the script's path on.)
+# child runs the parent's main script again before it starts, as
+# multiprocessing does for every start method but fork. For the ``vodq``
+# command that script imports vodq.cli and the whole service, 60 to 150 ms
+# per download (measured on 2 cores) unless the fork server has it already.
+# Python 3.11 ignores "__main__" in this list, because it never passes the
+# script's path to the fork server.
 PRELOAD = ["vodq.cli", "vodq.download.process", "vodq.download.preload"]
 
 

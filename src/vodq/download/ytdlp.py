@@ -1,10 +1,10 @@
 """The yt-dlp downloader: the library, one attempt per call, with its guards.
 
 Why the library and not the command line: it streams plain HTTP at close to
-curl's speed where the command line pays about 0.6 s of start-up per job and
-a third of the throughput, and its progress hook runs on the reading thread,
-so a token bucket there holds a rate that can change while the download
-runs, and raising from the hook stops the download at the next block.
+curl's speed, where the command line pays about 0.6 s of start-up per job and
+a third of the throughput. Its progress hook runs on the reading thread, so
+a token bucket there keeps a rate that can change while the download runs,
+and raising from the hook stops the download at the next block.
 
 The service runs each call in a child process of its own (process.py),
 which it kills with its whole process group when a cancel is not honoured in
@@ -90,12 +90,12 @@ def read_block_for(rate: float | None) -> int:
     return max(MIN_READ_BLOCK_BYTES, min(READ_BLOCK_BYTES, block))
 
 
-# HLS fragments downloaded at once. The token bucket would hold the rate for
-# any number (the fragment threads share it), but in yt-dlp 2026.11 a
+# HLS fragments downloaded at once. The token bucket would keep the rate for
+# any number, because the fragment threads share it. But in yt-dlp 2026.11 a
 # fragment that fails while others download closes the output file under
-# them and records the failed append in its .ytdl file as done, so the next
-# attempt resumes past a missing fragment and ends "done" with data missing
-# (seen in test_faults' HLS cases in about one run in five with 4 fragments).
+# them, and records the failed append in its .ytdl file as done. The next
+# attempt then resumes past a missing fragment and ends "done" with data
+# missing (seen in test_faults' HLS cases in about one run in five with 4).
 # TODO: allow concurrent fragments once every archived HLS file is checked
 # against its playlist, fragment by fragment.
 HLS_CONCURRENT_FRAGMENTS = 1
@@ -372,7 +372,7 @@ def direct_info(job: DownloadJob) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class YtDlpEngine:
-    """What a download process needs to build the yt-dlp downloader."""
+    """The settings from which a download process builds the yt-dlp downloader."""
 
     data_dir: Path
     socket_timeout_s: float
@@ -675,7 +675,7 @@ class YtDlpDownloader:
             "progress_hooks": [hook],
             # yt-dlp renders a progress line after every block even when
             # nothing prints it, which cost 63% of the reading thread at
-            # 128 KiB blocks; our hook still runs after every block.
+            # 128 KiB blocks. Our own hook still runs after every block.
             "progress_delta": 1.0,
             # Every failure reaches our retry policy, which backs off and
             # counts attempts; yt-dlp's own retries would do neither.

@@ -12,7 +12,7 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class UploadJob:
-    """What one upload attempt sends, and what an earlier attempt left behind.
+    """One upload attempt: the file it sends, and what an earlier attempt left.
 
     ``session`` is what the uploader recorded through ``on_session`` during an
     earlier attempt (a resumable-upload URL, say), so that this attempt
@@ -41,7 +41,7 @@ class UploadResult:
 class Uploader(Protocol):
     """Uploads one VOD's file per call, on the calling thread.
 
-    ``upload`` raises UploadFailed (``retryable`` tells whether another
+    ``upload`` raises UploadFailed (``retryable`` is whether another
     attempt may succeed) or UploadCancelled when ``cancelled`` is set. It
     calls ``on_session`` with anything that lets a later attempt resume this
     upload, before sending the file's bytes, and ``on_progress`` with the

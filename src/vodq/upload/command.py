@@ -231,11 +231,12 @@ class CommandUploader:
                 "file; check that the program exists and is executable",
                 retryable=False,
             )
-        # The tether kills the command's group if this process dies, so a
-        # command never outlives its attempt; only this process holds the
-        # pipe's write end.
+        # The tether kills the command's group if this process dies or falls
+        # silent, so a command does not outlive its attempt. Only this
+        # process has the pipe's write end.
         tether_read, tether_write = os.pipe()
-        # Never wait on the tether: a full pipe only means it has not read yet.
+        # Writes must not block: a full pipe only means the tether has not
+        # read yet.
         os.set_blocking(tether_write, False)
         try:
             process = subprocess.Popen(  # noqa: S603 - the operator's own command, no shell
@@ -331,7 +332,8 @@ class CommandUploader:
 
 def _keep_alive(tether: int) -> None:
     """Tell the tether that this process still runs the attempt."""
-    # A tether that already ended cannot read; the command's status says why.
+    # A tether that already ended cannot read, and the command's exit status
+    # reports why.
     with contextlib.suppress(OSError):
         os.write(tether, b".")
 

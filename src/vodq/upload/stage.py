@@ -30,7 +30,7 @@ from vodq.config import Settings
 from vodq.errors import StorageUnavailable, UploadCancelled, UploadFailed, VodqError
 from vodq.metrics import Metrics
 from vodq.models import Vod, VodState
-from vodq.retry import backoff_delay
+from vodq.retry import backoff_delay, store_outcome
 from vodq.upload import Uploader, UploadJob, UploadResult, archive
 from vodq.upload.retention import delete_expired_files
 from vodq.upload.store import UploadStore
@@ -522,20 +522,13 @@ class UploadStage:
         return entry.thread is not None and entry.thread.is_alive()
 
     def _store(self, write: Callable[[], T]) -> T | None:
-        """Run a result write, retrying while the database is briefly unavailable."""
-        deadline = time.monotonic() + self.settings.lease_duration
-        while True:
-            try:
-                return write()
-            except (StorageUnavailable, SQLAlchemyError) as exc:
-                if time.monotonic() >= deadline:
-                    log.error(
-                        "could not record an upload result, giving up: %s",
-                        exc,
-                        extra={"worker_id": self.worker_id, "action": "upload_store"},
-                    )
-                    return None
-                time.sleep(0.5)
+        """Run a result write; see vodq.retry.store_outcome."""
+        return store_outcome(
+            write,
+            within_s=self.settings.lease_duration,
+            what="an upload result",
+            worker_id=self.worker_id,
+        )
 
     # -- retention --------------------------------------------------------
 

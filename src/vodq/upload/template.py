@@ -67,7 +67,7 @@ def check(template: str) -> None:
 
 
 def fields(job: UploadJob) -> dict[str, str]:
-    """The values a template can use, for one job."""
+    """Return the values a template can use, for one job."""
     return {
         "vod_id": job.vod_id,
         "title": job.title or "",
@@ -144,7 +144,7 @@ def _is_reserved(name: str) -> bool:
 
 
 def extension_of(path: Path) -> str:
-    """The extension of a downloaded file, without the dot."""
+    """Return the extension of a downloaded file, without the dot."""
     return path.suffix.lstrip(".")
 
 
