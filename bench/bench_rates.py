@@ -6,7 +6,7 @@ DOWNLOAD_RATE_LIMIT, or three sharing DOWNLOAD_TOTAL_RATE_LIMIT). In each
 case one ``vodq serve`` downloads, and then the yt-dlp command line
 downloads the same files with ``--limit-rate``. The command line has no
 pooled limit, so the pooled mode runs three processes at a third of the
-rate each. The benchmark server
+rate each. HLS is fetched four fragments at once by both. The benchmark server
 logs every body write; the rate is the bytes it sent in each 5-second window
 after the first 2 seconds of the transfer.
 
@@ -48,6 +48,8 @@ RATES = {"500K": 500 * K, "2M": 2 * M, "10M": 10 * M}
 SKIP_S = 2.0
 WINDOW_S = 5.0
 POOL_DOWNLOADS = 3
+# HLS fragments fetched at once, by vodq and by the command line alike.
+HLS_FRAGMENTS = 4
 # The server logs an HLS segment leaving in one burst into the client's socket
 # buffers, so a window's bytes are known to about one segment per stream.
 # Segments are sized to at most 2.5% of a window's bytes at the target rate
@@ -200,7 +202,12 @@ def run_vodq(
         else {"DOWNLOAD_TOTAL_RATE_LIMIT": str(rate)}
     )
     with workdir("rates") as work:
-        env = vodq_env(work, MAX_CONCURRENT_DOWNLOADS=str(count), **limit)
+        env = vodq_env(
+            work,
+            MAX_CONCURRENT_DOWNLOADS=str(count),
+            HLS_CONCURRENT_FRAGMENTS=str(HLS_FRAGMENTS),
+            **limit,
+        )
         port = free_port()
         with vodq_process(
             "serve", env, work / "vodq.log", port=port, variant=variant
@@ -225,7 +232,7 @@ def run_cli(
             for name, url in zip(names, urls, strict=True):
                 args = [YT_DLP, "-q", "--no-progress", "--limit-rate", str(per_process)]
                 if kind == "hls":
-                    args += ["--concurrent-fragments", "4"]
+                    args += ["--concurrent-fragments", str(HLS_FRAGMENTS)]
                 # One output name per process: every playlist's id is "index".
                 args += ["-o", str(work / f"{name}.%(ext)s"), url]
                 procs.append(

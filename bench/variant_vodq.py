@@ -20,8 +20,6 @@ there when it is imported.
   playlists), which are the only ones the benchmarks use.
 * ``shared-ssl``: reuse one SSL context per set of options instead of
   loading the CA bundle again for every YoutubeDL.
-* ``fragments=<n>``: HLS fragments downloaded at once
-  (HLS_CONCURRENT_FRAGMENTS).
 """
 
 from __future__ import annotations
@@ -83,10 +81,6 @@ def apply(variant: str) -> list[str]:
                 _init(self, params, auto_init=False)
 
             yt_dlp.YoutubeDL.__init__ = no_auto_init
-        elif name == "fragments":
-            import vodq.download.ytdlp as ytdlp
-
-            ytdlp.HLS_CONCURRENT_FRAGMENTS = int(value)
         elif name == "shared-ssl":
             from yt_dlp.networking import _helper, common
 
@@ -96,7 +90,7 @@ def apply(variant: str) -> list[str]:
         else:
             raise SystemExit(
                 f"unknown variant {item!r}; use block=BYTES, ytdlp-buffer, "
-                "progress-delta=SECONDS, no-extractors, shared-ssl or fragments=N"
+                "progress-delta=SECONDS, no-extractors or shared-ssl"
             )
         applied.append(item)
     return applied

@@ -7,7 +7,10 @@ of its own, created and dropped around it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -133,3 +136,23 @@ def wait_for_state(
     """Wait until ``vod_id`` reaches one of ``states`` and return it."""
     wait_for(lambda: service.queue.get(vod_id).state in states, timeout_s=timeout_s)
     return service.queue.get(vod_id)
+
+
+@contextlib.contextmanager
+def tiny_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` at ``path``; always unmount it afterwards."""
+    if shutil.which("mount") is None:
+        pytest.skip("mount is not installed")
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

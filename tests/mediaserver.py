@@ -50,7 +50,7 @@ _DISCONNECT_ERRORS = (
     TimeoutError,
 )
 
-FaultKind = Literal["passthrough", "status", "truncate", "reset", "stall"]
+FaultKind = Literal["passthrough", "status", "truncate", "reset", "stall", "delay"]
 
 
 @dataclass
@@ -112,6 +112,13 @@ class Fault:
         if retry_after < 0:
             raise ValueError(f"invalid retry_after {retry_after}: expected >= 0")
         return cls.status(429, headers={"Retry-After": str(retry_after)})
+
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """Wait `seconds` before answering, then serve the GET normally."""
+        if seconds < 0:
+            raise ValueError(f"invalid seconds {seconds}: expected >= 0")
+        return cls("delay", seconds=seconds)
 
     @classmethod
     def truncate(cls, n_bytes: int) -> Fault:
@@ -325,6 +332,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if fault is not None and fault.kind == "passthrough":
                 fault = None
             record.fault = fault.kind if fault else None
+            if fault is not None and fault.kind == "delay":
+                self._wait(fault.seconds)
+                fault = None
             resource = media._find_resource(record.path)
             if fault is not None and fault.kind == "reset":
                 self._reset_connection()

@@ -64,6 +64,7 @@ KNOWN_VARIABLES = (
     "LEASE_DURATION",
     "DOWNLOAD_SOCKET_TIMEOUT",
     "DOWNLOAD_STALL_TIMEOUT",
+    "HLS_CONCURRENT_FRAGMENTS",
     "MIN_FREE_DISK",
     "WORKER_ID",
     "VODQ_SERVER",
@@ -133,6 +134,7 @@ class Settings:
     lease_duration: float = 30.0
     socket_timeout: float = 20.0
     stall_timeout: float = 60.0
+    hls_concurrent_fragments: int = 4
     min_free_disk: int = 1024**3
     worker_id: str = ""
 
@@ -170,6 +172,18 @@ def _positive_int(text: str) -> int:
         raise ValueError("not a whole number") from None
     if value < 1:
         raise ValueError("must be at least 1")
+    return value
+
+
+# Most HLS fragments one download fetches at once. Beyond this a download
+# opens more connections to one CDN than it gains in speed.
+MAX_CONCURRENT_FRAGMENTS = 16
+
+
+def _fragment_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_CONCURRENT_FRAGMENTS:
+        raise ValueError(f"must be at most {MAX_CONCURRENT_FRAGMENTS}")
     return value
 
 
@@ -363,6 +377,9 @@ def settings_from(values: Mapping[str, str]) -> Settings:
         ),
         stall_timeout=reader.get(
             "DOWNLOAD_STALL_TIMEOUT", _positive_duration, 60.0, "60s"
+        ),
+        hls_concurrent_fragments=reader.get(
+            "HLS_CONCURRENT_FRAGMENTS", _fragment_count, 4, "4"
         ),
         min_free_disk=reader.get("MIN_FREE_DISK", _size, 1024**3, "1G"),
         worker_id=reader.get(

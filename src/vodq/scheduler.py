@@ -156,7 +156,9 @@ class Scheduler:
             thread.start()
             self._threads.append(thread)
         log.info(
-            "scheduler started with %d download slots",
+            "scheduler started with %d download slots in this worker, %d in the "
+            "cluster",
+            self.slots(),
             self.settings.max_concurrent_downloads,
             extra={"worker_id": self.worker_id, "action": "start"},
         )

@@ -241,6 +241,7 @@ class Service:
                     socket_timeout_s=min(
                         settings.socket_timeout, settings.stall_timeout
                     ),
+                    hls_fragments=settings.hls_concurrent_fragments,
                 ),
                 stall_timeout_s=settings.stall_timeout,
                 orphan_after_s=settings.lease_duration / 2,

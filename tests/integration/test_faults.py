@@ -9,12 +9,10 @@ no cooldown), the stall timeout is 2 s, and results are read from the API's
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import random
-import shutil
 import subprocess
 import threading
 import time
@@ -28,7 +26,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from conftest import ServiceFactory, wait_for, wait_for_state
+from conftest import ServiceFactory, tiny_filesystem, wait_for, wait_for_state
 from mediaserver import Fault, MediaServer, RequestRecord
 from vodq.api.app import create_app
 from vodq.bandwidth import TokenBucket
@@ -460,7 +458,8 @@ def test_hls_fragment_never_served_not_done(
     assert vod.file_path is None
     assert list((tmp_path / "data" / "vods").iterdir()) == []
     assert len(gets(media_server, "/hls/hole/seg2.ts")) == 2
-    assert len(gets(media_server, "/hls/hole/seg3.ts")) == 0
+    # Fetched beside seg2 by another fragment thread, at most once an attempt.
+    assert len(gets(media_server, "/hls/hole/seg3.ts")) <= 2
 
 
 def test_hls_stray_fragment_removed_before_resume(
@@ -683,26 +682,6 @@ def test_size_mismatch_next_attempt_downloads_again(
 
 
 # -- disk full ---------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tiny_filesystem(path: Path, size: str) -> Iterator[Path]:
-    """Mount a tmpfs of ``size`` at ``path``; always unmount it afterwards."""
-    if shutil.which("mount") is None:
-        pytest.skip("mount is not installed")
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def grow_filesystem(path: Path, size: str) -> None:

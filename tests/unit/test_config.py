@@ -249,6 +249,20 @@ def test_db_dsn_follows_data_dir(tmp_path: Path) -> None:
             "DOWNLOAD_SOCKET_TIMEOUT", "5s", "socket_timeout", 5.0, id="socket-timeout"
         ),
         pytest.param("WORKER_ID", "worker-1", "worker_id", "worker-1", id="worker-id"),
+        pytest.param(
+            "HLS_CONCURRENT_FRAGMENTS",
+            "16",
+            "hls_concurrent_fragments",
+            16,
+            id="fragments-most",
+        ),
+        pytest.param(
+            "HLS_CONCURRENT_FRAGMENTS",
+            "1",
+            "hls_concurrent_fragments",
+            1,
+            id="fragments-one",
+        ),
     ],
 )
 def test_load_settings_valid_variable(
@@ -301,6 +315,20 @@ def test_trusted_proxies_parsed(value: str, networks: tuple[str, ...]) -> None:
 
 
 INVALID_VARIABLES = [
+    pytest.param(
+        "HLS_CONCURRENT_FRAGMENTS",
+        "0",
+        "HLS_CONCURRENT_FRAGMENTS='0' is invalid: must be at least 1; "
+        "use for example 4",
+        id="fragments-zero",
+    ),
+    pytest.param(
+        "HLS_CONCURRENT_FRAGMENTS",
+        "17",
+        "HLS_CONCURRENT_FRAGMENTS='17' is invalid: must be at most 16; "
+        "use for example 4",
+        id="fragments-too-many",
+    ),
     pytest.param(
         "MAX_CONCURRENT_DOWNLOADS",
         "0",

@@ -47,7 +47,7 @@ from yt_dlp.networking.exceptions import HTTPError, RequestError
 from yt_dlp.utils import YoutubeDLError
 
 from vodq.bandwidth import TokenBucket
-from vodq.download import DownloadJob, DownloadResult
+from vodq.download import DownloadJob, DownloadResult, fragments
 from vodq.download.classify import HttpErrorSeen, classify
 from vodq.download.files import ArchiveLayout, SizeMismatch
 from vodq.download.validators import (
@@ -90,15 +90,10 @@ def read_block_for(rate: float | None) -> int:
     return max(MIN_READ_BLOCK_BYTES, min(READ_BLOCK_BYTES, block))
 
 
-# HLS fragments downloaded at once. The token bucket would keep the rate for
-# any number, because the fragment threads share it. But in yt-dlp 2026.11 a
-# fragment that fails while others download closes the output file under
-# them, and records the failed append in its .ytdl file as done. The next
-# attempt then resumes past a missing fragment and ends "done" with data
-# missing (seen in test_faults' HLS cases in about one run in five with 4).
-# TODO: allow concurrent fragments once every archived HLS file is checked
-# against its playlist, fragment by fragment.
-HLS_CONCURRENT_FRAGMENTS = 1
+# HLS fragments downloaded at once unless HLS_CONCURRENT_FRAGMENTS says
+# otherwise. The fragment threads share one token bucket, so the rate holds
+# for any number; fragments.py keeps their appends safe to resume.
+HLS_CONCURRENT_FRAGMENTS = 4
 
 # HEAD statuses that mean the server does not support HEAD, not that the URL fails.
 _HEAD_UNSUPPORTED = frozenset({405, 501})
@@ -377,19 +372,30 @@ class YtDlpEngine:
     data_dir: Path
     socket_timeout_s: float
     read_block_bytes: int = READ_BLOCK_BYTES
+    hls_fragments: int = HLS_CONCURRENT_FRAGMENTS
 
     def build(self) -> YtDlpDownloader:
         return YtDlpDownloader(
-            ArchiveLayout(self.data_dir), socket_timeout_s=self.socket_timeout_s
+            ArchiveLayout(self.data_dir),
+            socket_timeout_s=self.socket_timeout_s,
+            hls_fragments=self.hls_fragments,
         )
 
 
 class YtDlpDownloader:
     """Download VODs with the yt-dlp library into an ArchiveLayout."""
 
-    def __init__(self, layout: ArchiveLayout, *, socket_timeout_s: float) -> None:
+    def __init__(
+        self,
+        layout: ArchiveLayout,
+        *,
+        socket_timeout_s: float,
+        hls_fragments: int = HLS_CONCURRENT_FRAGMENTS,
+    ) -> None:
         self.layout = layout
         self.socket_timeout_s = socket_timeout_s
+        self.hls_fragments = hls_fragments
+        fragments.install()
 
     def download(
         self,
@@ -696,7 +702,7 @@ class YtDlpDownloader:
             # The native HLS downloader keeps cancellation and throttling in
             # this process; ffmpeg would be a child we cannot throttle.
             "external_downloader": {"m3u8": "native"},
-            "concurrent_fragment_downloads": HLS_CONCURRENT_FRAGMENTS,
+            "concurrent_fragment_downloads": self.hls_fragments,
         }
 
     def _downloaded_path(self, ydl: Any, info: dict[str, Any] | None) -> Path:

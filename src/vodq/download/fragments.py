@@ -1,0 +1,194 @@
+"""Fragment appends that keep yt-dlp's resume record true to the partial file.
+
+yt-dlp's fragment downloaders (HLS and DASH) append each fragment to
+``X.part`` and then record its index in ``X.ytdl``. The next attempt skips
+every fragment up to that index. In yt-dlp 2026.11 the record can claim
+more than the file contains, and the next attempt then ends "done" with
+data missing:
+
+- With concurrent fragments, a fragment thread whose download fails closes
+  the shared ``X.part`` before raising. The main thread's next append,
+  of an earlier fragment that did arrive, then fails on the closed file,
+  but the index is recorded in a ``finally`` all the same.
+- An append that fails part-way (a full disk) leaves its first bytes in
+  ``X.part`` and records the index too.
+- A ``.ytdl`` that cannot be read (cut short by a full disk) makes yt-dlp
+  start again from the first fragment, appended to the old ``X.part``.
+
+``install`` replaces two of ``FragmentFD``'s steps, for every download in
+this process. The partial file becomes a ``FragmentSink``: an append is
+written whole or cut back off, only the thread that opened the file may
+close it, and a failed append is never recorded. The record is written to a
+temporary file and renamed over the old one, so it is always whole, and it
+also gives the partial file's size. When the next attempt starts, a file
+longer than its record (a process killed between an append and its record)
+is cut back to it; a shorter one, or one with no fragment recorded, starts
+again empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from yt_dlp.downloader.fragment import FragmentFD
+
+log = logging.getLogger(__name__)
+
+# The record's key for the partial file's size after the last append, in
+# bytes. yt-dlp's reader (2026.11) reads the fragment index and extra_state
+# only, so it ignores this key.
+PART_BYTES_KEY = "vodq_part_bytes"
+
+
+class FragmentSink:
+    """The partial file that fragments are appended to, each whole or not at all.
+
+    Unbuffered, so that a returned write is already in the file and no buffer
+    is flushed after the file is cut back.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        self._owner = threading.get_ident()
+        self._lock = threading.Lock()
+        self.broken = False
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def write(self, data: bytes) -> int:
+        """Append ``data`` whole, or cut the file back to its old size and raise."""
+        with self._lock:
+            if self.broken or self._file.closed:
+                self.broken = True
+                raise OSError(
+                    f"{self.path}: closed, or an earlier append failed, so "
+                    "nothing more is appended in this attempt; the next attempt "
+                    "resumes after the last whole fragment"
+                )
+            fd = self._file.fileno()
+            start = os.fstat(fd).st_size
+            view = memoryview(data)
+            try:
+                while view:
+                    written = self._file.write(view)
+                    if not written:
+                        raise OSError(f"{self.path}: a write wrote nothing")
+                    view = view[written:]
+            except BaseException:
+                self.broken = True
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        return len(data)
+
+    def flush(self) -> None:
+        # Unbuffered: every write has reached the file already.
+        return None
+
+    def close(self) -> None:
+        """Close the file, unless called from a thread other than the opener's.
+
+        In yt-dlp a failing fragment thread closes the shared file, which
+        would fail the appends of earlier fragments that did arrive. Those
+        are appended instead, and the attempt ends at the failed fragment.
+        """
+        if threading.get_ident() != self._owner:
+            log.debug("ignored a close of %s from a fragment thread", self.path)
+            return
+        self._file.close()
+
+
+def _prepare_frag_download(self: FragmentFD, ctx: dict[str, Any]) -> None:
+    _original_prepare(self, ctx)
+    path = ctx["tmpfilename"]
+    if path == "-":
+        return
+
+    ctx["dest_stream"].close()
+    # The file's own size, because after an unreadable record yt-dlp counts
+    # 0 bytes but still appends to the old file.
+    size = os.stat(path).st_size
+    recorded = _recorded_bytes(self, ctx)
+    keep = size
+    if ctx["fragment_index"] == 0:
+        # No fragment is recorded as appended, so the file's bytes are not
+        # known to be the start of this stream.
+        keep = 0
+    elif recorded is not None and recorded < size:
+        # Killed between an append and its record: the tail is that
+        # fragment, which this attempt appends again.
+        keep = recorded
+    elif recorded is not None and recorded > size:
+        log.warning(
+            "%s is %d bytes but its record gives %d; downloading it again "
+            "from the first fragment",
+            path,
+            size,
+            recorded,
+        )
+        keep = 0
+        ctx["fragment_index"] = 0
+
+    if keep != size:
+        os.truncate(path, keep)
+        ctx["complete_frags_downloaded_bytes"] = keep
+        _write_ytdl_file(self, ctx)
+    ctx["dest_stream"] = FragmentSink(path)
+
+
+def _recorded_bytes(self: FragmentFD, ctx: dict[str, Any]) -> int | None:
+    """Return the partial file's size that vodq recorded, or None."""
+    try:
+        record = json.loads(Path(self.ytdl_filename(ctx["filename"])).read_text())
+        value = record["downloader"][PART_BYTES_KEY]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def _write_ytdl_file(self: FragmentFD, ctx: dict[str, Any]) -> None:
+    sink = ctx.get("dest_stream")
+    if isinstance(sink, FragmentSink) and sink.broken:
+        # The fragment was not appended: the record of the last whole one stays.
+        return
+    downloader: dict[str, Any] = {
+        "current_fragment": {"index": ctx["fragment_index"]},
+    }
+    if "extra_state" in ctx:
+        downloader["extra_state"] = ctx["extra_state"]
+    if ctx.get("fragment_count") is not None:
+        downloader["fragment_count"] = ctx["fragment_count"]
+    # The sink is unbuffered, so the file's size counts every append.
+    with contextlib.suppress(FileNotFoundError):
+        downloader[PART_BYTES_KEY] = os.stat(ctx["tmpfilename"]).st_size
+    record = Path(self.ytdl_filename(ctx["filename"]))
+    temporary = record.with_name(f"{record.name}.{threading.get_ident()}.tmp")
+    try:
+        temporary.write_text(json.dumps({"downloader": downloader}))
+        os.replace(temporary, record)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+_original_prepare = FragmentFD._prepare_frag_download
+
+
+def install() -> None:
+    """Make every fragment download in this process use the steps above.
+
+    Calling it again changes nothing: the originals were kept at import.
+    """
+    FragmentFD._prepare_frag_download = _prepare_frag_download
+    FragmentFD._write_ytdl_file = _write_ytdl_file

@@ -1,0 +1,248 @@
+"""HLS fragments appended and resumed: never "done" with data missing or doubled.
+
+The real yt-dlp downloads from the local media server, with the fragment
+appends of vodq.download.fragments. Each resume case lays out the partial
+files a killed or failed attempt leaves, then checks that the next attempt
+archives exactly the stream's bytes and which segments it fetched again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ServiceFactory, tiny_filesystem, wait_for_state
+from mediaserver import Fault, MediaServer
+from vodq.bandwidth import TokenBucket
+from vodq.download import DownloadJob
+from vodq.download.files import ArchiveLayout
+from vodq.download.fragments import PART_BYTES_KEY, FragmentSink
+from vodq.download.ytdlp import YtDlpDownloader
+from vodq.errors import DownloadFailed
+from vodq.models import VodState
+from vodq.service import NewVod
+
+KIB = 1024
+SEGMENT_BYTES = 64 * KIB
+FINISHED = {VodState.DONE, VodState.FAILED}
+
+
+def segments(count: int, seed: int) -> list[bytes]:
+    return [random.Random(seed + i).randbytes(SEGMENT_BYTES) for i in range(count)]
+
+
+def fetches(server: MediaServer, path: str) -> int:
+    server.wait_idle(10)
+    return len([r for r in server.requests_for(path) if r.method == "GET"])
+
+
+def download(
+    layout: ArchiveLayout, url: str, *, vod_id: str = "v", attempt: int = 1
+) -> Path:
+    downloader = YtDlpDownloader(layout, socket_timeout_s=5, hls_fragments=4)
+    result = downloader.download(
+        DownloadJob(vod_id=vod_id, source_url=url, attempt=attempt),
+        on_progress=lambda progress: None,
+        cancelled=threading.Event(),
+        bucket=TokenBucket(None),
+    )
+    return result.path
+
+
+def lay_out_partial(
+    layout: ArchiveLayout, part: bytes, record: str, vod_id: str = "v"
+) -> None:
+    """Write the ``.part`` and ``.ytdl`` files that an earlier attempt left."""
+    layout.ensure()
+    (layout.partial_dir / f"{vod_id}.mp4.part").write_bytes(part)
+    (layout.partial_dir / f"{vod_id}.mp4.ytdl").write_text(record)
+
+
+def record(index: int, part_bytes: int | None = None) -> str:
+    downloader: dict[str, object] = {"current_fragment": {"index": index}}
+    if part_bytes is not None:
+        downloader[PART_BYTES_KEY] = part_bytes
+    return json.dumps({"downloader": downloader})
+
+
+# -- a fragment that fails while others download --------------------------------
+
+
+def test_fragments_failed_fetch_keeps_earlier_fragments(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    data = segments(6, seed=100)
+    url = media_server.add_hls("cut", data)
+    # seg1 arrives after seg2 has failed, so its append follows the failure.
+    media_server.script("/hls/cut/seg1.ts", [Fault.delay(0.5)])
+    media_server.script("/hls/cut/seg2.ts", [Fault.too_many(0)])
+    service = make_service(
+        HLS_CONCURRENT_FRAGMENTS="4",
+        DOWNLOAD_BACKOFF_BASE="0.05s",
+        DOWNLOAD_MAX_ATTEMPTS="3",
+    )
+    service.add_vod(NewVod(vod_id="cut", url=url))
+    vod = wait_for_state(service, "cut", FINISHED)
+    assert vod.state is VodState.DONE
+    assert vod.attempts == 2
+    assert vod.file_path is not None
+    assert Path(vod.file_path).read_bytes() == b"".join(data)
+    assert fetches(media_server, "/hls/cut/seg0.ts") == 1
+    assert fetches(media_server, "/hls/cut/seg1.ts") == 1
+
+
+@pytest.mark.parametrize("fragments", [1, 4])
+def test_fragments_fetched_at_once_as_configured(
+    make_service: ServiceFactory, media_server: MediaServer, fragments: int
+) -> None:
+    data = segments(8, seed=110)
+    # Slow enough that every fragment thread is mid-body at once.
+    url = media_server.add_hls("many", data, rate=256 * KIB)
+    service = make_service(HLS_CONCURRENT_FRAGMENTS=str(fragments))
+    service.add_vod(NewVod(vod_id="many", url=url))
+    vod = wait_for_state(service, "many", FINISHED, timeout_s=30)
+    assert vod.state is VodState.DONE
+    assert media_server.max_concurrent("/hls/many/seg") == fragments
+
+
+# -- resuming what an earlier attempt left ---------------------------------------
+
+
+def test_fragments_resume_cuts_unrecorded_tail(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    data = segments(4, seed=120)
+    url = media_server.add_hls("tail", data)
+    layout = ArchiveLayout(tmp_path / "data")
+    # Killed after seg2 was appended and before its index was recorded.
+    lay_out_partial(layout, b"".join(data[:3]), record(2, 2 * SEGMENT_BYTES))
+    path = download(layout, url)
+    assert path.read_bytes() == b"".join(data)
+    assert fetches(media_server, "/hls/tail/seg0.ts") == 0
+    assert fetches(media_server, "/hls/tail/seg2.ts") == 1
+
+
+def test_fragments_resume_record_beyond_file_starts_over(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    data = segments(4, seed=130)
+    url = media_server.add_hls("short", data)
+    layout = ArchiveLayout(tmp_path / "data")
+    lay_out_partial(layout, b"".join(data[:2]), record(3, 3 * SEGMENT_BYTES))
+    path = download(layout, url)
+    assert path.read_bytes() == b"".join(data)
+    assert fetches(media_server, "/hls/short/seg0.ts") == 1
+
+
+def test_fragments_resume_nothing_recorded_starts_empty(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    data = segments(3, seed=140)
+    url = media_server.add_hls("zero", data)
+    layout = ArchiveLayout(tmp_path / "data")
+    lay_out_partial(layout, b"bytes of no known fragment", record(0, 0))
+    path = download(layout, url)
+    assert path.read_bytes() == b"".join(data)
+
+
+def test_fragments_resume_unreadable_record_starts_empty(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    data = segments(3, seed=150)
+    url = media_server.add_hls("torn", data)
+    layout = ArchiveLayout(tmp_path / "data")
+    # A record cut short, as an older yt-dlp leaves it when the disk fills.
+    lay_out_partial(layout, b"".join(data[:2]), '{"downloader": {"curr')
+    path = download(layout, url)
+    assert path.read_bytes() == b"".join(data)
+
+
+def test_fragments_resume_record_written_by_ytdlp(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    data = segments(4, seed=160)
+    url = media_server.add_hls("plain", data)
+    layout = ArchiveLayout(tmp_path / "data")
+    lay_out_partial(layout, b"".join(data[:2]), record(2))
+    path = download(layout, url)
+    assert path.read_bytes() == b"".join(data)
+    assert fetches(media_server, "/hls/plain/seg1.ts") == 0
+
+
+def test_fragments_record_gives_part_bytes(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    data = segments(4, seed=170)
+    url = media_server.add_hls("rec", data)
+    media_server.script("/hls/rec/seg2.ts", [Fault.status(404)])
+    layout = ArchiveLayout(tmp_path / "data")
+    with pytest.raises(DownloadFailed):
+        download(layout, url)
+    written = json.loads((layout.partial_dir / "v.mp4.ytdl").read_text())
+    assert written["downloader"][PART_BYTES_KEY] == 2 * SEGMENT_BYTES
+
+
+# -- a full disk ------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tiny_filesystem(tmp_path / "small", "256k") as path:
+        yield path
+
+
+def test_fragments_disk_full_resumes_whole(
+    media_server: MediaServer, small_disk: Path
+) -> None:
+    data = segments(8, seed=180)
+    url = media_server.add_hls("full", data)
+    layout = ArchiveLayout(small_disk)
+    with pytest.raises(DownloadFailed) as failed:
+        download(layout, url)
+    assert failed.value.error_class == "disk_full"
+
+    subprocess.run(
+        ["mount", "-o", "remount,size=4m", str(small_disk)], check=True, timeout=30
+    )
+    path = download(layout, url, attempt=2)
+    assert path.read_bytes() == b"".join(data)
+
+
+def test_fragment_sink_failed_append_cut_back(small_disk: Path) -> None:
+    sink = FragmentSink(str(small_disk / "x.part"))
+    sink.write(b"\1" * 128 * KIB)
+    with pytest.raises(OSError):
+        sink.write(b"\2" * 256 * KIB)
+    sink.close()
+    assert (small_disk / "x.part").stat().st_size == 128 * KIB
+
+
+def test_fragment_sink_refuses_after_failed_append(small_disk: Path) -> None:
+    sink = FragmentSink(str(small_disk / "x.part"))
+    with pytest.raises(OSError):
+        sink.write(b"\2" * 512 * KIB)
+    with pytest.raises(OSError, match="earlier append failed"):
+        sink.write(b"\3")
+    sink.close()
+
+
+def test_fragment_sink_close_from_other_thread_ignored(tmp_path: Path) -> None:
+    sink = FragmentSink(str(tmp_path / "x.part"))
+    closer = threading.Thread(target=sink.close)
+    closer.start()
+    closer.join()
+    sink.write(b"still open")
+    sink.close()
+    assert (tmp_path / "x.part").read_bytes() == b"still open"
+
+
+def test_fragment_sink_close_by_owner_closes(tmp_path: Path) -> None:
+    sink = FragmentSink(str(tmp_path / "x.part"))
+    sink.close()
+    assert sink.closed
