@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yt_dlp
+from yt_dlp.downloader.hls import HlsFD
 
 from conftest import ServiceFactory, tiny_filesystem, wait_for_state
 from mediaserver import Fault, MediaServer
 from vodq.bandwidth import TokenBucket
-from vodq.download import DownloadJob
+from vodq.download import DownloadJob, fragments
 from vodq.download.files import ArchiveLayout
 from vodq.download.fragments import PART_BYTES_KEY, FragmentSink
 from vodq.download.ytdlp import YtDlpDownloader
@@ -97,18 +99,57 @@ def test_fragments_failed_fetch_keeps_earlier_fragments(
     assert fetches(media_server, "/hls/cut/seg1.ts") == 1
 
 
-@pytest.mark.parametrize("fragments", [1, 4])
+def test_fragments_failed_fetch_resumes_whole_every_round(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    # Which fragment threads finish around the failure varies from round to
+    # round; before the record counted appends, about one round in five
+    # recorded fragments that were downloaded but not appended.
+    data = segments(5, seed=190)
+    whole = []
+    for round_number in range(10):
+        name = f"round{round_number}"
+        url = media_server.add_hls(name, data)
+        media_server.script(f"/hls/{name}/seg2.ts", [Fault.status(500)])
+        layout = ArchiveLayout(tmp_path / name)
+        with pytest.raises(DownloadFailed):
+            download(layout, url)
+        whole.append(download(layout, url, attempt=2).read_bytes() == b"".join(data))
+    assert whole == [True] * 10
+
+
+def test_fragments_record_index_counts_appends(tmp_path: Path) -> None:
+    fragments.install()
+    downloader = HlsFD(yt_dlp.YoutubeDL({"quiet": True}, auto_init=False), {})
+    part = tmp_path / "v.mp4.part"
+    sink = FragmentSink(str(part), first_index=2)
+    sink.write(b"fragment 3")
+    # A fragment thread's progress hook has counted two more downloads.
+    ctx = {
+        "filename": str(tmp_path / "v.mp4"),
+        "tmpfilename": str(part),
+        "fragment_index": 5,
+        "dest_stream": sink,
+    }
+    downloader._write_ytdl_file(ctx)
+    sink.close()
+    written = json.loads((tmp_path / "v.mp4.ytdl").read_text())
+    assert written["downloader"]["current_fragment"]["index"] == 3
+    assert written["downloader"][PART_BYTES_KEY] == len(b"fragment 3")
+
+
+@pytest.mark.parametrize("threads", [1, 4])
 def test_fragments_fetched_at_once_as_configured(
-    make_service: ServiceFactory, media_server: MediaServer, fragments: int
+    make_service: ServiceFactory, media_server: MediaServer, threads: int
 ) -> None:
     data = segments(8, seed=110)
     # Slow enough that every fragment thread is mid-body at once.
     url = media_server.add_hls("many", data, rate=256 * KIB)
-    service = make_service(HLS_CONCURRENT_FRAGMENTS=str(fragments))
+    service = make_service(HLS_CONCURRENT_FRAGMENTS=str(threads))
     service.add_vod(NewVod(vod_id="many", url=url))
     vod = wait_for_state(service, "many", FINISHED, timeout_s=30)
     assert vod.state is VodState.DONE
-    assert media_server.max_concurrent("/hls/many/seg") == fragments
+    assert media_server.max_concurrent("/hls/many/seg") == threads
 
 
 # -- resuming what an earlier attempt left ---------------------------------------
@@ -215,7 +256,7 @@ def test_fragments_disk_full_resumes_whole(
 
 
 def test_fragment_sink_failed_append_cut_back(small_disk: Path) -> None:
-    sink = FragmentSink(str(small_disk / "x.part"))
+    sink = FragmentSink(str(small_disk / "x.part"), first_index=0)
     sink.write(b"\1" * 128 * KIB)
     with pytest.raises(OSError):
         sink.write(b"\2" * 256 * KIB)
@@ -224,7 +265,7 @@ def test_fragment_sink_failed_append_cut_back(small_disk: Path) -> None:
 
 
 def test_fragment_sink_refuses_after_failed_append(small_disk: Path) -> None:
-    sink = FragmentSink(str(small_disk / "x.part"))
+    sink = FragmentSink(str(small_disk / "x.part"), first_index=0)
     with pytest.raises(OSError):
         sink.write(b"\2" * 512 * KIB)
     with pytest.raises(OSError, match="earlier append failed"):
@@ -233,7 +274,7 @@ def test_fragment_sink_refuses_after_failed_append(small_disk: Path) -> None:
 
 
 def test_fragment_sink_close_from_other_thread_ignored(tmp_path: Path) -> None:
-    sink = FragmentSink(str(tmp_path / "x.part"))
+    sink = FragmentSink(str(tmp_path / "x.part"), first_index=0)
     closer = threading.Thread(target=sink.close)
     closer.start()
     closer.join()
@@ -243,6 +284,6 @@ def test_fragment_sink_close_from_other_thread_ignored(tmp_path: Path) -> None:
 
 
 def test_fragment_sink_close_by_owner_closes(tmp_path: Path) -> None:
-    sink = FragmentSink(str(tmp_path / "x.part"))
+    sink = FragmentSink(str(tmp_path / "x.part"), first_index=0)
     sink.close()
     assert sink.closed

@@ -10,15 +10,20 @@ data missing:
   the shared ``X.part`` before raising. The main thread's next append,
   of an earlier fragment that did arrive, then fails on the closed file,
   but the index is recorded in a ``finally`` all the same.
+- With concurrent fragments, yt-dlp's progress hook sets the index to be
+  recorded from the fragment threads, to the count of fragments downloaded
+  so far. An append racing a fragment thread that finishes a later
+  fragment records that count, which is ahead of the file.
 - An append that fails part-way (a full disk) leaves its first bytes in
   ``X.part`` and records the index too.
 - A ``.ytdl`` that cannot be read (cut short by a full disk) makes yt-dlp
   start again from the first fragment, appended to the old ``X.part``.
 
 ``install`` replaces two of ``FragmentFD``'s steps, for every download in
-this process. The partial file becomes a ``FragmentSink``: an append is
-written whole or cut back off, only the thread that opened the file may
-close it, and a failed append is never recorded. The record is written to a
+this process. The partial file becomes a ``FragmentSink``, which writes an
+append whole or cuts it back off. Only the thread that opened the file may
+close it. A failed append is never recorded, and the index recorded counts
+the whole appends. The record is written to a
 temporary file and renamed over the old one, so it is always whole, and it
 also gives the partial file's size. When the next attempt starts, a file
 longer than its record (a process killed between an append and its record)
@@ -36,7 +41,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from yt_dlp.downloader.dash import DashSegmentsFD
 from yt_dlp.downloader.fragment import FragmentFD
+from yt_dlp.downloader.hls import HlsFD
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +60,21 @@ class FragmentSink:
     is flushed after the file is cut back.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, first_index: int) -> None:
         self.path = path
+        # The index of the last fragment in the file when it was opened, and
+        # the count of whole appends since. Fragments arrive in index order.
+        self.first_index = first_index
+        self.appended = 0
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
         self._owner = threading.get_ident()
         self._lock = threading.Lock()
         self.broken = False
+
+    @property
+    def last_index(self) -> int:
+        """The index of the last fragment that the file contains whole."""
+        return self.first_index + self.appended
 
     @property
     def closed(self) -> bool:
@@ -91,6 +107,7 @@ class FragmentSink:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, start)
                 raise
+            self.appended += 1
         return len(data)
 
     def flush(self) -> None:
@@ -113,7 +130,9 @@ class FragmentSink:
 def _prepare_frag_download(self: FragmentFD, ctx: dict[str, Any]) -> None:
     _original_prepare(self, ctx)
     path = ctx["tmpfilename"]
-    if path == "-":
+    if path == "-" or not isinstance(self, HlsFD | DashSegmentsFD):
+        # Other fragment downloaders (f4m, ism) write headers of their own
+        # to the file, so their writes are not one per fragment.
         return
 
     ctx["dest_stream"].close()
@@ -145,7 +164,7 @@ def _prepare_frag_download(self: FragmentFD, ctx: dict[str, Any]) -> None:
         os.truncate(path, keep)
         ctx["complete_frags_downloaded_bytes"] = keep
         _write_ytdl_file(self, ctx)
-    ctx["dest_stream"] = FragmentSink(path)
+    ctx["dest_stream"] = FragmentSink(path, ctx["fragment_index"])
 
 
 def _recorded_bytes(self: FragmentFD, ctx: dict[str, Any]) -> int | None:
@@ -163,9 +182,11 @@ def _write_ytdl_file(self: FragmentFD, ctx: dict[str, Any]) -> None:
     if isinstance(sink, FragmentSink) and sink.broken:
         # The fragment was not appended: the record of the last whole one stays.
         return
-    downloader: dict[str, Any] = {
-        "current_fragment": {"index": ctx["fragment_index"]},
-    }
+    # Not ctx["fragment_index"]: with concurrent fragments, yt-dlp's
+    # progress hook sets it from fragment threads to the count of fragments
+    # downloaded, which runs ahead of the appends.
+    index = sink.last_index if isinstance(sink, FragmentSink) else ctx["fragment_index"]
+    downloader: dict[str, Any] = {"current_fragment": {"index": index}}
     if "extra_state" in ctx:
         downloader["extra_state"] = ctx["extra_state"]
     if ctx.get("fragment_count") is not None:
