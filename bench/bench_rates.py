@@ -1,14 +1,16 @@
 """Rate limits measured at the server: vodq against the yt-dlp command line.
 
 The cases are each configured rate (500K, 2M, 10M), each source (a plain
-HTTP file and an HLS stream) and each mode (one download under
-DOWNLOAD_RATE_LIMIT, or three sharing DOWNLOAD_TOTAL_RATE_LIMIT). In each
-case one ``vodq serve`` downloads, and then the yt-dlp command line
-downloads the same files with ``--limit-rate``. The command line has no
-pooled limit, so the pooled mode runs three processes at a third of the
-rate each. HLS is fetched four fragments at once by both. The benchmark server
-logs every body write; the rate is the bytes it sent in each 5-second window
-after the first 2 seconds of the transfer.
+HTTP file and an HLS stream) and each mode: one download under
+DOWNLOAD_RATE_LIMIT ("per"), three sharing DOWNLOAD_TOTAL_RATE_LIMIT
+("pool"), and, over HTTP, three sharing it while the first one's source
+sends only a tenth of its equal part ("slow"). In each case one ``vodq
+serve`` downloads, and then the yt-dlp command line downloads the same
+files with ``--limit-rate``. The command line has no pooled limit, so the
+pooled modes run three processes at a third of the rate each. HLS is
+fetched four fragments at once by both. The benchmark server logs every
+body write. The rate is the bytes it sent, for all streams together, in
+each 5-second window after the first 2 seconds of the transfer.
 
 A second part changes DOWNLOAD_TOTAL_RATE_LIMIT with ``PATCH /admin/config``
 while three downloads run and measures how long the server-side rate takes
@@ -48,14 +50,19 @@ RATES = {"500K": 500 * K, "2M": 2 * M, "10M": 10 * M}
 SKIP_S = 2.0
 WINDOW_S = 5.0
 POOL_DOWNLOADS = 3
+# In the "slow" mode, the first pooled download's source sends this share of
+# its equal part of the pool, so the pool must move the rest to the others.
+SLOW_SHARE = 0.1
 # HLS fragments fetched at once, by vodq and by the command line alike.
 HLS_FRAGMENTS = 4
-# The server logs an HLS segment leaving in one burst into the client's socket
-# buffers, so a window's bytes are known to about one segment per stream.
-# Segments are sized to at most 2.5% of a window's bytes at the target rate
-# (64 KiB at 500K, 256 KiB at 2M, 1 MiB at 10M).
+# The server logs most of an HLS segment leaving in one burst, into the
+# client's socket buffers, when its request arrives. So a window's bytes are
+# known only to about a segment per fragment thread. Segments are sized to at
+# most 1.25% of a window's bytes at the target rate (16 KiB at 500K, 128 KiB
+# at 2M, 512 KiB at 10M). At 2.5%, four fragment threads of three pooled
+# downloads moved up to 5.6% of a window's bytes into the next window.
 MAX_SEGMENT_BYTES = 1 * M
-SEGMENT_SHARE = 0.025
+SEGMENT_SHARE = 0.0125
 # Files are this many times longer than the measurement needs at the
 # configured rate, so even a client that overshoots its limit is still
 # downloading when the last window closes. Bytes are generated on the fly
@@ -162,11 +169,15 @@ def urls_for(
     kind: str,
     per_stream_bps: float,
     windows: int,
+    slow_first: bool = False,
 ) -> list[str]:
     seconds = SKIP_S + windows * WINDOW_S + 5
     size = int(per_stream_bps * seconds * SIZE_FACTOR)
     if kind == "http":
-        return [server.gen_url(name, size) for name in names]
+        urls = [server.gen_url(name, size) for name in names]
+        if slow_first:
+            urls[0] = server.gen_url(names[0], size, rate=per_stream_bps * SLOW_SHARE)
+        return urls
     segment = segment_bytes(per_stream_bps * len(names))
     segments = max(4, -(-size // segment))
     return [server.hls_url(name, segment, segments) for name in names]
@@ -193,9 +204,9 @@ def run_vodq(
     windows: int,
     variant: str | None = None,
 ) -> dict[str, Any]:
-    count = POOL_DOWNLOADS if mode == "pool" else 1
+    count = 1 if mode == "per" else POOL_DOWNLOADS
     names = [f"{tag}-{i}" for i in range(count)]
-    urls = urls_for(server, names, kind, rate / count, windows)
+    urls = urls_for(server, names, kind, rate / count, windows, mode == "slow")
     limit = (
         {"DOWNLOAD_RATE_LIMIT": str(rate)}
         if mode == "per"
@@ -221,10 +232,10 @@ def run_vodq(
 def run_cli(
     server: BenchServer, tag: str, rate: int, kind: str, mode: str, windows: int
 ) -> dict[str, Any]:
-    count = POOL_DOWNLOADS if mode == "pool" else 1
+    count = 1 if mode == "per" else POOL_DOWNLOADS
     names = [f"{tag}-{i}" for i in range(count)]
     per_process = rate // count
-    urls = urls_for(server, names, kind, per_process, windows)
+    urls = urls_for(server, names, kind, per_process, windows, mode == "slow")
     with workdir("rates-cli") as work:
         procs = []
         log = (work / "yt-dlp.log").open("ab")
@@ -259,8 +270,10 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         index = 0
         for _repeat in range(args.repeat):
             for label in rates:
-                for kind in ("http", "hls"):
-                    for mode in ("per", "pool"):
+                for kind in args.kinds.split(","):
+                    for mode in args.modes.split(","):
+                        if mode == "slow" and kind != "http":
+                            continue
                         for client in clients:
                             index += 1
                             watch = LoadWatch()
@@ -497,6 +510,10 @@ def main() -> int:
     parser.add_argument("--patch-repeat", type=int, default=3)
     parser.add_argument("--no-cli", action="store_true", help="skip yt-dlp")
     parser.add_argument("--rates", default=",".join(RATES), help="e.g. 500K,2M")
+    parser.add_argument("--kinds", default="http,hls", help="sources: http, hls")
+    parser.add_argument(
+        "--modes", default="per,pool,slow", help="modes: per, pool, slow (HTTP only)"
+    )
     parser.add_argument(
         "--variant",
         help="also run vodq with a change patched in (see variant_vodq.py), "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 # Largest burst a bucket allows, in seconds of its rate. Short enough that any
 # window of a few seconds sees the configured rate within a few percent.
@@ -31,11 +32,20 @@ class TokenBucket:
         return self._rate
 
     def set_rate(self, rate: float | None) -> None:
-        """Apply a new rate from now on, forgetting any debt built at the old one."""
+        """Apply a new rate from now on.
+
+        A debt (bytes read but not yet waited for, at most a few blocks) is
+        kept in bytes and waited for at the new rate. Forgiving it would let
+        every change send those bytes twice, and the pool changes rates
+        often.
+        """
         with self._lock:
             self._refill()
             self._rate = rate
-            self._tokens = max(self._tokens, 0.0)
+            if rate is None:
+                self._tokens = 0.0
+            else:
+                self._tokens = min(self._tokens, rate * BURST_S)
 
     def consume(self, nbytes: int, cancelled: threading.Event | None = None) -> None:
         """Take ``nbytes`` tokens, sleeping while the bucket is in debt.
@@ -63,3 +73,58 @@ class TokenBucket:
             self._tokens = 0.0
             return
         self._tokens = min(self._rate * BURST_S, self._tokens + elapsed * self._rate)
+
+
+# A download whose measured rate is below this share of its own limit is held
+# back by its source, not by its limit. The 10% margin is above the error of
+# a rate measured over 1.5 to 3 s of progress reports.
+SATURATED_SHARE = 0.9
+# Such a download keeps this multiple of its measured rate as its limit.
+# Their product is above 1, so at its new limit the download still counts as
+# held back by its source (1.25 times 0.9 leaves a 12.5% margin). A source
+# that gets 12.5% faster fills the limit, counts as saturated again and gets
+# its equal share back.
+HEADROOM = 1.25
+
+
+def demand_of(limit: float | None, measured: float | None) -> float | None:
+    """Return the rate a download can use, or None for as much as it gets.
+
+    ``limit`` is the download's rate now and ``measured`` what it received
+    under that limit, both in bytes per second; None when not yet known.
+    """
+    if limit is None or measured is None or measured >= SATURATED_SHARE * limit:
+        return None
+    return measured * HEADROOM
+
+
+def fair_shares(total: float, demands: Sequence[float | None]) -> list[float]:
+    """Split ``total`` bytes per second max-min fairly between downloads.
+
+    A download never gets more than its demand (None: no bound) while another
+    wants more, and the downloads that want more share the rest equally.
+    When every demand is met, the rest is spread equally too, so the shares
+    always add up to ``total``.
+    """
+    if not demands:
+        return []
+
+    shares = [0.0] * len(demands)
+    remaining = total
+    bounded = sorted(
+        (index for index, demand in enumerate(demands) if demand is not None),
+        key=lambda index: demands[index] or 0.0,
+    )
+    unbounded = [index for index, demand in enumerate(demands) if demand is None]
+    left = len(demands)
+    for index in bounded:
+        share = min(demands[index] or 0.0, remaining / left)
+        shares[index] = share
+        remaining -= share
+        left -= 1
+    for index in unbounded:
+        shares[index] = remaining / len(unbounded)
+    if not unbounded:
+        for index in range(len(shares)):
+            shares[index] += remaining / len(shares)
+    return shares

@@ -17,6 +17,7 @@ import shutil
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,7 +25,7 @@ from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from vodq.bandwidth import TokenBucket
+from vodq.bandwidth import TokenBucket, demand_of, fair_shares
 from vodq.config import Settings
 from vodq.download import Downloader, DownloadJob, DownloadResult
 from vodq.errors import (
@@ -49,6 +50,14 @@ POLL_INTERVAL_S = 1.0
 HEARTBEAT_S = 1.0
 # How often last_process_run is written to the kv table, in seconds.
 LAST_RUN_WRITE_S = 5.0
+# A download's received rate is measured over the last heartbeats since its
+# limit last changed: at most RATE_SAMPLES of them, spanning at least
+# MIN_RATE_SPAN_S seconds.
+RATE_SAMPLES = 4
+MIN_RATE_SPAN_S = 1.5
+# Smallest relative change of a download's pool share that is applied, so
+# that a share measured a little differently each heartbeat stays put.
+MIN_RATE_CHANGE = 0.01
 
 
 def _pid_alive(pid: int) -> bool:
@@ -91,6 +100,29 @@ class RunningDownload:
     # When the lease expires at the latest (time.monotonic()), counted from
     # just before the claim or the last renewal that the database accepted.
     lease_until: float = 0.0
+    # (time.monotonic(), bytes_done) at the heartbeats since the limit changed.
+    samples: deque[tuple[float, int]] = field(
+        default_factory=lambda: deque(maxlen=RATE_SAMPLES)
+    )
+    # The rate it can use from the pool (None: as much as it gets), kept from
+    # the last measurement while the samples under a new limit build up.
+    demand: float | None = None
+
+    def measured_rate(self) -> float | None:
+        """Return the bytes per second received under the current limit, if known."""
+        # A copy, because the API thread may clear the samples meanwhile.
+        samples = list(self.samples)
+        if len(samples) < 2:
+            return None
+        (first_at, first_bytes), (last_at, last_bytes) = samples[0], samples[-1]
+        if last_at - first_at < MIN_RATE_SPAN_S or last_bytes < first_bytes:
+            return None
+        return (last_bytes - first_bytes) / (last_at - first_at)
+
+    def limit_to(self, rate: float | None) -> None:
+        """Set the download's limit and start measuring it afresh."""
+        self.bucket.set_rate(rate)
+        self.samples.clear()
 
 
 class Scheduler:
@@ -619,6 +651,12 @@ class Scheduler:
             running = self.running()
             if not running:
                 continue
+            sampled_at = time.monotonic()
+            for entry in running:
+                # From the first byte on, so that starting up is not taken for
+                # a slow source.
+                if entry.progress.bytes_done > 0:
+                    entry.samples.append((sampled_at, entry.progress.bytes_done))
             self._apply_rates(running)
             progress = {entry.vod.id: entry.progress for entry in running}
             lease_s = self.settings.lease_duration
@@ -672,24 +710,57 @@ class Scheduler:
             self._cancel(entry, CancelReason.LEASE_LOST)
 
     def _download_rate(self, *, extra_local: int = 0) -> float | None:
-        """Return each download's rate: its own limit, or its share of the pool.
+        """Return the rate of a download that starts now: its own limit, or a share.
 
-        The pool (DOWNLOAD_TOTAL_RATE_LIMIT) is cluster-wide: it is split
-        equally between every download running in the database, so each
-        worker's share follows its number of downloads. ``extra_local``
-        counts downloads this process is starting but has not claimed yet.
+        A new download gets an equal share of the cluster-wide pool
+        (DOWNLOAD_TOTAL_RATE_LIMIT) until the heartbeat measures it (see
+        ``_rates``). ``extra_local`` counts downloads this process is
+        starting but has not claimed yet.
         """
         settings = self.settings
         per_download = settings.download_rate_limit
         total = settings.download_total_rate_limit
         if total is None:
             return per_download
-        try:
-            running = self.queue.count_active()
-        except (StorageUnavailable, SQLAlchemyError):
-            running = len(self.running())
-        share = total / max(1, running + extra_local)
+        share = total / max(1, self._count_active(len(self.running())) + extra_local)
         return share if per_download is None else min(per_download, share)
+
+    def _count_active(self, fallback: int) -> int:
+        try:
+            return self.queue.count_active()
+        except (StorageUnavailable, SQLAlchemyError):
+            return fallback
+
+    def _rates(self, running: list[RunningDownload]) -> list[float | None]:
+        """Return the limit of each running download, in the order given.
+
+        With a pool, this worker's part of it (its downloads' share of the
+        cluster's) is split max-min fairly between its downloads. A download
+        whose source sends less than its limit keeps a quarter more than it
+        receives, and the others share the rest equally. Unused bandwidth
+        of another worker's download stays with that worker.
+        """
+        settings = self.settings
+        per_download = settings.download_rate_limit
+        total = settings.download_total_rate_limit
+        if total is None:
+            return [per_download] * len(running)
+
+        active = max(len(running), self._count_active(len(running)))
+        part = total * len(running) / active
+        demands: list[float | None] = []
+        for entry in running:
+            measured = entry.measured_rate()
+            if measured is not None:
+                entry.demand = demand_of(entry.bucket.rate, measured)
+            demand = entry.demand
+            if per_download is not None:
+                demand = per_download if demand is None else min(demand, per_download)
+            demands.append(demand)
+        shares = fair_shares(part, demands)
+        if per_download is None:
+            return list(shares)
+        return [min(share, per_download) for share in shares]
 
     def apply_rates(self) -> None:
         """Give running downloads the rate in force now, not at the next heartbeat."""
@@ -698,10 +769,14 @@ class Scheduler:
             self._apply_rates(running)
 
     def _apply_rates(self, running: list[RunningDownload]) -> None:
-        rate = self._download_rate()
-        for entry in running:
-            if entry.bucket.rate != rate:
-                entry.bucket.set_rate(rate)
+        for entry, rate in zip(running, self._rates(running), strict=True):
+            old = entry.bucket.rate
+            if old is None or rate is None:
+                changed = old != rate
+            else:
+                changed = abs(rate - old) > MIN_RATE_CHANGE * old
+            if changed:
+                entry.limit_to(rate)
 
     def _release_dead_leases(self) -> None:
         """Queue again the VODs whose leases belong to processes known to be dead.

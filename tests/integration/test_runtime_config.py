@@ -155,6 +155,33 @@ def test_pool_splits_total_between_downloads(
         service.cancel_vod(f"pool{index}")
 
 
+def test_pool_gives_slow_source_share_to_others(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    total = 300 * KIB
+    service = make_service(
+        MAX_CONCURRENT_DOWNLOADS="3", DOWNLOAD_TOTAL_RATE_LIMIT="300K"
+    )
+    for index in range(3):
+        add_slow(service, media_server, f"fair{index}", 4096 * KIB)
+    # The server sends one of them at 20K, a fifth of its equal share.
+    media_server.set_rate("/files/fair0.mp4", 20 * KIB)
+
+    def shared_out() -> bool:
+        slow, *fast = rates(service)
+        return (
+            slow is not None
+            and slow < 40 * KIB
+            and all(rate is not None and rate > 120 * KIB for rate in fast)
+        )
+
+    wait_for(shared_out, timeout_s=15)
+    limits = rates(service)
+    assert sum(rate or 0 for rate in limits) == pytest.approx(total, rel=0.01)
+    for index in range(3):
+        service.cancel_vod(f"fair{index}")
+
+
 def test_pool_respects_lower_per_download_limit(
     make_service: ServiceFactory, media_server: MediaServer
 ) -> None:

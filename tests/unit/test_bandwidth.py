@@ -1,7 +1,8 @@
-"""Behaviour checks of the token bucket on the real clock, with small numbers.
+"""Behaviour checks of the token bucket on the real clock, and of the pool's split.
 
-The bounds are loose on purpose, because these check that throttling happens
-at about the configured rate, not how precise the sleeps are.
+The bucket's bounds are loose on purpose, because these check that
+throttling happens at about the configured rate, not how precise the sleeps
+are.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import threading
 import time
 
-from vodq.bandwidth import BURST_S, TokenBucket
+import pytest
+
+from vodq.bandwidth import BURST_S, TokenBucket, demand_of, fair_shares
 
 
 def _consume_in_chunks(bucket: TokenBucket, total: int, chunk: int) -> float:
@@ -87,9 +90,9 @@ def test_set_rate_none_removes_limit() -> None:
     assert bucket.rate is None
 
 
-def test_set_rate_forgets_old_debt() -> None:
+def test_set_rate_charges_debt_at_new_rate() -> None:
     # 1000 bytes at 100 bytes per second leave a 10 s debt, which the new
-    # rate does not inherit.
+    # rate waits for as 1000 bytes: 10 ms.
     bucket = TokenBucket(100)
     cancelled = threading.Event()
     cancelled.set()
@@ -159,3 +162,44 @@ def test_token_bucket_shared_by_threads() -> None:
 
     assert elapsed_s >= 0.2
     assert elapsed_s < 1.0
+
+
+def test_fair_shares_equal_without_demands() -> None:
+    assert fair_shares(300.0, [None, None, None]) == [100.0, 100.0, 100.0]
+
+
+def test_fair_shares_slow_download_leaves_rest_to_others() -> None:
+    assert fair_shares(300.0, [30.0, None, None]) == [30.0, 135.0, 135.0]
+
+
+def test_fair_shares_demand_above_level_is_capped() -> None:
+    assert fair_shares(300.0, [30.0, 200.0, None]) == [30.0, 135.0, 135.0]
+
+
+def test_fair_shares_spread_leftover_when_all_met() -> None:
+    assert fair_shares(300.0, [30.0, 60.0, 90.0]) == [70.0, 100.0, 130.0]
+
+
+def test_fair_shares_add_up_to_total() -> None:
+    shares = fair_shares(1000.0, [1.0, 999.0, None, 5.0])
+    assert sum(shares) == pytest.approx(1000.0)
+
+
+def test_fair_shares_no_downloads() -> None:
+    assert fair_shares(300.0, []) == []
+
+
+def test_demand_of_saturated_download_unbounded() -> None:
+    assert demand_of(100.0, 90.0) is None
+
+
+def test_demand_of_unknown_rate_unbounded() -> None:
+    assert demand_of(100.0, None) is None
+
+
+def test_demand_of_unlimited_download_unbounded() -> None:
+    assert demand_of(None, 50.0) is None
+
+
+def test_demand_of_slow_source_keeps_headroom() -> None:
+    assert demand_of(100.0, 40.0) == pytest.approx(50.0)

@@ -379,6 +379,17 @@ def test_classify_429_message_names_wait() -> None:
     )
 
 
+def test_classify_429_message_names_capped_wait() -> None:
+    failure = classify(
+        _http_error_with(429, "Too Many Requests", {"Retry-After": "9999999999"})
+    )
+
+    assert failure.retry_after_s == MAX_RETRY_AFTER_S
+    assert "asked to wait at least 86400s, the longest wait vodq honours" in str(
+        failure
+    )
+
+
 def test_classify_503_keeps_retry_after() -> None:
     failure = classify(
         _http_error_with(503, "Service Unavailable", {"Retry-After": "4"})

@@ -197,11 +197,15 @@ def _from_status(response: _Status, detail: str) -> DownloadFailed:
             retryable=False,
         )
     if status == 429:
-        wait = (
-            f"asked to wait {retry_after:g}s"
-            if retry_after is not None
-            else "sent no Retry-After"
-        )
+        if retry_after is None:
+            wait = "sent no Retry-After"
+        elif retry_after >= MAX_RETRY_AFTER_S:
+            wait = (
+                f"asked to wait at least {MAX_RETRY_AFTER_S:g}s, the longest "
+                "wait vodq honours"
+            )
+        else:
+            wait = f"asked to wait {retry_after:g}s"
         return DownloadFailed(
             f"rate limited: {answered} and {wait} ({detail}). Retried after "
             "the server's wait or the backoff, whichever is longer",
