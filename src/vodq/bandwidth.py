@@ -77,14 +77,14 @@ class TokenBucket:
 
 # A download whose measured rate is below this share of its own limit is held
 # back by its source, not by its limit. The 10% margin is above the error of
-# a rate measured over 1.5 to 3 s of progress reports.
+# a rate measured between progress reports 1.5 to 3 s apart.
 SATURATED_SHARE = 0.9
 # Such a download keeps this multiple of its measured rate as its limit.
 # Their product is above 1, so at its new limit the download still counts as
-# held back by its source (1.25 times 0.9 leaves a 12.5% margin). A source
-# that gets 12.5% faster fills the limit, counts as saturated again and gets
-# its equal share back.
-HEADROOM = 1.25
+# held back by its source: 1.5 times 0.9 leaves a 35% margin for a slow
+# source's uneven rate. A source that gets 35% faster fills the limit,
+# counts as saturated again and gets its equal share back.
+HEADROOM = 1.5
 
 
 def demand_of(limit: float | None, measured: float | None) -> float | None:

@@ -100,7 +100,11 @@ class RunningDownload:
     # When the lease expires at the latest (time.monotonic()), counted from
     # just before the claim or the last renewal that the database accepted.
     lease_until: float = 0.0
-    # (time.monotonic(), bytes_done) at the heartbeats since the limit changed.
+    # When the last progress report arrived (time.monotonic()).
+    progress_at: float = 0.0
+    # (progress_at, bytes_done) at the heartbeats since the limit changed. The
+    # report's own time, not the heartbeat's, so that bytes arriving in read
+    # blocks do not make the rate jump between heartbeats.
     samples: deque[tuple[float, int]] = field(
         default_factory=lambda: deque(maxlen=RATE_SAMPLES)
     )
@@ -461,6 +465,7 @@ class Scheduler:
 
     def _on_progress(self, entry: RunningDownload, progress: Progress) -> None:
         entry.progress = progress
+        entry.progress_at = time.monotonic()
         # Counting starts at the resumed offset, so a resumed download counts
         # only what it fetches and a fresh one counts its first block too.
         if progress.bytes_done < entry.bytes_counted:
@@ -651,12 +656,8 @@ class Scheduler:
             running = self.running()
             if not running:
                 continue
-            sampled_at = time.monotonic()
             for entry in running:
-                # From the first byte on, so that starting up is not taken for
-                # a slow source.
-                if entry.progress.bytes_done > 0:
-                    entry.samples.append((sampled_at, entry.progress.bytes_done))
+                self._sample(entry)
             self._apply_rates(running)
             progress = {entry.vod.id: entry.progress for entry in running}
             lease_s = self.settings.lease_duration
@@ -725,6 +726,14 @@ class Scheduler:
         share = total / max(1, self._count_active(len(self.running())) + extra_local)
         return share if per_download is None else min(per_download, share)
 
+    @staticmethod
+    def _sample(entry: RunningDownload) -> None:
+        sample = (entry.progress_at, entry.progress.bytes_done)
+        # From the first byte on, so that starting up is not taken for a slow
+        # source, and once per report.
+        if sample[1] > 0 and (not entry.samples or entry.samples[-1] != sample):
+            entry.samples.append(sample)
+
     def _count_active(self, fallback: int) -> int:
         try:
             return self.queue.count_active()
@@ -736,8 +745,8 @@ class Scheduler:
 
         With a pool, this worker's part of it (its downloads' share of the
         cluster's) is split max-min fairly between its downloads. A download
-        whose source sends less than its limit keeps a quarter more than it
-        receives, and the others share the rest equally. Unused bandwidth
+        whose source sends less than its limit keeps half as much again as
+        it receives, and the others share the rest equally. Unused bandwidth
         of another worker's download stays with that worker.
         """
         settings = self.settings

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import yt_dlp
+from yt_dlp.aes import aes_cbc_encrypt_bytes
 from yt_dlp.downloader.hls import HlsFD
 
 from conftest import ServiceFactory, tiny_filesystem, wait_for_state
-from mediaserver import Fault, MediaServer
+from mediaserver import PLAYLIST_CONTENT_TYPE, Fault, MediaServer
 from vodq.bandwidth import TokenBucket
 from vodq.download import DownloadJob, fragments
 from vodq.download.files import ArchiveLayout
@@ -103,8 +105,8 @@ def test_fragments_failed_fetch_resumes_whole_every_round(
     media_server: MediaServer, tmp_path: Path
 ) -> None:
     # Which fragment threads finish around the failure varies from round to
-    # round; before the record counted appends, about one round in five
-    # recorded fragments that were downloaded but not appended.
+    # round. With yt-dlp's own index, about one round in five recorded
+    # fragments that were downloaded but not appended.
     data = segments(5, seed=190)
     whole = []
     for round_number in range(10):
@@ -118,20 +120,22 @@ def test_fragments_failed_fetch_resumes_whole_every_round(
     assert whole == [True] * 10
 
 
-def test_fragments_record_index_counts_appends(tmp_path: Path) -> None:
+def test_fragments_record_index_of_last_append(tmp_path: Path) -> None:
     fragments.install()
     downloader = HlsFD(yt_dlp.YoutubeDL({"quiet": True}, auto_init=False), {})
     part = tmp_path / "v.mp4.part"
-    sink = FragmentSink(str(part), first_index=2)
-    sink.write(b"fragment 3")
+    sink = FragmentSink(str(part), last_index=2)
+    fragment = tmp_path / "v.mp4.part-Frag3"
+    fragment.write_bytes(b"fragment 3")
     # A fragment thread's progress hook has counted two more downloads.
     ctx = {
         "filename": str(tmp_path / "v.mp4"),
         "tmpfilename": str(part),
         "fragment_index": 5,
         "dest_stream": sink,
+        "fragment_filename_sanitized": str(fragment),
     }
-    downloader._write_ytdl_file(ctx)
+    downloader._append_fragment(ctx, b"fragment 3")
     sink.close()
     written = json.loads((tmp_path / "v.mp4.ytdl").read_text())
     assert written["downloader"]["current_fragment"]["index"] == 3
@@ -216,6 +220,20 @@ def test_fragments_resume_record_written_by_ytdlp(
     assert fetches(media_server, "/hls/plain/seg1.ts") == 0
 
 
+def test_fragments_record_temporary_removed_before_resume(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    data = segments(3, seed=175)
+    url = media_server.add_hls("tmp", data)
+    layout = ArchiveLayout(tmp_path / "data")
+    lay_out_partial(layout, data[0], record(1, SEGMENT_BYTES))
+    left = layout.partial_dir / "v.mp4.ytdl.140234.tmp"
+    left.write_text('{"downloader": {}}')
+    path = download(layout, url)
+    assert path.read_bytes() == b"".join(data)
+    assert not left.exists()
+
+
 def test_fragments_record_gives_part_bytes(
     media_server: MediaServer, tmp_path: Path
 ) -> None:
@@ -227,6 +245,96 @@ def test_fragments_record_gives_part_bytes(
         download(layout, url)
     written = json.loads((layout.partial_dir / "v.mp4.ytdl").read_text())
     assert written["downloader"][PART_BYTES_KEY] == 2 * SEGMENT_BYTES
+
+
+# -- playlists that yt-dlp resumes wrongly -----------------------------------------
+
+
+def serve_playlist(server: MediaServer, name: str, lines: list[str]) -> str:
+    """Serve a media playlist with ``lines`` between its header and end tags."""
+    text = "\n".join(["#EXTM3U", "#EXT-X-TARGETDURATION:2", *lines, "#EXT-X-ENDLIST"])
+    return serve_text(server, f"{name}.m3u8", text)
+
+
+def serve_text(server: MediaServer, name: str, text: str) -> str:
+    return server.add_file(
+        name, (text + "\n").encode(), content_type=PLAYLIST_CONTENT_TYPE
+    )
+
+
+def fail_then_finish(layout: ArchiveLayout, url: str) -> bytes:
+    with pytest.raises(DownloadFailed):
+        download(layout, url)
+    return download(layout, url, attempt=2).read_bytes()
+
+
+def test_fragments_init_segment_appended_once(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    init = b"init segment " * 512
+    data = segments(4, seed=200)
+    media_server.add_file("init.mp4", init)
+    lines = ["#EXT-X-VERSION:7", '#EXT-X-MAP:URI="init.mp4"']
+    for index, segment in enumerate(data):
+        media_server.add_file(f"map{index}.m4s", segment)
+        lines += ["#EXTINF:2.000,", f"map{index}.m4s"]
+    url = serve_playlist(media_server, "map", lines)
+    media_server.script("/files/map2.m4s", [Fault.status(500)])
+    archived = fail_then_finish(ArchiveLayout(tmp_path / "data"), url)
+    assert archived == init + b"".join(data)
+
+
+def test_fragments_byte_ranges_without_offset_start_over(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    data = segments(6, seed=210)
+    media_server.add_file("ranges.ts", b"".join(data))
+    lines = []
+    for _ in data:
+        lines += ["#EXTINF:2.000,", f"#EXT-X-BYTERANGE:{SEGMENT_BYTES}", "ranges.ts"]
+    url = serve_playlist(media_server, "ranges", lines)
+    media_server.script(
+        "/files/ranges.ts", [Fault.passthrough()] * 3 + [Fault.status(500)]
+    )
+    archived = fail_then_finish(ArchiveLayout(tmp_path / "data"), url)
+    assert archived == b"".join(data)
+
+
+def test_fragments_aes_without_iv_starts_over(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    key = bytes(range(16))
+    plain = [random.Random(220 + i).randbytes(8 * KIB) for i in range(5)]
+    media_server.add_file("aes.key", key)
+    lines = ["#EXT-X-MEDIA-SEQUENCE:0", '#EXT-X-KEY:METHOD=AES-128,URI="aes.key"']
+    for index, segment in enumerate(plain):
+        # Without an IV attribute the IV is the segment's media sequence number.
+        iv = struct.pack(">8xq", index)
+        padded = segment + bytes([16]) * 16
+        media_server.add_file(f"aes{index}.ts", aes_cbc_encrypt_bytes(padded, key, iv))
+        lines += ["#EXTINF:2.000,", f"aes{index}.ts"]
+    url = serve_playlist(media_server, "aes", lines)
+    media_server.script("/files/aes3.ts", [Fault.status(500)])
+    archived = fail_then_finish(ArchiveLayout(tmp_path / "data"), url)
+    assert archived == b"".join(plain)
+
+
+def test_fragments_master_playlist_best_variant(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    high = segments(3, seed=230)
+    media_server.add_hls("high", high)
+    media_server.add_hls("low", [segment[:1024] for segment in segments(3, seed=240)])
+    master = [
+        "#EXTM3U",
+        "#EXT-X-STREAM-INF:BANDWIDTH=2000000,RESOLUTION=1280x720",
+        "/hls/high/index.m3u8",
+        "#EXT-X-STREAM-INF:BANDWIDTH=300000,RESOLUTION=320x180",
+        "/hls/low/index.m3u8",
+    ]
+    url = serve_text(media_server, "master.m3u8", "\n".join(master))
+    path = download(ArchiveLayout(tmp_path / "data"), url)
+    assert path.read_bytes() == b"".join(high)
 
 
 # -- a full disk ------------------------------------------------------------------
@@ -256,7 +364,7 @@ def test_fragments_disk_full_resumes_whole(
 
 
 def test_fragment_sink_failed_append_cut_back(small_disk: Path) -> None:
-    sink = FragmentSink(str(small_disk / "x.part"), first_index=0)
+    sink = FragmentSink(str(small_disk / "x.part"), last_index=0)
     sink.write(b"\1" * 128 * KIB)
     with pytest.raises(OSError):
         sink.write(b"\2" * 256 * KIB)
@@ -265,7 +373,7 @@ def test_fragment_sink_failed_append_cut_back(small_disk: Path) -> None:
 
 
 def test_fragment_sink_refuses_after_failed_append(small_disk: Path) -> None:
-    sink = FragmentSink(str(small_disk / "x.part"), first_index=0)
+    sink = FragmentSink(str(small_disk / "x.part"), last_index=0)
     with pytest.raises(OSError):
         sink.write(b"\2" * 512 * KIB)
     with pytest.raises(OSError, match="earlier append failed"):
@@ -274,7 +382,7 @@ def test_fragment_sink_refuses_after_failed_append(small_disk: Path) -> None:
 
 
 def test_fragment_sink_close_from_other_thread_ignored(tmp_path: Path) -> None:
-    sink = FragmentSink(str(tmp_path / "x.part"), first_index=0)
+    sink = FragmentSink(str(tmp_path / "x.part"), last_index=0)
     closer = threading.Thread(target=sink.close)
     closer.start()
     closer.join()
@@ -284,6 +392,6 @@ def test_fragment_sink_close_from_other_thread_ignored(tmp_path: Path) -> None:
 
 
 def test_fragment_sink_close_by_owner_closes(tmp_path: Path) -> None:
-    sink = FragmentSink(str(tmp_path / "x.part"), first_index=0)
+    sink = FragmentSink(str(tmp_path / "x.part"), last_index=0)
     sink.close()
     assert sink.closed

@@ -202,4 +202,4 @@ def test_demand_of_unlimited_download_unbounded() -> None:
 
 
 def test_demand_of_slow_source_keeps_headroom() -> None:
-    assert demand_of(100.0, 40.0) == pytest.approx(50.0)
+    assert demand_of(100.0, 40.0) == pytest.approx(60.0)

@@ -97,10 +97,14 @@ class ArchiveLayout:
 
         A fragment written but not yet merged answers 416 on resume, and yt-dlp
         then skips it and reports success with data missing (yt-dlp 2026.11),
-        so such fragments are fetched again instead.
+        so such fragments are fetched again instead. A ``.ytdl`` record's
+        temporary file, left by a kill before its rename, goes too.
         """
         removed = [
-            path for path in self.partial_files(vod_id) if ".part-Frag" in path.name
+            path
+            for path in self.partial_files(vod_id)
+            if ".part-Frag" in path.name
+            or (".ytdl." in path.name and path.name.endswith(".tmp"))
         ]
         for path in removed:
             path.unlink(missing_ok=True)

@@ -18,17 +18,23 @@ data missing:
   ``X.part`` and records the index too.
 - A ``.ytdl`` that cannot be read (cut short by a full disk) makes yt-dlp
   start again from the first fragment, appended to the old ``X.part``.
+- An HLS init segment (``EXT-X-MAP``) is fetched and appended again on every
+  resume.
+- Byte ranges without an offset, and AES-128 IVs taken from the media
+  sequence, are counted only over the fragments downloaded. So a resume
+  reads the wrong ranges or decrypts with the wrong IVs.
 
 ``install`` replaces two of ``FragmentFD``'s steps, for every download in
 this process. The partial file becomes a ``FragmentSink``, which writes an
 append whole or cuts it back off. Only the thread that opened the file may
-close it. A failed append is never recorded, and the index recorded counts
-the whole appends. The record is written to a
+close it. A failed append is never recorded, the index recorded is that of
+the last fragment appended (from its file name), and a fragment already in
+the file is not appended again. The record is written to a
 temporary file and renamed over the old one, so it is always whole, and it
 also gives the partial file's size. When the next attempt starts, a file
 longer than its record (a process killed between an append and its record)
 is cut back to it; a shorter one, or one with no fragment recorded, starts
-again empty.
+again empty, and so does a playlist that yt-dlp would resume wrongly.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -60,21 +68,14 @@ class FragmentSink:
     is flushed after the file is cut back.
     """
 
-    def __init__(self, path: str, first_index: int) -> None:
+    def __init__(self, path: str, last_index: int) -> None:
         self.path = path
-        # The index of the last fragment in the file when it was opened, and
-        # the count of whole appends since. Fragments arrive in index order.
-        self.first_index = first_index
-        self.appended = 0
+        # The index of the last fragment that the file contains whole.
+        self.last_index = last_index
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
         self._owner = threading.get_ident()
         self._lock = threading.Lock()
         self.broken = False
-
-    @property
-    def last_index(self) -> int:
-        """The index of the last fragment that the file contains whole."""
-        return self.first_index + self.appended
 
     @property
     def closed(self) -> bool:
@@ -107,7 +108,6 @@ class FragmentSink:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, start)
                 raise
-            self.appended += 1
         return len(data)
 
     def flush(self) -> None:
@@ -149,6 +149,15 @@ def _prepare_frag_download(self: FragmentFD, ctx: dict[str, Any]) -> None:
         # Killed between an append and its record: the tail is that
         # fragment, which this attempt appends again.
         keep = recorded
+    elif (reason := _resume_blocker(self)) is not None:
+        log.warning(
+            "%s: yt-dlp cannot resume this playlist, because %s; downloading it "
+            "again from the first fragment",
+            path,
+            reason,
+        )
+        keep = 0
+        ctx["fragment_index"] = 0
     elif recorded is not None and recorded > size:
         log.warning(
             "%s is %d bytes but its record gives %d; downloading it again "
@@ -167,6 +176,71 @@ def _prepare_frag_download(self: FragmentFD, ctx: dict[str, Any]) -> None:
     ctx["dest_stream"] = FragmentSink(path, ctx["fragment_index"])
 
 
+def _append_fragment(self: FragmentFD, ctx: dict[str, Any], content: bytes) -> None:
+    sink = ctx["dest_stream"]
+    if not isinstance(sink, FragmentSink):
+        _original_append(self, ctx, content)
+        return
+
+    # The index comes from the fragment's file name, because fragment threads
+    # also set ctx["fragment_index"] (see _write_ytdl_file).
+    name = ctx["fragment_filename_sanitized"]
+    match = _FRAGMENT_NAME.search(name)
+    index = int(match.group(1)) if match else sink.last_index + 1
+    try:
+        if index <= sink.last_index:
+            # yt-dlp fetches an HLS init segment (EXT-X-MAP) again on every
+            # resume although the file starts with it already.
+            log.debug("%s: fragment %d is in the file already", sink.path, index)
+            return
+        sink.write(content)
+        sink.last_index = index
+        if ctx.get("live") is not True and not self.params.get("_no_ytdl_file"):
+            _write_ytdl_file(self, ctx)
+    finally:
+        if not self.params.get("keep_fragments", False):
+            self.try_remove(name)
+        del ctx["fragment_filename_sanitized"]
+
+
+def _resume_blocker(self: FragmentFD) -> str | None:
+    if not isinstance(self, HlsFD):
+        return None
+    manifest = _hls_manifest()
+    return None if manifest is None else _unsafe_resume(manifest)
+
+
+def _unsafe_resume(manifest: str) -> str | None:
+    """Return why yt-dlp cannot resume this HLS playlist, or None if it can.
+
+    yt-dlp 2026.11 numbers byte ranges without an offset, and the default
+    AES-128 IV (the media sequence number), only over the fragments it
+    downloads, so after the skipped ones both are wrong.
+    """
+    for raw in manifest.splitlines():
+        line = raw.strip()
+        if line.startswith("#EXT-X-BYTERANGE:") and "@" not in line:
+            return "its byte ranges give no offsets"
+        if line.startswith("#EXT-X-KEY:") and "AES-128" in line and "IV=" not in line:
+            return "it is AES-128 encrypted without an IV"
+    return None
+
+
+def _hls_manifest() -> str | None:
+    """Return the playlist text that HlsFD.real_download is downloading, if any.
+
+    The playlist is a local of that caller's frame, which is still running,
+    so only that one name is read from it.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is HlsFD.real_download.__code__:
+            manifest = frame.f_locals.get("s")
+            return manifest if isinstance(manifest, str) else None
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
 def _recorded_bytes(self: FragmentFD, ctx: dict[str, Any]) -> int | None:
     """Return the partial file's size that vodq recorded, or None."""
     try:
@@ -182,7 +256,7 @@ def _write_ytdl_file(self: FragmentFD, ctx: dict[str, Any]) -> None:
     if isinstance(sink, FragmentSink) and sink.broken:
         # The fragment was not appended: the record of the last whole one stays.
         return
-    # Not ctx["fragment_index"]: with concurrent fragments, yt-dlp's
+    # Not ctx["fragment_index"], because with concurrent fragments yt-dlp's
     # progress hook sets it from fragment threads to the count of fragments
     # downloaded, which runs ahead of the appends.
     index = sink.last_index if isinstance(sink, FragmentSink) else ctx["fragment_index"]
@@ -204,6 +278,9 @@ def _write_ytdl_file(self: FragmentFD, ctx: dict[str, Any]) -> None:
 
 
 _original_prepare = FragmentFD._prepare_frag_download
+_original_append = FragmentFD._append_fragment
+# The name of a fragment's file: "<partial file>-Frag<index>".
+_FRAGMENT_NAME = re.compile(r"-Frag(\d+)$")
 
 
 def install() -> None:
@@ -212,4 +289,5 @@ def install() -> None:
     Calling it again changes nothing: the originals were kept at import.
     """
     FragmentFD._prepare_frag_download = _prepare_frag_download
+    FragmentFD._append_fragment = _append_fragment
     FragmentFD._write_ytdl_file = _write_ytdl_file

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import yt_dlp
 from yt_dlp.downloader import get_suitable_downloader
+from yt_dlp.extractor.generic import GenericIE
 from yt_dlp.networking import Request, Response
 from yt_dlp.networking.exceptions import HTTPError, RequestError
 from yt_dlp.utils import YoutubeDLError
@@ -62,9 +63,10 @@ from vodq.models import Progress
 
 log = logging.getLogger(__name__)
 
-# URL path endings that name a media file or an HLS playlist directly. For
-# these yt-dlp gets a ready info dict instead of running the generic
+# URL path endings that name a media file or an HLS playlist directly. For a
+# media file yt-dlp gets a ready info dict instead of running the generic
 # extractor, whose probe GET would fetch the start of the file a second time.
+# A playlist goes through the generic extractor alone, which reads it once.
 DIRECT_MEDIA_EXTENSIONS = frozenset({"mp4", "m4v", "mkv", "webm", "mov", "flv", "ts"})
 HLS_EXTENSIONS = frozenset({"m3u8"})
 
@@ -344,7 +346,7 @@ def _exceptions(exc: BaseException) -> list[BaseException]:
 
 
 def direct_info(job: DownloadJob) -> dict[str, Any] | None:
-    """Return a ready info dict when the URL names a media file or playlist itself."""
+    """Return a ready info dict when the URL names a media file itself."""
     kind = source_kind(job.source_url)
     if kind is SourceKind.FILE:
         extension = PurePosixPath(urlsplit(job.source_url).path).suffix.lower()
@@ -353,14 +355,6 @@ def direct_info(job: DownloadJob) -> dict[str, Any] | None:
             "title": job.vod_id,
             "url": job.source_url,
             "ext": extension.lstrip("."),
-        }
-    if kind is SourceKind.HLS:
-        return {
-            "id": job.vod_id,
-            "title": job.vod_id,
-            "url": job.source_url,
-            "ext": "mp4",
-            "protocol": "m3u8_native",
         }
     return None
 
@@ -457,7 +451,13 @@ class YtDlpDownloader:
         known: SourceValidators | None = None
         try:
             direct = direct_info(job)
-            with _WatchedYoutubeDL(params, watch, extractors=direct is None) as ydl:
+            extractors = kind is SourceKind.EXTRACTED
+            with _WatchedYoutubeDL(params, watch, extractors=extractors) as ydl:
+                if kind is SourceKind.HLS:
+                    # The generic extractor alone reads the playlist, so that a
+                    # multivariant one becomes a choice of its best variant
+                    # instead of a "download" of the variants' playlists.
+                    ydl.add_info_extractor(GenericIE())
                 known = self._prepare_partial(job, kind, ydl, watch)
                 if direct is not None:
                     info = ydl.process_ie_result(direct, download=True)
