@@ -120,6 +120,18 @@ def test_fragments_failed_fetch_resumes_whole_every_round(
     assert whole == [True] * 10
 
 
+def test_fragments_failed_attempt_leaves_no_fragment_files(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    url = media_server.add_hls("left", segments(6, seed=195))
+    media_server.script("/hls/left/seg1.ts", [Fault.status(500)])
+    layout = ArchiveLayout(tmp_path / "data")
+    with pytest.raises(DownloadFailed):
+        download(layout, url)
+    names = [path.name for path in layout.partial_dir.iterdir()]
+    assert [name for name in names if "-Frag" in name] == []
+
+
 def test_fragments_record_index_of_last_append(tmp_path: Path) -> None:
     fragments.install()
     downloader = HlsFD(yt_dlp.YoutubeDL({"quiet": True}, auto_init=False), {})

@@ -264,6 +264,13 @@ def test_classify_timeout_says_stalled() -> None:
     assert failure.error_class == "transient"
 
 
+def test_classify_empty_body_message() -> None:
+    failure = classify(DownloadError("ERROR: Did not get any data blocks"))
+
+    assert failure.error_class == "transient"
+    assert str(failure).startswith("the server sent an empty body")
+
+
 def test_classify_truncated_body_transient() -> None:
     failure = classify(
         DownloadError(

@@ -63,7 +63,6 @@ _TRUNCATED_PHRASES = (
     "incompleteread",
     "content too short",
     "remote end closed",
-    "did not get any data blocks",
 )
 _TRANSIENT_PHRASES = (
     "connection reset",
@@ -103,6 +102,14 @@ _MESSAGE_RULES: tuple[tuple[tuple[str, ...], str, bool, str], ...] = (
         "download stalled: the server sent no data{waited} ({detail}). "
         "Retried with backoff, resuming from the partial file; "
         "DOWNLOAD_STALL_TIMEOUT sets how long a silent server is awaited",
+    ),
+    (
+        # yt-dlp's message for a response whose body had no bytes at all.
+        ("did not get any data blocks",),
+        "transient",
+        True,
+        "the server sent an empty body ({detail}). Retried with backoff; if "
+        "it keeps failing, the file or an HLS segment is empty at the source",
     ),
     (
         _TRUNCATED_PHRASES,

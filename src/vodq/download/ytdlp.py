@@ -440,6 +440,10 @@ class YtDlpDownloader:
             return self._run(job, kind, watch, _Hook(on_progress, cancelled, bucket))
         finally:
             watch.close()
+            # Fragments fetched but not appended are fetched again by the next
+            # attempt, so they need not take disk space until it starts.
+            with contextlib.suppress(OSError):
+                self.layout.remove_stray_fragments(job.vod_id)
 
     def _run(
         self, job: DownloadJob, kind: SourceKind, watch: _Watch, hook: _Hook
