@@ -77,7 +77,7 @@ class TokenBucket:
 
 # A download whose measured rate is below this share of its own limit is held
 # back by its source, not by its limit. The 10% margin is above the error of
-# a rate measured between progress reports 1.5 to 3 s apart.
+# a rate measured between progress reports 1 to 3 s apart.
 SATURATED_SHARE = 0.9
 # Such a download keeps this multiple of its measured rate as its limit.
 # Their product is above 1, so at its new limit the download still counts as

@@ -54,7 +54,7 @@ LAST_RUN_WRITE_S = 5.0
 # limit last changed: at most RATE_SAMPLES of them, spanning at least
 # MIN_RATE_SPAN_S seconds.
 RATE_SAMPLES = 4
-MIN_RATE_SPAN_S = 1.5
+MIN_RATE_SPAN_S = 1.0
 # Smallest relative change of a download's pool share that is applied, so
 # that a share measured a little differently each heartbeat stays put.
 MIN_RATE_CHANGE = 0.01
