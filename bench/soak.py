@@ -75,6 +75,8 @@ SERVICE_ENV = {
 # the GET, and after a 416 on a complete partial file yt-dlp's second ranged
 # GET plus vodq's fresh one.
 FILE_REQUESTS_PER_ATTEMPT = 4
+# Playlist GETs of one HLS attempt.
+HLS_PLAYLIST_READS = 2
 
 
 @dataclass
@@ -365,8 +367,9 @@ def request_bound(vod: SoakVod) -> int:
         # Never retried: one GET (a HEAD only comes with a partial file).
         return 1
     if vod.kind == "hls":
-        # Each attempt: the playlist, then at most every segment.
-        return MAX_ATTEMPTS * (1 + vod.segments)
+        # Each attempt: the playlist twice (yt-dlp's generic extractor reads
+        # it, then its HLS downloader), then at most every segment.
+        return MAX_ATTEMPTS * (HLS_PLAYLIST_READS + vod.segments)
     return MAX_ATTEMPTS * FILE_REQUESTS_PER_ATTEMPT
 
 
@@ -500,7 +503,9 @@ def run(args: argparse.Namespace) -> int:
     interrupted_slack = (
         serve.kills
         * CONCURRENCY
-        * max(FILE_REQUESTS_PER_ATTEMPT, *(1 + v.segments for v in vods))
+        * max(
+            FILE_REQUESTS_PER_ATTEMPT, *(HLS_PLAYLIST_READS + v.segments for v in vods)
+        )
     )
     policy_bound = sum(v.bound for v in vods)
     total_bound = policy_bound + interrupted_slack
@@ -542,8 +547,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(
         f"request bound: {policy_bound} (retry policy: {MAX_ATTEMPTS} attempts x "
-        f"{FILE_REQUESTS_PER_ATTEMPT} requests per file attempt, 1 + segments per "
-        "HLS attempt, 1 request for a 404/410/403) + "
+        f"{FILE_REQUESTS_PER_ATTEMPT} requests per file attempt, "
+        f"{HLS_PLAYLIST_READS} + segments per HLS attempt, "
+        "1 request for a 404/410/403) + "
         f"{interrupted_slack} (attempts cut by {serve.kills} SIGKILLs: "
         f"{serve.kills} x {CONCURRENCY} slots x the largest attempt) = {total_bound}"
     )
