@@ -13,9 +13,12 @@ import threading
 import time
 from collections.abc import Sequence
 
-# Largest burst a bucket allows, in seconds of its rate. Short enough that any
-# window of a few seconds sees the configured rate within a few percent.
-BURST_S = 0.25
+# Largest burst a bucket allows, in seconds of its rate: 2% of a 5 s window
+# after a source that paused sends again.
+BURST_S = 0.1
+# Longest single sleep of a throttled read, in seconds, so that a new rate
+# shortens or lengthens a wait already running.
+WAIT_SLICE_S = 0.1
 
 
 class TokenBucket:
@@ -58,12 +61,16 @@ class TokenBucket:
             if self._rate is None:
                 return
             self._tokens -= nbytes
-            wait_s = -self._tokens / self._rate if self._tokens < 0 else 0.0
-        if wait_s > 0:
+        while True:
+            with self._lock:
+                self._refill()
+                if self._rate is None or self._tokens >= 0:
+                    return
+                wait_s = min(WAIT_SLICE_S, -self._tokens / self._rate)
             if cancelled is None:
                 time.sleep(wait_s)
-            else:
-                cancelled.wait(wait_s)
+            elif cancelled.wait(wait_s):
+                return
 
     def _refill(self) -> None:
         now = time.monotonic()
@@ -85,6 +92,9 @@ SATURATED_SHARE = 0.9
 # source's uneven rate. A source that gets 35% faster fills the limit,
 # counts as saturated again and gets its equal share back.
 HEADROOM = 1.5
+# Smallest limit the pool gives a download held back by its source, in bytes
+# per second.
+MIN_DEMAND = 16_384.0
 
 
 def demand_of(limit: float | None, measured: float | None) -> float | None:
@@ -95,7 +105,8 @@ def demand_of(limit: float | None, measured: float | None) -> float | None:
     """
     if limit is None or measured is None or measured >= SATURATED_SHARE * limit:
         return None
-    return measured * HEADROOM
+    # Never 0, so that a source that paused can show it sends again.
+    return max(MIN_DEMAND, measured * HEADROOM)
 
 
 def fair_shares(total: float, demands: Sequence[float | None]) -> list[float]:

@@ -409,6 +409,9 @@ class Scheduler:
         with self._lock:
             self._running[vod.id] = entry
         self.metrics.active_downloads.set(len(self._running))
+        # The others' shares shrink now, not at the next heartbeat, so that the
+        # pool holds while a download joins.
+        self.apply_rates()
         thread.start()
 
     # -- a download thread ----------------------------------------------
@@ -458,6 +461,7 @@ class Scheduler:
                 self._running.pop(vod.id, None)
                 active = len(self._running)
             self.metrics.active_downloads.set(active)
+            self._apply_rates_logged()
             self.wake()
             # A slot is free in the cluster too: a worker that sat at the
             # global limit may start the next VOD.
@@ -728,11 +732,31 @@ class Scheduler:
 
     @staticmethod
     def _sample(entry: RunningDownload) -> None:
-        sample = (entry.progress_at, entry.progress.bytes_done)
+        done = entry.progress.bytes_done
         # From the first byte on, so that starting up is not taken for a slow
-        # source, and once per report.
-        if sample[1] > 0 and (not entry.samples or entry.samples[-1] != sample):
-            entry.samples.append(sample)
+        # source.
+        if done <= 0:
+            return
+        # At the report's time while reports arrive. A download with no report
+        # since the last sample is sampled now, so that a paused source
+        # measures as slow.
+        at = entry.progress_at
+        if entry.samples and at <= entry.samples[-1][0]:
+            at = time.monotonic()
+        entry.samples.append((at, done))
+
+    def _apply_rates_logged(self) -> None:
+        """Apply the rates in force; a failure only delays it to the heartbeat."""
+        try:
+            self.apply_rates()
+        except Exception as exc:
+            log.warning(
+                "could not apply the rate limits to running downloads: %s; the "
+                "next heartbeat applies them",
+                exc,
+                exc_info=True,
+                extra={"worker_id": self.worker_id, "action": "rates"},
+            )
 
     def _count_active(self, fallback: int) -> int:
         try:

@@ -12,6 +12,7 @@ import pytest
 from conftest import ServiceFactory, wait_for, wait_for_state
 from mediaserver import Fault, MediaServer
 from vodq.api.app import create_app
+from vodq.bandwidth import MIN_DEMAND
 from vodq.models import VodState
 from vodq.service import NewVod, Service
 
@@ -180,6 +181,29 @@ def test_pool_gives_slow_source_share_to_others(
     assert sum(rate or 0 for rate in limits) == pytest.approx(total, rel=0.01)
     for index in range(3):
         service.cancel_vod(f"fair{index}")
+
+
+def test_pool_gives_paused_source_share_to_others(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    service = make_service(
+        MAX_CONCURRENT_DOWNLOADS="3", DOWNLOAD_TOTAL_RATE_LIMIT="300K"
+    )
+    for index in range(3):
+        add_slow(service, media_server, f"pause{index}", 4096 * KIB)
+    wait_for(lambda: rates(service) == [100 * KIB] * 3, timeout_s=10)
+    # Next to nothing from now on: as good as a pause.
+    media_server.set_rate("/files/pause0.mp4", 10)
+
+    def shared_out() -> bool:
+        paused, *others = rates(service)
+        return paused == MIN_DEMAND and all(
+            rate is not None and rate > 130 * KIB for rate in others
+        )
+
+    wait_for(shared_out, timeout_s=15)
+    for index in range(3):
+        service.cancel_vod(f"pause{index}")
 
 
 def test_pool_respects_lower_per_download_limit(

@@ -12,7 +12,13 @@ import time
 
 import pytest
 
-from vodq.bandwidth import BURST_S, TokenBucket, demand_of, fair_shares
+from vodq.bandwidth import (
+    BURST_S,
+    MIN_DEMAND,
+    TokenBucket,
+    demand_of,
+    fair_shares,
+)
 
 
 def _consume_in_chunks(bucket: TokenBucket, total: int, chunk: int) -> float:
@@ -190,7 +196,7 @@ def test_fair_shares_no_downloads() -> None:
 
 
 def test_demand_of_saturated_download_unbounded() -> None:
-    assert demand_of(100.0, 90.0) is None
+    assert demand_of(100_000.0, 90_000.0) is None
 
 
 def test_demand_of_unknown_rate_unbounded() -> None:
@@ -202,4 +208,8 @@ def test_demand_of_unlimited_download_unbounded() -> None:
 
 
 def test_demand_of_slow_source_keeps_headroom() -> None:
-    assert demand_of(100.0, 40.0) == pytest.approx(60.0)
+    assert demand_of(100_000.0, 40_000.0) == pytest.approx(60_000.0)
+
+
+def test_demand_of_paused_source_keeps_floor() -> None:
+    assert demand_of(100_000.0, 0.0) == MIN_DEMAND

@@ -1,10 +1,11 @@
-"""The read block that a download starts with, sized to its rate limit."""
+"""The read block of a download, sized to the rate limit in force."""
 
 from __future__ import annotations
 
 from vodq.download.ytdlp import (
     MIN_READ_BLOCK_BYTES,
     READ_BLOCK_BYTES,
+    _bounded_read,
     read_block_for,
 )
 
@@ -27,3 +28,28 @@ def test_read_block_fast_rate_has_a_ceiling() -> None:
 
 def test_read_block_is_whole_pages() -> None:
     assert read_block_for(2 * 1024 * 1024) % 4096 == 0
+
+
+def test_bounded_read_follows_current_rate() -> None:
+    asked: list[int | None] = []
+
+    def read(amt: int | None = None) -> bytes:
+        asked.append(amt)
+        return b""
+
+    block = {"size": 131_072}
+    _bounded_read(read, lambda: block["size"], 131_072)
+    block["size"] = 4096
+    _bounded_read(read, lambda: block["size"], 131_072)
+    assert asked == [131_072, 4096]
+
+
+def test_bounded_read_keeps_whole_read() -> None:
+    asked: list[int | None] = []
+
+    def read(amt: int | None = None) -> bytes:
+        asked.append(amt)
+        return b""
+
+    _bounded_read(read, lambda: 4096)
+    assert asked == [None]

@@ -74,18 +74,17 @@ HLS_EXTENSIONS = frozenset({"m3u8"})
 # default) so the token bucket is consulted often enough to hold a rate.
 READ_BLOCK_BYTES = 131_072
 
-# A download that starts under a rate limit reads blocks of at most this
-# share of a second at that rate, and at least MIN_READ_BLOCK_BYTES. At 500K
-# a 128 KiB block is a quarter of a second of data, so a 5 s window shows the
-# rate only to within about 5%. A fortieth of a second leaves room for the
-# rate to fall to a quarter later (a pool shared by more downloads) with a
-# 2 s window still within 5%.
+# A download under a rate limit reads blocks of at most this share of a
+# second at the rate in force, and at least MIN_READ_BLOCK_BYTES. At 500K a
+# 128 KiB block is a quarter of a second of data, so a 5 s window would show
+# the rate only to within about 5%. The size follows the rate while the
+# download runs (see _bounded_read).
 READ_BLOCK_SHARE_S = 0.025
-MIN_READ_BLOCK_BYTES = 16_384
+MIN_READ_BLOCK_BYTES = 4096
 
 
 def read_block_for(rate: float | None) -> int:
-    """Return the read block for a download that starts at ``rate`` bytes/s."""
+    """Return the read block for a download limited to ``rate`` bytes/s now."""
     if rate is None:
         return READ_BLOCK_BYTES
     block = int(rate * READ_BLOCK_SHARE_S) // 4096 * 4096
@@ -201,6 +200,9 @@ class _Watch:
         self.errors: list[HTTPError] = []
         self.first_validators: SourceValidators | None = None
         self.on_first_validators: Callable[[SourceValidators], None] | None = None
+        # The read size in bytes for the rate in force now, or None to leave
+        # yt-dlp's.
+        self.read_block: Callable[[], int] | None = None
 
     def error(self, err: HTTPError) -> None:
         response = err.response
@@ -265,7 +267,27 @@ class _WatchedYoutubeDL(yt_dlp.YoutubeDL):  # type: ignore[misc]
             raise
         if isinstance(request, Request):
             self.vodq_watch.response(request, response)
+        block = self.vodq_watch.read_block
+        if block is not None and isinstance(response, Response):
+            response.read = functools.partial(_bounded_read, response.read, block)
         return response
+
+
+def _bounded_read(
+    read: Callable[[int | None], bytes],
+    block: Callable[[], int],
+    amt: int | None = None,
+) -> bytes:
+    """Read at most one block of the current rate; a whole read stays whole.
+
+    yt-dlp fixes its read size when a transfer starts. A limit that falls
+    later (a lower PATCH, or a pool shared by more downloads) would then be
+    met only in blocks of many seconds, so the size follows the rate now.
+    A read of everything (a playlist, a page) is left as it is.
+    """
+    if amt is None or amt < 0:
+        return read(amt)
+    return read(min(amt, block()))
 
 
 def close_responses(exc: BaseException) -> None:
@@ -436,6 +458,7 @@ class YtDlpDownloader:
     ) -> DownloadResult:
         kind = source_kind(job.source_url)
         watch = _Watch(track_validators=kind is SourceKind.FILE)
+        watch.read_block = lambda: read_block_for(bucket.rate)
         try:
             return self._run(job, kind, watch, _Hook(on_progress, cancelled, bucket))
         finally:
@@ -701,7 +724,9 @@ class YtDlpDownloader:
             # the requests library when it happens to be installed (as in
             # the test environment), whose errors read differently.
             "compat_opts": {"prefer-legacy-http-handler"},
-            "buffersize": read_block_for(hook.bucket.rate),
+            # The largest read. _bounded_read makes reads smaller while a
+            # rate limit is in force.
+            "buffersize": READ_BLOCK_BYTES,
             "noresizebuffer": True,
             # The native HLS downloader keeps cancellation and throttling in
             # this process; ffmpeg would be a child we cannot throttle.
