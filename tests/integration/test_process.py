@@ -220,6 +220,33 @@ def test_process_rate_change_reaches_the_child(tmp_path: Path) -> None:
     thread.join(timeout=20)
 
 
+class _ChangingBucket(TokenBucket):
+    """A bucket whose rate changes right after its first read."""
+
+    def __init__(self, first: float, then: float) -> None:
+        super().__init__(first)
+        self.reads = 0
+        self.then = then
+
+    @property
+    def rate(self) -> float | None:
+        self.reads += 1
+        return self._rate if self.reads == 1 else self.then
+
+
+def test_process_rate_changed_while_child_starts(tmp_path: Path) -> None:
+    # Another download joining changes the rate while this child starts.
+    rate_file = tmp_path / "rate"
+    downloader = ProcessDownloader(RateEngine(rate_file), stall_timeout_s=60)
+    bucket = _ChangingBucket(1000.0, then=7000.0)
+    cancelled = threading.Event()
+    thread, _errors = _run_in_thread(downloader, _job(), cancelled, bucket)
+
+    wait_for(lambda: rate_file.exists() and rate_file.read_text() == "7000.0")
+    cancelled.set()
+    thread.join(timeout=20)
+
+
 def test_process_throttling_is_not_a_stall() -> None:
     downloader = ProcessDownloader(
         CrashingEngine("raise", read_block_bytes=100_000), stall_timeout_s=60

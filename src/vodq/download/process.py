@@ -153,11 +153,14 @@ class ProcessDownloader:
         """Download ``job`` in a child process; raise as the child's attempt ended."""
         ours, theirs = _context.Pipe(duplex=True)
         level = logging.getLogger().getEffectiveLevel()
+        # Read once: the rate may change while the child starts, and the
+        # watch loop sends any rate that differs from the one the child has.
+        start_rate = bucket.rate
         child = _context.Process(
             target=child_main,
             args=(theirs, self.engine, job),
             kwargs={
-                "rate": bucket.rate,
+                "rate": start_rate,
                 "log_level": level,
                 "orphan_after_s": self.orphan_after_s,
             },
@@ -188,6 +191,7 @@ class ProcessDownloader:
                 on_progress=on_progress,
                 cancelled=cancelled,
                 bucket=bucket,
+                sent_rate=start_rate,
             )
         finally:
             _kill_group(child)
@@ -204,9 +208,9 @@ class ProcessDownloader:
         on_progress: Callable[[Progress], None],
         cancelled: threading.Event,
         bucket: TokenBucket,
+        sent_rate: float | None,
     ) -> _Outcome:
         """Relay messages until the child reports a result, dies or is killed."""
-        sent_rate = bucket.rate
         last_bytes = -1
         last_activity = time.monotonic()
         last_alive = last_activity
