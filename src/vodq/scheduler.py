@@ -55,6 +55,8 @@ LAST_RUN_WRITE_S = 5.0
 # MIN_RATE_SPAN_S seconds.
 RATE_SAMPLES = 4
 MIN_RATE_SPAN_S = 1.0
+# Seconds after a download's first progress report before it is measured.
+STARTUP_S = 1.0
 # Smallest relative change of a download's pool share that is applied, so
 # that a share measured a little differently each heartbeat stays put.
 MIN_RATE_CHANGE = 0.01
@@ -100,7 +102,8 @@ class RunningDownload:
     # When the lease expires at the latest (time.monotonic()), counted from
     # just before the claim or the last renewal that the database accepted.
     lease_until: float = 0.0
-    # When the last progress report arrived (time.monotonic()).
+    # When the first and the last progress report arrived (time.monotonic()).
+    first_progress_at: float | None = None
     progress_at: float = 0.0
     # (progress_at, bytes_done) at the heartbeats since the limit changed. The
     # report's own time, not the heartbeat's, so that bytes arriving in read
@@ -409,9 +412,6 @@ class Scheduler:
         with self._lock:
             self._running[vod.id] = entry
         self.metrics.active_downloads.set(len(self._running))
-        # The others' shares shrink now, not at the next heartbeat, so that the
-        # pool holds while a download joins.
-        self.apply_rates()
         thread.start()
 
     # -- a download thread ----------------------------------------------
@@ -470,6 +470,8 @@ class Scheduler:
     def _on_progress(self, entry: RunningDownload, progress: Progress) -> None:
         entry.progress = progress
         entry.progress_at = time.monotonic()
+        if entry.first_progress_at is None:
+            entry.first_progress_at = entry.progress_at
         # Counting starts at the resumed offset, so a resumed download counts
         # only what it fetches and a fresh one counts its first block too.
         if progress.bytes_done < entry.bytes_counted:
@@ -733,9 +735,11 @@ class Scheduler:
     @staticmethod
     def _sample(entry: RunningDownload) -> None:
         done = entry.progress.bytes_done
-        # From the first byte on, so that starting up is not taken for a slow
-        # source.
-        if done <= 0:
+        # From STARTUP_S after the first report on, so that a transfer that is
+        # still starting (its connection, its first bytes) is not taken for a
+        # slow source.
+        first = entry.first_progress_at
+        if done <= 0 or first is None or time.monotonic() - first < STARTUP_S:
             return
         # At the report's time while reports arrive. A download with no report
         # since the last sample is sampled now, so that a paused source
