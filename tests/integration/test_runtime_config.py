@@ -176,7 +176,10 @@ def test_pool_gives_slow_source_share_to_others(
             and all(rate is not None and rate > 120 * KIB for rate in fast)
         )
 
-    wait_for(shared_out, timeout_s=15)
+    try:
+        wait_for(shared_out, timeout_s=15)
+    except AssertionError:
+        raise AssertionError(f"rates {rates(service)}") from None
     limits = rates(service)
     assert sum(rate or 0 for rate in limits) == pytest.approx(total, rel=0.01)
     for index in range(3):
@@ -187,13 +190,15 @@ def test_pool_gives_paused_source_share_to_others(
     make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
     service = make_service(
-        MAX_CONCURRENT_DOWNLOADS="3", DOWNLOAD_TOTAL_RATE_LIMIT="300K"
+        MAX_CONCURRENT_DOWNLOADS="3",
+        DOWNLOAD_TOTAL_RATE_LIMIT="300K",
+        DOWNLOAD_SOCKET_TIMEOUT="30s",
+        DOWNLOAD_STALL_TIMEOUT="30s",
     )
+    # One source sends its first 256 KiB and then nothing for 20 s.
+    media_server.script("/files/pause0.mp4", [Fault.stall(20, after_bytes=256 * KIB)])
     for index in range(3):
         add_slow(service, media_server, f"pause{index}", 4096 * KIB)
-    wait_for(lambda: rates(service) == [100 * KIB] * 3, timeout_s=10)
-    # Next to nothing from now on: as good as a pause.
-    media_server.set_rate("/files/pause0.mp4", 10)
 
     def shared_out() -> bool:
         paused, *others = rates(service)
@@ -201,7 +206,10 @@ def test_pool_gives_paused_source_share_to_others(
             rate is not None and rate > 130 * KIB for rate in others
         )
 
-    wait_for(shared_out, timeout_s=15)
+    try:
+        wait_for(shared_out, timeout_s=15)
+    except AssertionError:
+        raise AssertionError(f"limits in force: {rates(service)}") from None
     for index in range(3):
         service.cancel_vod(f"pause{index}")
 
