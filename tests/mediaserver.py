@@ -115,7 +115,7 @@ class Fault:
 
     @classmethod
     def delay(cls, seconds: float) -> Fault:
-        """Wait `seconds` before answering, then serve the GET normally."""
+        """Wait `seconds` before responding, then serve the GET normally."""
         if seconds < 0:
             raise ValueError(f"invalid seconds {seconds}: expected >= 0")
         return cls("delay", seconds=seconds)

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 
 # Largest burst a bucket allows, in seconds of its rate: 5% of a 5 s window.
 # It also bounds the catch-up after a stall (a slow scheduler, a TCP hiccup),
-# so a smaller burst lost more: at 0.1 s, three pooled downloads at 500K
-# fell 5.9% short in their first window.
+# so a smaller burst loses more of a window to each stall.
 BURST_S = 0.25
-# Longest single sleep of a throttled read, in seconds, so that a new rate
+# Maximum single sleep of a throttled read, in seconds, so that a new rate
 # shortens or lengthens a wait already running.
 WAIT_SLICE_S = 0.1
 
@@ -40,8 +39,8 @@ class TokenBucket:
         """Apply a new rate from now on.
 
         A debt (bytes read but not yet waited for, at most a few blocks) is
-        kept in bytes and waited for at the new rate. Forgiving it would let
-        every change send those bytes twice, and the pool changes rates
+        kept in bytes and waited for at the new rate. Forgiving it would leave
+        those bytes uncharged at every change, and the pool changes rates
         often.
         """
         with self._lock:

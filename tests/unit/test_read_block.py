@@ -31,25 +31,25 @@ def test_read_block_is_whole_pages() -> None:
 
 
 def test_bounded_read_follows_current_rate() -> None:
-    asked: list[int | None] = []
+    requested: list[int | None] = []
 
     def read(amt: int | None = None) -> bytes:
-        asked.append(amt)
+        requested.append(amt)
         return b""
 
     block = {"size": 131_072}
     _bounded_read(read, lambda: block["size"], 131_072)
     block["size"] = 4096
     _bounded_read(read, lambda: block["size"], 131_072)
-    assert asked == [131_072, 4096]
+    assert requested == [131_072, 4096]
 
 
 def test_bounded_read_keeps_whole_read() -> None:
-    asked: list[int | None] = []
+    requested: list[int | None] = []
 
     def read(amt: int | None = None) -> bytes:
-        asked.append(amt)
+        requested.append(amt)
         return b""
 
     _bounded_read(read, lambda: 4096)
-    assert asked == [None]
+    assert requested == [None]

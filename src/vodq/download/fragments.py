@@ -33,7 +33,7 @@ the file is not appended again. The record is written to a
 temporary file and renamed over the old one, so it is always whole, and it
 also gives the partial file's size. When the next attempt starts, a file
 longer than its record (a process killed between an append and its record)
-is cut back to it; a shorter one, or one with no fragment recorded, starts
+is cut back to it. A shorter one, or one with no fragment recorded, starts
 again empty, and so does a playlist that yt-dlp would resume wrongly.
 """
 

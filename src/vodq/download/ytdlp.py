@@ -91,9 +91,9 @@ def read_block_for(rate: float | None) -> int:
     return max(MIN_READ_BLOCK_BYTES, min(READ_BLOCK_BYTES, block))
 
 
-# HLS fragments downloaded at once unless HLS_CONCURRENT_FRAGMENTS says
-# otherwise. The fragment threads share one token bucket, so the rate holds
-# for any number; fragments.py keeps their appends safe to resume.
+# HLS fragments downloaded at once unless HLS_CONCURRENT_FRAGMENTS sets
+# another number. The fragment threads share one token bucket, so the rate
+# holds for any number, and fragments.py keeps their appends safe to resume.
 HLS_CONCURRENT_FRAGMENTS = 4
 
 # HEAD statuses that mean the server does not support HEAD, not that the URL fails.
