@@ -135,7 +135,7 @@ WITH expired AS (
     UPDATE vods
     SET state = 'downloading', lease_owner = :owner,
         lease_expires_at = :lease_until, started_at = :now, updated_at = :now,
-        speed_bps = NULL
+        speed_bps = NULL, rate_demand_bps = NULL
     WHERE id = ANY (ARRAY(SELECT id FROM candidates)) AND state = 'queued'
     RETURNING vods.*
 )
@@ -609,6 +609,7 @@ class VodQueue:
                 started_at=now,
                 updated_at=now,
                 speed_bps=None,
+                rate_demand_bps=None,
             )
             .returning(vods)
         ).all()
@@ -624,8 +625,13 @@ class VodQueue:
         *,
         lease_s: float,
         started: Mapping[int, datetime | None] | None = None,
+        demands: Mapping[int, float | None] | None = None,
     ) -> set[int]:
-        """Extend ``owner``'s leases and record progress; return the ids still held."""
+        """Extend ``owner``'s leases and record progress; return the ids still held.
+
+        ``demands`` gives the bytes per second each download can use of the
+        bandwidth pool (None: as much as it gets); see ``active_demands``.
+        """
         if not progress:
             return set()
         now = self.clock()
@@ -633,12 +639,14 @@ class VodQueue:
         with self._write() as conn:
             for row_id, report in progress.items():
                 claimed_at = started.get(row_id) if started is not None else None
+                demand = demands.get(row_id) if demands is not None else None
                 result = conn.execute(
                     self._owned(row_id, owner, claimed_at).values(
                         lease_expires_at=now + timedelta(seconds=lease_s),
                         bytes_done=report.bytes_done,
                         bytes_total=report.bytes_total,
                         speed_bps=report.speed_bps,
+                        rate_demand_bps=None if demand is None else int(demand),
                         updated_at=now,
                     )
                 )
@@ -842,6 +850,25 @@ class VodQueue:
         """Count downloads with an unexpired lease, across every worker."""
         with self._read() as conn:
             return self._count_active(conn, self.clock())
+
+    def active_demands(self) -> dict[int, float | None]:
+        """Return the bandwidth demand of every download with an unexpired lease.
+
+        Keys are row ids. A value is the bytes per second that the download's
+        worker last renewed it with, or None for as much as it gets. A
+        download not renewed since its claim has None too.
+        """
+        now = self.clock()
+        with self._read() as conn:
+            rows = conn.execute(
+                select(vods.c.id, vods.c.rate_demand_bps).where(
+                    IS_DOWNLOADING, vods.c.lease_expires_at > now
+                )
+            ).all()
+        return {
+            int(row_id): None if demand is None else float(demand)
+            for row_id, demand in rows
+        }
 
     def requeue_excess(self, limit: int) -> int:
         """Return running downloads beyond ``limit`` to the queue; return how many.

@@ -162,7 +162,6 @@ class Scheduler:
         self._settings_source: Callable[[], Settings] = (
             settings if callable(settings) else lambda: settings
         )
-        self._pool_rate: float | None = None
         self.metrics = metrics
         self.worker_id = self.settings.worker_id
         self.last_process_run: datetime | None = None
@@ -176,6 +175,8 @@ class Scheduler:
         # loop wakes for it instead of waiting for the next poll.
         self._next_retry: float | None = None
         self._had_disk_room = True
+        # The pool demands of the cluster's downloads at the last read, by row id.
+        self._demands: dict[int, float | None] = {}
 
     @property
     def settings(self) -> Settings:
@@ -674,6 +675,7 @@ class Scheduler:
                     progress,
                     lease_s=lease_s,
                     started={entry.vod.id: entry.vod.started_at for entry in running},
+                    demands={entry.vod.id: entry.demand for entry in running},
                 )
             except (StorageUnavailable, SQLAlchemyError) as exc:
                 log.warning(
@@ -771,11 +773,11 @@ class Scheduler:
     def _rates(self, running: list[RunningDownload]) -> list[float | None]:
         """Return the limit of each running download, in the order given.
 
-        With a pool, this worker's part of it (its downloads' share of the
-        cluster's) is split max-min fairly between its downloads. A download
-        whose source sends less than its limit keeps half as much again as
-        it receives, and the others share the rest equally. Unused bandwidth
-        of another worker's download stays with that worker.
+        With a pool, every worker splits it max-min fairly over the demands
+        of all downloads with a live lease, its own measured now and the
+        others' as their workers last renewed them. A download whose source
+        sends less than its limit keeps half as much again as it receives,
+        and the others, on any worker, share the rest equally.
         """
         settings = self.settings
         per_download = settings.download_rate_limit
@@ -783,21 +785,34 @@ class Scheduler:
         if total is None:
             return [per_download] * len(running)
 
-        active = max(len(running), self._count_active(len(running)))
-        part = total * len(running) / active
-        demands: list[float | None] = []
         for entry in running:
             measured = entry.measured_rate()
             if measured is not None:
                 entry.demand = demand_of(entry.bucket.rate, measured)
-            demand = entry.demand
-            if per_download is not None:
-                demand = per_download if demand is None else min(demand, per_download)
-            demands.append(demand)
-        shares = fair_shares(part, demands)
+        own = {entry.vod.id for entry in running}
+        others = [
+            demand
+            for row_id, demand in self._cluster_demands().items()
+            if row_id not in own
+        ]
+        demands = [entry.demand for entry in running] + others
+        if per_download is not None:
+            demands = [
+                per_download if demand is None else min(demand, per_download)
+                for demand in demands
+            ]
+        shares = fair_shares(total, demands)[: len(running)]
         if per_download is None:
             return list(shares)
         return [min(share, per_download) for share in shares]
+
+    def _cluster_demands(self) -> dict[int, float | None]:
+        """Return every live download's demand; the last read if the database fails."""
+        try:
+            self._demands = self.queue.active_demands()
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            log.debug("could not read the pool's demands: %s", exc)
+        return self._demands
 
     def apply_rates(self) -> None:
         """Give running downloads the rate in force now, not at the next heartbeat."""

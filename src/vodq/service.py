@@ -35,7 +35,7 @@ from vodq.scheduler import CancelReason, Scheduler
 from vodq.units import format_duration, format_rate
 from vodq.upload.stage import UploadStage, make_uploader
 from vodq.upload.store import UploadStore, file_exists
-from vodq.wakeups import Wakeups
+from vodq.wakeups import CONFIG_CHANGED, Wakeups
 from vodq.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -283,10 +283,11 @@ class Service:
             extra={"changes": dict(changes), "stopped": stopped, "action": "config"},
         )
         if self.scheduler is not None:
-            # Other workers apply a new rate within their next refresh and
-            # heartbeat (about 2 s); this one need not wait for either.
             self.scheduler.apply_rates()
-        self.wake()
+        # Workers on PostgreSQL apply the change when this wake-up reaches
+        # them; others at their next settings refresh and heartbeat (about 2 s).
+        self._wake_stages()
+        self.wakeups.notify(CONFIG_CHANGED)
         return settings
 
     def config_report(self) -> dict[str, dict[str, Any]]:
@@ -354,7 +355,11 @@ class Service:
         self._wake_stages()
         self.wakeups.notify()
 
-    def _wake_stages(self) -> None:
+    def _wake_stages(self, reason: str = "") -> None:
+        if reason == CONFIG_CHANGED and self.runtime is not None:
+            self.runtime.refresh()
+            if self.scheduler is not None:
+                self.scheduler.apply_rates()
         if self.scheduler is not None:
             self.scheduler.wake()
         if self.upload_stage is not None:

@@ -8,9 +8,9 @@ import pytest
 
 from conftest import ServiceFactory, wait_for, wait_for_state
 from mediaserver import MediaServer
-from vodq import scheduler
+from vodq import runtime, scheduler
 from vodq.models import VodState
-from vodq.service import NewVod
+from vodq.service import NewVod, Service
 
 pytestmark = pytest.mark.postgres
 
@@ -103,3 +103,72 @@ def test_per_worker_cap_limits_one_worker(
     for index in range(3):
         wait_for_state(service, f"p{index}", FINISHED, timeout_s=30)
     assert media_server.max_concurrent("/files/") == 1
+
+
+def pool_limits(*workers: Service) -> list[float]:
+    """Return the limits of every worker's running downloads, lowest first."""
+    limits = [
+        entry.bucket.rate or 0.0
+        for worker in workers
+        if worker.scheduler is not None
+        for entry in worker.scheduler.running()
+    ]
+    return sorted(limits)
+
+
+def test_pool_moves_slow_share_across_workers(
+    make_service: ServiceFactory, media_server: MediaServer, postgres_dsn: str
+) -> None:
+    # Two slots per worker and three downloads, so both workers run some.
+    env = {
+        "DB_DSN": postgres_dsn,
+        "MAX_CONCURRENT_DOWNLOADS": "3",
+        "MAX_DOWNLOADS_PER_WORKER": "2",
+        "DOWNLOAD_TOTAL_RATE_LIMIT": "300K",
+    }
+    workers = [make_service(WORKER_ID=f"pool{index}", **env) for index in range(2)]
+    for index in range(3):
+        url = media_server.add_file(f"x{index}.mp4", random.randbytes(4096 * KIB))
+        workers[0].add_vod(NewVod(vod_id=f"x{index}", url=url))
+    # The server sends one of them at 20K, a fifth of its equal share.
+    media_server.set_rate("/files/x0.mp4", 20 * KIB)
+
+    def shared_out() -> bool:
+        limits = pool_limits(*workers)
+        if len(limits) < 3:
+            return False
+        slow, *fast = limits
+        return slow < 40 * KIB and all(limit > 120 * KIB for limit in fast)
+
+    try:
+        wait_for(shared_out, timeout_s=20)
+    except AssertionError:
+        raise AssertionError(f"limits in force: {pool_limits(*workers)}") from None
+    per_worker = sorted(len(pool_limits(worker)) for worker in workers)
+    assert per_worker == [1, 2]
+    assert sum(pool_limits(*workers)) == pytest.approx(300 * KIB, rel=0.02)
+    for index in range(3):
+        workers[0].cancel_vod(f"x{index}")
+
+
+def test_config_change_reaches_worker_by_notify(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With the periodic settings refresh all but off, only the NOTIFY sent
+    # with the change can bring it to the worker in time.
+    monkeypatch.setattr(runtime, "REFRESH_S", 600.0)
+    worker = make_service(
+        DB_DSN=postgres_dsn, WORKER_ID="listener", DOWNLOAD_RATE_LIMIT="64K"
+    )
+    api = make_service(run_worker=False, DB_DSN=postgres_dsn)
+    wait_for(lambda: worker.wakeups._thread is not None, timeout_s=5)
+    url = media_server.add_file("notify.mp4", random.randbytes(4096 * KIB))
+    api.add_vod(NewVod(vod_id="notify", url=url))
+    wait_for(lambda: pool_limits(worker) == [64 * KIB], timeout_s=10)
+    api.update_config({"DOWNLOAD_RATE_LIMIT": "128K"})
+    wait_for(lambda: pool_limits(worker) == [128 * KIB], timeout_s=5)
+    assert worker.settings.download_rate_limit == 128 * KIB
+    api.cancel_vod("notify")

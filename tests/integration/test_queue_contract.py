@@ -172,6 +172,40 @@ def test_renew_extends_lease_and_records_progress(
     assert claim_ids(queue, "w2") == []
 
 
+def test_active_demands_lists_renewed_demands(queue: VodQueue) -> None:
+    add(queue, "slow")
+    add(queue, "fast")
+    slow, fast = queue.claim("w1", wanted=2, limit=2, lease_s=LEASE_S)
+    queue.renew(
+        "w1",
+        {slow.id: Progress(1, None, None), fast.id: Progress(1, None, None)},
+        lease_s=LEASE_S,
+        demands={slow.id: 20_480.5, fast.id: None},
+    )
+    assert queue.active_demands() == {slow.id: 20_480.0, fast.id: None}
+
+
+def test_active_demands_skips_expired_lease(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    queue.renew(
+        "w1", {vod.id: Progress(1, None, None)}, lease_s=LEASE_S, demands={vod.id: 5.0}
+    )
+    clock.advance(LEASE_S + 1)
+    assert queue.active_demands() == {}
+
+
+def test_claim_clears_earlier_demand(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    queue.renew(
+        "w1", {vod.id: Progress(1, None, None)}, lease_s=LEASE_S, demands={vod.id: 5.0}
+    )
+    clock.advance(LEASE_S + 1)
+    claim_ids(queue, "w2")
+    assert queue.active_demands() == {vod.id: None}
+
+
 def test_renew_by_other_owner_holds_nothing(queue: VodQueue) -> None:
     add(queue, "a")
     (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)

@@ -94,6 +94,10 @@ vods = Table(
     Column("bytes_done", BigInteger, nullable=False, server_default=text("0")),
     Column("bytes_total", BigInteger),
     Column("speed_bps", BigInteger),
+    # What a running download can use of DOWNLOAD_TOTAL_RATE_LIMIT, in bytes
+    # per second, written with each lease renewal; NULL for as much as the
+    # pool gives. Read only for downloads with a live lease.
+    Column("rate_demand_bps", BigInteger),
     Column("file_path", Text),
     Column("lease_owner", Text),
     Column("lease_expires_at", UTCDateTime),
