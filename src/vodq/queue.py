@@ -846,6 +846,22 @@ class VodQueue:
             ).all()
         return [str(vod_id) for (vod_id,) in rows]
 
+    def release_expired(self) -> None:
+        """Queue again every download whose lease has expired, as a claim would.
+
+        A read comes first, so that a worker with no free slot checks cheaply
+        and takes the write lock only when a lease has expired.
+        """
+        now = self.clock()
+        with self._read() as conn:
+            expired = conn.execute(
+                select(vods.c.id).where(IS_DOWNLOADING, _lease_expired(now)).limit(1)
+            ).first()
+        if expired is None:
+            return
+        with self._write() as conn:
+            self._release_expired(conn, now)
+
     def count_active(self) -> int:
         """Count downloads with an unexpired lease, across every worker."""
         with self._read() as conn:
@@ -998,10 +1014,7 @@ class VodQueue:
     def _release_expired(self, conn: Connection, now: datetime) -> None:
         rows = conn.execute(
             update(vods)
-            .where(
-                IS_DOWNLOADING,
-                or_(vods.c.lease_expires_at.is_(None), vods.c.lease_expires_at <= now),
-            )
+            .where(IS_DOWNLOADING, _lease_expired(now))
             .values(**_back_to_queue(now))
             .returning(vods.c.vod_id)
         ).scalars()
@@ -1088,6 +1101,10 @@ def _claim_order(vod: Vod) -> tuple[int, bool, datetime, int]:
         vod.date or datetime.min.replace(tzinfo=UTC),
         vod.id,
     )
+
+
+def _lease_expired(now: datetime) -> Any:
+    return or_(vods.c.lease_expires_at.is_(None), vods.c.lease_expires_at <= now)
 
 
 def _log_expired(vod_ids: list[str]) -> None:

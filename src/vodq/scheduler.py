@@ -660,6 +660,7 @@ class Scheduler:
             if time.monotonic() - last_beat >= WORKER_HEARTBEAT_S:
                 last_beat = time.monotonic()
                 self._beat()
+                self._release_expired_leases()
             running = self.running()
             if not running:
                 continue
@@ -851,6 +852,21 @@ class Scheduler:
                 "VOD %s was held by a worker that is no longer running; queued again",
                 vod_id,
                 extra={"vod_id": vod_id, "action": "lease_released"},
+            )
+
+    def _release_expired_leases(self) -> None:
+        """Queue again downloads whose leases expired, even with no slot free.
+
+        A claim does this too, but only a worker with a free slot claims. Until
+        then the VOD would show as downloading while no worker counts it.
+        """
+        try:
+            self.queue.release_expired()
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            log.warning(
+                "could not release expired leases: %s",
+                exc,
+                extra={"worker_id": self.worker_id, "action": "heartbeat"},
             )
 
     def _dead_owners(self) -> list[str]:

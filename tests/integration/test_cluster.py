@@ -172,3 +172,32 @@ def test_config_change_reaches_worker_by_notify(
     wait_for(lambda: pool_limits(worker) == [128 * KIB], timeout_s=5)
     assert worker.settings.download_rate_limit == 128 * KIB
     api.cancel_vod("notify")
+
+
+def test_expired_lease_released_without_free_slot(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(scheduler, "WORKER_HEARTBEAT_S", 0.5)
+    env = {
+        "DB_DSN": postgres_dsn,
+        "MAX_CONCURRENT_DOWNLOADS": "2",
+        "MAX_DOWNLOADS_PER_WORKER": "1",
+    }
+    worker = make_service(WORKER_ID="full", **env)
+    url = media_server.add_file("busy.mp4", random.randbytes(1024 * KIB), rate=64 * KIB)
+    worker.add_vod(NewVod(vod_id="busy", url=url))
+    wait_for_state(worker, "busy", {VodState.DOWNLOADING}, timeout_s=10)
+    orphan_url = media_server.add_file("orphan.mp4", random.randbytes(KIB))
+    worker.add_vod(NewVod(vod_id="orphan", url=orphan_url))
+    # A worker that claims it and dies at once: its lease runs out in 1 s.
+    assert [
+        vod.vod_id for vod in worker.queue.claim("gone", wanted=1, limit=2, lease_s=1)
+    ] == ["orphan"]
+    wait_for_state(worker, "orphan", {VodState.QUEUED}, timeout_s=10)
+    status = worker.status()
+    assert status["active_downloads"] == 1
+    assert status["pending"] == 1
+    worker.cancel_vod("busy")

@@ -511,6 +511,19 @@ def test_expired_lease_release_keeps_limit(queue: VodQueue, clock: Clock) -> Non
     assert queue.count_active() == 2
 
 
+def test_release_expired_queues_only_expired(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "gone")
+    add(queue, "live")
+    claim_ids(queue, "dead-worker", wanted=1)
+    clock.advance(LEASE_S / 2)
+    claim_ids(queue, "w2", wanted=1)
+    clock.advance(LEASE_S / 2 + 1)
+    queue.release_expired()
+    assert queue.get("gone").state is VodState.QUEUED
+    assert queue.get("gone").lease_owner is None
+    assert queue.get("live").state is VodState.DOWNLOADING
+
+
 def test_claim_while_paused_returns_nothing(queue: VodQueue) -> None:
     add(queue, "a")
     queue.set_paused(True)
