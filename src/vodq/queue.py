@@ -830,6 +830,28 @@ class VodQueue:
             ).scalars()
             return [str(owner) for owner in rows]
 
+    def record_partial(
+        self, row_id: int, started_at: datetime | None, bytes_done: int
+    ) -> None:
+        """Record the partial file's size, in bytes, of a download that stopped.
+
+        The last heartbeat's progress is up to a second old, and a cancel from
+        the API ends the lease before the download stops. Nothing changes
+        once another claim has taken the VOD, which sets a new ``started_at``.
+        """
+        if started_at is None:
+            return
+        with self._write() as conn:
+            conn.execute(
+                update(vods)
+                .where(
+                    vods.c.id == row_id,
+                    vods.c.started_at == started_at,
+                    vods.c.lease_owner.is_(None),
+                )
+                .values(bytes_done=bytes_done)
+            )
+
     def release_leases(self, owners: list[str]) -> list[str]:
         """Queue again every download leased to ``owners``; return their VOD ids."""
         if not owners:

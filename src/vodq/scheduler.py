@@ -570,6 +570,7 @@ class Scheduler:
                 started_at=vod.started_at,
             )
         )
+        self._record_partial(entry)
         self.metrics.downloads_failed.labels(error_class=error.error_class).inc()
         fields = {
             "vod_id": vod.vod_id,
@@ -625,6 +626,7 @@ class Scheduler:
                     vod.id, self.worker_id, state=state, started_at=vod.started_at
                 )
             )
+        partial_bytes = self._record_partial(entry)
         self.metrics.downloads_cancelled.labels(reason=reason).inc()
         log.warning(
             "download stopped (%s); the partial file is kept for resume",
@@ -632,11 +634,25 @@ class Scheduler:
             extra={
                 "vod_id": vod.vod_id,
                 "attempt": entry.attempt,
-                "bytes": entry.progress.bytes_done,
+                "bytes": partial_bytes,
                 "action": "download_stopped",
                 "reason": reason,
             },
         )
+
+    def _record_partial(self, entry: RunningDownload) -> int:
+        """Store the size of the stopped download's partial file; return it."""
+        partial_bytes = self.resume_offset(entry.vod.vod_id)
+        try:
+            self.queue.record_partial(entry.vod.id, entry.vod.started_at, partial_bytes)
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            log.warning(
+                "could not record the partial file's size of VOD %s: %s",
+                entry.vod.vod_id,
+                exc,
+                extra={"vod_id": entry.vod.vod_id, "action": "download_stopped"},
+            )
+        return partial_bytes
 
     def _cancel(self, entry: RunningDownload, reason: str) -> None:
         if entry.cancel_reason is None:

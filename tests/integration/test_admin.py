@@ -155,6 +155,20 @@ def test_cancel_running_download_stops_transfer(
     assert failed_total(api) == failed_before
 
 
+def test_cancel_records_partial_file_size(
+    make_service: ServiceFactory, media_server: MediaServer, tmp_path: Path
+) -> None:
+    api = Api(make_service())
+    start_slow(api, media_server, "partial", seed=2)
+    # Past a heartbeat, so that a stale progress report would differ.
+    time.sleep(1.5)
+    api.post("/admin/vod/cancel", {"vod_id": "partial"})
+    settle(api.service)
+    size = partial_file(tmp_path, "partial").stat().st_size
+    assert size > 0
+    assert api.vod("partial")["bytes_done"] == size
+
+
 def test_cancel_queued_vod_is_cancelled(make_service: ServiceFactory) -> None:
     api = Api(make_service(run_worker=False))
     api.add("waiting", UNUSED_URL.format("waiting"))
