@@ -27,8 +27,8 @@ from vodq.bandwidth import TokenBucket
 from vodq.download import DownloadJob, fragments
 from vodq.download.files import ArchiveLayout
 from vodq.download.fragments import PART_BYTES_KEY, FragmentSink
-from vodq.download.ytdlp import YtDlpDownloader
-from vodq.errors import DownloadFailed
+from vodq.download.ytdlp import YtDlpDownloader, YtDlpEngine
+from vodq.errors import ConfigError, DownloadFailed
 from vodq.models import VodState
 from vodq.service import NewVod
 
@@ -407,3 +407,44 @@ def test_fragment_sink_close_by_owner_closes(tmp_path: Path) -> None:
     sink = FragmentSink(str(tmp_path / "x.part"), last_index=0)
     sink.close()
     assert sink.closed
+
+
+@pytest.fixture
+def fresh_check() -> Iterator[None]:
+    fragments.incompatibility.cache_clear()
+    yield
+    fragments.incompatibility.cache_clear()
+
+
+def test_fragments_installed_ytdlp_supported(fresh_check: None) -> None:
+    assert fragments.incompatibility() is None
+
+
+def test_fragments_changed_context_key_unsupported(
+    fresh_check: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def append_elsewhere(self: object, ctx: dict[str, object], content: bytes) -> None:
+        ctx["output"] = content
+
+    monkeypatch.setattr(fragments, "_original_append", append_elsewhere)
+    assert fragments.incompatibility() == (
+        "FragmentFD._append_fragment no longer uses ctx['fragment_filename_sanitized']"
+    )
+
+
+def test_fragments_renamed_playlist_local_stops_start(
+    fresh_check: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def real_download(self: object, filename: str, info_dict: dict[str, str]) -> bool:
+        playlist = info_dict["url"]
+        return bool(playlist)
+
+    monkeypatch.setattr(HlsFD, "real_download", real_download)
+    with pytest.raises(ConfigError) as raised:
+        YtDlpEngine(tmp_path, socket_timeout_s=5)
+    assert str(raised.value) == (
+        f"yt-dlp {yt_dlp.version.__version__} is not supported: "
+        "HlsFD.real_download no longer keeps its playlist in the local 's', "
+        "so resuming an HLS download could lose data. Install a supported "
+        "version, such as: pip install 'yt-dlp==2026.11.23'"
+    )

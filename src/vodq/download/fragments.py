@@ -40,6 +40,8 @@ again empty, and so does a playlist that yt-dlp would resume wrongly.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import os
@@ -49,9 +51,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import yt_dlp.version
 from yt_dlp.downloader.dash import DashSegmentsFD
 from yt_dlp.downloader.fragment import FragmentFD
 from yt_dlp.downloader.hls import HlsFD
+
+from vodq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +133,7 @@ class FragmentSink:
 
 
 def _prepare_frag_download(self: FragmentFD, ctx: dict[str, Any]) -> None:
+    assert _original_prepare is not None, "install() checks it"
     _original_prepare(self, ctx)
     path = ctx["tmpfilename"]
     if path == "-" or not isinstance(self, HlsFD | DashSegmentsFD):
@@ -179,6 +185,7 @@ def _prepare_frag_download(self: FragmentFD, ctx: dict[str, Any]) -> None:
 def _append_fragment(self: FragmentFD, ctx: dict[str, Any], content: bytes) -> None:
     sink = ctx["dest_stream"]
     if not isinstance(sink, FragmentSink):
+        assert _original_append is not None, "install() checks it"
         _original_append(self, ctx, content)
         return
 
@@ -277,10 +284,64 @@ def _write_ytdl_file(self: FragmentFD, ctx: dict[str, Any]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-_original_prepare = FragmentFD._prepare_frag_download
-_original_append = FragmentFD._append_fragment
+# yt-dlp's own steps, kept at import so that install() can run twice. None
+# when this yt-dlp lacks one (see incompatibility()).
+_original_prepare = getattr(FragmentFD, "_prepare_frag_download", None)
+_original_append = getattr(FragmentFD, "_append_fragment", None)
 # The name of a fragment's file: "<partial file>-Frag<index>".
 _FRAGMENT_NAME = re.compile(r"-Frag(\d+)$")
+# The keys of yt-dlp's download context that the steps above share with each
+# yt-dlp step they wrap, as in yt-dlp 2026.10.26 to 2026.11.23.
+_CONTEXT_KEYS = {
+    "_prepare_frag_download": (
+        "tmpfilename",
+        "dest_stream",
+        "fragment_index",
+        "complete_frags_downloaded_bytes",
+    ),
+    "_append_fragment": ("fragment_filename_sanitized", "dest_stream"),
+}
+
+
+@functools.cache
+def incompatibility() -> str | None:
+    """Return how this yt-dlp differs from the code the steps above replace.
+
+    None when it matches. With a yt-dlp that differs, a resume could skip
+    fragments that its partial file lacks, so vodq does not start with it.
+    """
+    originals = {
+        "_prepare_frag_download": _original_prepare,
+        "_append_fragment": _original_append,
+    }
+    for name in ("_write_ytdl_file", "ytdl_filename"):
+        if not callable(getattr(FragmentFD, name, None)):
+            return f"FragmentFD.{name} is missing"
+    for name, keys in _CONTEXT_KEYS.items():
+        original = originals[name]
+        if original is None:
+            return f"FragmentFD.{name} is missing"
+        try:
+            source = inspect.getsource(original)
+        except (OSError, TypeError):
+            return f"the source of FragmentFD.{name} cannot be read"
+        for key in keys:
+            if f"'{key}'" not in source and f'"{key}"' not in source:
+                return f"FragmentFD.{name} no longer uses ctx[{key!r}]"
+    if "s" not in HlsFD.real_download.__code__.co_varnames:
+        return "HlsFD.real_download no longer keeps its playlist in the local 's'"
+    return None
+
+
+def check_supported() -> None:
+    """Raise ConfigError unless this yt-dlp matches the steps above."""
+    reason = incompatibility()
+    if reason is not None:
+        raise ConfigError(
+            f"yt-dlp {yt_dlp.version.__version__} is not supported: {reason}, "
+            "so resuming an HLS download could lose data. Install a supported "
+            "version, such as: pip install 'yt-dlp==2026.11.23'"
+        )
 
 
 def install() -> None:
@@ -288,6 +349,7 @@ def install() -> None:
 
     Calling it again changes nothing: the originals were kept at import.
     """
+    check_supported()
     FragmentFD._prepare_frag_download = _prepare_frag_download
     FragmentFD._append_fragment = _append_fragment
     FragmentFD._write_ytdl_file = _write_ytdl_file

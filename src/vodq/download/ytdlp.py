@@ -390,6 +390,11 @@ class YtDlpEngine:
     read_block_bytes: int = READ_BLOCK_BYTES
     hls_fragments: int = HLS_CONCURRENT_FRAGMENTS
 
+    def __post_init__(self) -> None:
+        # Checked here, in the service's process at start-up, because the
+        # download processes build the downloader only when they run a job.
+        fragments.check_supported()
+
     def build(self) -> YtDlpDownloader:
         return YtDlpDownloader(
             ArchiveLayout(self.data_dir),
