@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TypeVar
 
@@ -114,6 +114,11 @@ class RunningDownload:
     # The rate it can use from the pool (None: as much as it gets), kept from
     # the last measurement while the samples under a new limit build up.
     demand: float | None = None
+    # (time, bytes_done) at the last heartbeats, whatever the limit, for the
+    # speed shown in the API.
+    recent: deque[tuple[float, int]] = field(
+        default_factory=lambda: deque(maxlen=RATE_SAMPLES)
+    )
 
     def measured_rate(self) -> float | None:
         """Return the bytes per second received under the current limit, if known."""
@@ -125,6 +130,19 @@ class RunningDownload:
         if last_at - first_at < MIN_RATE_SPAN_S or last_bytes < first_bytes:
             return None
         return (last_bytes - first_bytes) / (last_at - first_at)
+
+    def recent_speed(self) -> int | None:
+        """Return the bytes per second received over the last few heartbeats.
+
+        yt-dlp's own figure for a plain HTTP download averages since the
+        download started, so it lags a new limit by minutes on a long VOD.
+        """
+        if len(self.recent) < 2:
+            return self.progress.speed_bps
+        (first_at, first_bytes), (last_at, last_bytes) = self.recent[0], self.recent[-1]
+        if last_at - first_at < MIN_RATE_SPAN_S or last_bytes < first_bytes:
+            return self.progress.speed_bps
+        return round((last_bytes - first_bytes) / (last_at - first_at))
 
     def limit_to(self, rate: float | None) -> None:
         """Set the download's limit and start measuring it afresh."""
@@ -683,7 +701,10 @@ class Scheduler:
             for entry in running:
                 self._sample(entry)
             self._apply_rates(running)
-            progress = {entry.vod.id: entry.progress for entry in running}
+            progress = {
+                entry.vod.id: replace(entry.progress, speed_bps=entry.recent_speed())
+                for entry in running
+            }
             lease_s = self.settings.lease_duration
             renewed_at = time.monotonic()
             try:
@@ -764,8 +785,9 @@ class Scheduler:
         # since the last sample is sampled now, so that a paused source
         # measures as slow.
         at = entry.progress_at
-        if entry.samples and at <= entry.samples[-1][0]:
+        if entry.recent and at <= entry.recent[-1][0]:
             at = time.monotonic()
+        entry.recent.append((at, done))
         entry.samples.append((at, done))
 
     def _apply_rates_logged(self) -> None:

@@ -139,6 +139,25 @@ def test_rate_change_applies_to_running_download(
     service.cancel_vod("live")
 
 
+def test_speed_follows_lowered_rate(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    service = make_service(DOWNLOAD_RATE_LIMIT="512K")
+    add_slow(service, media_server, "speed", 16 * 1024 * KIB)
+
+    def speed() -> int:
+        return service.queue.get("speed").speed_bps or 0
+
+    wait_for(lambda: 450 * KIB < speed() < 580 * KIB, timeout_s=10)
+    service.update_config({"DOWNLOAD_RATE_LIMIT": "128K"})
+    # An average since the start would stay above 300K for over 10 s.
+    try:
+        wait_for(lambda: 100 * KIB < speed() < 160 * KIB, timeout_s=8)
+    except AssertionError:
+        raise AssertionError(f"speed_bps {speed()} after the change") from None
+    service.cancel_vod("speed")
+
+
 def test_pool_splits_total_between_downloads(
     make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
