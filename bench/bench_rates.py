@@ -5,16 +5,19 @@ HTTP file and an HLS stream) and each mode: one download under
 DOWNLOAD_RATE_LIMIT ("per"), three sharing DOWNLOAD_TOTAL_RATE_LIMIT
 ("pool"), and, over HTTP, three sharing it while the first one's source
 sends only a tenth of its equal part ("slow"). In each case one ``vodq
-serve`` downloads, and then the yt-dlp command line downloads the same
-files with ``--limit-rate``. The command line has no pooled limit, so the
-pooled modes run three processes at a third of the rate each. HLS is
-fetched four fragments at once by both. The benchmark server logs every
-body write. The rate is the bytes it sent, for all streams together, in
-each 5-second window after the first 2 seconds of the transfer.
+serve`` downloads, the pooled modes also run on a cluster of one ``vodq
+api`` and two ``vodq worker`` on PostgreSQL ("vodq cluster"), and then the
+yt-dlp command line downloads the same files with ``--limit-rate``. The
+command line has no pooled limit, so the pooled modes run three processes
+at a third of the rate each. HLS is fetched four fragments at once by
+both. The benchmark server logs every body write. The rate is the bytes it
+sent, for all streams together, in each 5-second window after the first 2
+seconds of the transfer.
 
 A second part changes DOWNLOAD_TOTAL_RATE_LIMIT with ``PATCH /admin/config``
 while three downloads run and measures how long the server-side rate takes
-to settle at the new value.
+to settle at the new value: in one ``vodq serve`` on SQLite, and in a
+cluster of one ``vodq api`` and two ``vodq worker`` on PostgreSQL.
 
     python bench/bench_rates.py            # every case, then the PATCH test
     python bench/bench_rates.py --quick    # 2M only, one window, one change
@@ -24,9 +27,12 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from benchserver import BenchServer, serving, window_rates
@@ -38,6 +44,7 @@ from common import (
     api,
     free_port,
     median,
+    postgres_database,
     print_table,
     stop_process,
     vodq_env,
@@ -203,6 +210,7 @@ def run_vodq(
     mode: str,
     windows: int,
     variant: str | None = None,
+    layout: str = "serve",
 ) -> dict[str, Any]:
     count = 1 if mode == "per" else POOL_DOWNLOADS
     names = [f"{tag}-{i}" for i in range(count)]
@@ -212,21 +220,20 @@ def run_vodq(
         if mode == "per"
         else {"DOWNLOAD_TOTAL_RATE_LIMIT": str(rate)}
     )
-    with workdir("rates") as work:
-        env = vodq_env(
+    with (
+        workdir("rates") as work,
+        vodq_layout(
+            layout,
             work,
+            variant,
             MAX_CONCURRENT_DOWNLOADS=str(count),
             HLS_CONCURRENT_FRAGMENTS=str(HLS_FRAGMENTS),
             **limit,
-        )
-        port = free_port()
-        with vodq_process(
-            "serve", env, work / "vodq.log", port=port, variant=variant
-        ) as proc:
-            assert proc.base_url is not None
-            for name, url in zip(names, urls, strict=True):
-                api(proc.base_url, "POST", "/admin/vods", {"vod_id": name, "url": url})
-            return run_plan(server, names, kind, windows, rate)
+        ) as base_url,
+    ):
+        for name, url in zip(names, urls, strict=True):
+            api(base_url, "POST", "/admin/vods", {"vod_id": name, "url": url})
+        return run_plan(server, names, kind, windows, rate)
 
 
 def run_cli(
@@ -266,6 +273,8 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     clients = ["vodq"] if args.no_cli else ["vodq", "yt-dlp"]
     if args.variant:
         clients.insert(1, "vodq variant")
+    if not args.no_cluster:
+        clients.insert(1, "vodq cluster")
     with serving(sndbuf=64 * K) as server:
         index = 0
         for _repeat in range(args.repeat):
@@ -275,11 +284,16 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                         if mode == "slow" and kind != "http":
                             continue
                         for client in clients:
+                            if client == "vodq cluster" and mode == "per":
+                                # One download has no pool to share.
+                                continue
                             index += 1
                             watch = LoadWatch()
                             case = (server, f"r{index}", RATES[label], kind, mode)
                             if client == "yt-dlp":
                                 result = run_cli(*case, args.windows)
+                            elif client == "vodq cluster":
+                                result = run_vodq(*case, args.windows, layout="cluster")
                             else:
                                 variant = args.variant if client != "vodq" else None
                                 result = run_vodq(*case, args.windows, variant)
@@ -391,37 +405,76 @@ def timeline(
     ]
 
 
-def patch_case(server: BenchServer, tag: str, steps: list[str]) -> dict[str, Any]:
+@contextlib.contextmanager
+def vodq_layout(
+    layout: str, work: Path, variant: str | None = None, **overrides: str
+) -> Iterator[str]:
+    """Start vodq as ``layout`` with ``overrides``; yield the API's base URL.
+
+    "serve" is one ``vodq serve`` on SQLite. "cluster" is one ``vodq api`` and
+    two ``vodq worker`` on PostgreSQL, two download slots each, so that three
+    downloads run on both workers and share the pool through the database.
+    """
+    with contextlib.ExitStack() as stack:
+        if layout == "serve":
+            env = vodq_env(work, **overrides)
+            proc = stack.enter_context(
+                vodq_process(
+                    "serve", env, work / "vodq.log", port=free_port(), variant=variant
+                )
+            )
+        else:
+            dsn = stack.enter_context(postgres_database())
+            env = vodq_env(work, DB_DSN=dsn, MAX_DOWNLOADS_PER_WORKER="2", **overrides)
+            proc = stack.enter_context(
+                vodq_process(
+                    "api", env, work / "api.log", port=free_port(), variant=variant
+                )
+            )
+            for index in range(2):
+                stack.enter_context(
+                    vodq_process(
+                        "worker",
+                        {**env, "WORKER_ID": f"bench-worker-{index}"},
+                        work / f"worker{index}.log",
+                        variant=variant,
+                    )
+                )
+        assert proc.base_url is not None
+        yield proc.base_url
+
+
+def patch_case(
+    server: BenchServer, tag: str, steps: list[str], layout: str
+) -> dict[str, Any]:
     names = [f"{tag}-{i}" for i in range(POOL_DOWNLOADS)]
     start_rate = 6 * M
     urls = [server.gen_url(name, 2 * 1024 * M) for name in names]
     phase_s = 7.0
     watch = LoadWatch()
-    with workdir("patch") as work:
-        env = vodq_env(
+    with (
+        workdir("patch") as work,
+        vodq_layout(
+            layout,
             work,
             MAX_CONCURRENT_DOWNLOADS=str(POOL_DOWNLOADS),
             DOWNLOAD_TOTAL_RATE_LIMIT="6M",
-        )
-        with vodq_process("serve", env, work / "vodq.log", port=free_port()) as proc:
-            assert proc.base_url is not None
-            for name, url in zip(names, urls, strict=True):
-                api(proc.base_url, "POST", "/admin/vods", {"vod_id": name, "url": url})
-            t0 = transfer_start(server, names, "http")
-            time.sleep(max(0.0, t0 + 4.0 - time.monotonic()))
-            changes = []
-            for value in steps:
-                sent = time.monotonic()
-                api(
-                    proc.base_url,
-                    "PATCH",
-                    "/admin/config",
-                    {"DOWNLOAD_TOTAL_RATE_LIMIT": value},
-                )
-                answered = time.monotonic()
-                changes.append((value, sent, answered))
-                time.sleep(max(0.0, sent + phase_s - time.monotonic()))
-            end = time.monotonic()
+        ) as base_url,
+    ):
+        for name, url in zip(names, urls, strict=True):
+            api(base_url, "POST", "/admin/vods", {"vod_id": name, "url": url})
+        t0 = transfer_start(server, names, "http")
+        time.sleep(max(0.0, t0 + 4.0 - time.monotonic()))
+        changes = []
+        for value in steps:
+            sent = time.monotonic()
+            api(
+                base_url, "PATCH", "/admin/config", {"DOWNLOAD_TOTAL_RATE_LIMIT": value}
+            )
+            answered = time.monotonic()
+            changes.append((value, sent, answered))
+            time.sleep(max(0.0, sent + phase_s - time.monotonic()))
+        end = time.monotonic()
     samples = stream_samples(server, names, t0 - 1)
     before = [r for _, r in window_rates(samples, t0 + 2, 1.0, changes[0][1])]
     results = []
@@ -443,6 +496,7 @@ def patch_case(server: BenchServer, tag: str, steps: list[str]) -> dict[str, Any
         )
         previous = target
     return {
+        "layout": layout,
         "before_change_bps": [round(r) for r in before],
         "changes": results,
         **watch.stop(),
@@ -453,20 +507,26 @@ def patch_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     steps = ["3M"] if args.quick else ["3M", "9M"]
     runs = []
     with serving(sndbuf=64 * K) as server:
-        for index in range(1 if args.quick else args.patch_repeat):
-            run = patch_case(server, f"p{index}", steps)
-            runs.append(run)
-            for change in run["changes"]:
-                print(
-                    f"  PATCH {change['from'] / M:.0f}M -> {change['to'] / M:.0f}M: "
-                    f"settled in {change['settle_s']} s, switched after "
-                    f"{change['switch_delay_s']} s "
-                    f"(response {change['patch_response_ms']} ms) "
-                    f"load {run['load_after']}",
-                    flush=True,
-                )
-            server.reset()
+        for layout in args.patch_layouts.split(","):
+            for index in range(1 if args.quick else args.patch_repeat):
+                run = patch_case(server, f"p{layout}{index}", steps, layout)
+                runs.append(run)
+                report_patch(run)
+                server.reset()
     return runs
+
+
+def report_patch(run: dict[str, Any]) -> None:
+    for change in run["changes"]:
+        print(
+            f"  {run['layout']}: PATCH {change['from'] / M:.0f}M -> "
+            f"{change['to'] / M:.0f}M: "
+            f"settled in {change['settle_s']} s, switched after "
+            f"{change['switch_delay_s']} s "
+            f"(response {change['patch_response_ms']} ms) "
+            f"load {run['load_after']}",
+            flush=True,
+        )
 
 
 # -- report --------------------------------------------------------------------------
@@ -481,7 +541,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     )
     for rate, kind, mode in keys:
         line: dict[str, Any] = {"rate": rate, "source": kind, "mode": mode}
-        for client in ("vodq", "vodq variant", "yt-dlp"):
+        for client in ("vodq", "vodq cluster", "vodq variant", "yt-dlp"):
             mine = [
                 r
                 for r in rows
@@ -495,8 +555,13 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 median([r["mean_dev_pct"] for r in mine]), 2
             )
             line[f"{client} worst %"] = worst
+        own = [
+            line[f"{client} worst %"]
+            for client in ("vodq", "vodq cluster")
+            if f"{client} worst %" in line
+        ]
         line["vodq within 5%"] = (
-            "yes" if abs(line["vodq worst %"]) <= TARGET_PCT else "NO"
+            "yes" if all(abs(worst) <= TARGET_PCT for worst in own) else "NO"
         )
         table.append(line)
     return table
@@ -524,6 +589,17 @@ def main() -> int:
     )
     parser.add_argument("--no-patch", action="store_true", help="skip the PATCH test")
     parser.add_argument(
+        "--no-cluster",
+        action="store_true",
+        help="skip the pooled cases on one vodq api and two workers (PostgreSQL)",
+    )
+    parser.add_argument(
+        "--patch-layouts",
+        default="serve,cluster",
+        help="PATCH test layouts: serve (SQLite), cluster (api and 2 workers, "
+        "PostgreSQL)",
+    )
+    parser.add_argument(
         "--only-patch", action="store_true", help="run only the PATCH test"
     )
     args = parser.parse_args()
@@ -538,12 +614,34 @@ def main() -> int:
         print_table("achieved rate vs configured (median mean / worst window)", table)
     runs = [] if args.no_patch else patch_cases(args)
     patch_rows = []
+    for layout in args.patch_layouts.split(","):
+        patch_rows += patch_summary(
+            layout, [run for run in runs if run["layout"] == layout]
+        )
+    if patch_rows:
+        print_table("PATCH /admin/config while three downloads run", patch_rows)
+    write_result(
+        args.name,
+        {
+            "args": vars(args),
+            "summary": table,
+            "runs": rows,
+            "patch_summary": patch_rows,
+            "patch_runs": runs,
+        },
+    )
+    return 0
+
+
+def patch_summary(layout: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    patch_rows = []
     for step in range(len(runs[0]["changes"]) if runs else 0):
         settles = [run["changes"][step]["settle_s"] for run in runs]
         known = [s for s in settles if s is not None]
         change = runs[0]["changes"][step]
         patch_rows.append(
             {
+                "layout": layout,
                 "change": f"{change['from'] / M:.0f}M -> {change['to'] / M:.0f}M",
                 "settle s (each run)": settles,
                 "median s": round(median(known), 2) if known else None,
@@ -562,19 +660,7 @@ def main() -> int:
                 else "NO",
             }
         )
-    if patch_rows:
-        print_table("PATCH /admin/config while three downloads run", patch_rows)
-    write_result(
-        args.name,
-        {
-            "args": vars(args),
-            "summary": table,
-            "runs": rows,
-            "patch_summary": patch_rows,
-            "patch_runs": runs,
-        },
-    )
-    return 0
+    return patch_rows
 
 
 if __name__ == "__main__":
