@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -128,6 +128,18 @@ def wait_for(
             return
         time.sleep(interval_s)
     raise AssertionError(f"condition not met within {timeout_s}s: {condition}")
+
+
+def one_held_back(
+    limits: Sequence[float | None], *, count: int, below: float, above: float
+) -> bool:
+    """Return whether ``count`` pooled downloads run, the one with the lowest
+    limit (bytes/s) at most ``below`` and every other above ``above``."""
+    if len(limits) < count:
+        # Not all of them have started yet.
+        return False
+    lowest, *others = sorted(limit or 0.0 for limit in limits)
+    return lowest <= below and all(limit > above for limit in others)
 
 
 def wait_for_state(

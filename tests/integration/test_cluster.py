@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from conftest import ServiceFactory, wait_for, wait_for_state
+from conftest import ServiceFactory, one_held_back, wait_for, wait_for_state
 from mediaserver import MediaServer
 from vodq import runtime, scheduler
 from vodq.models import VodState
@@ -135,10 +135,7 @@ def test_pool_moves_slow_share_across_workers(
 
     def shared_out() -> bool:
         limits = pool_limits(*workers)
-        if len(limits) < 3:
-            return False
-        slow, *fast = limits
-        return slow < 40 * KIB and all(limit > 120 * KIB for limit in fast)
+        return one_held_back(limits, count=3, below=40 * KIB, above=120 * KIB)
 
     try:
         wait_for(shared_out, timeout_s=20)

@@ -9,7 +9,7 @@ import anyio
 import httpx
 import pytest
 
-from conftest import ServiceFactory, wait_for, wait_for_state
+from conftest import ServiceFactory, one_held_back, wait_for, wait_for_state
 from mediaserver import Fault, MediaServer
 from vodq.api.app import create_app
 from vodq.bandwidth import MIN_DEMAND
@@ -188,16 +188,7 @@ def test_pool_gives_slow_source_share_to_others(
     media_server.set_rate("/files/fair0.mp4", 20 * KIB)
 
     def shared_out() -> bool:
-        limits = rates(service)
-        if len(limits) < 3:
-            # Not all three have started yet.
-            return False
-        slow, *fast = limits
-        return (
-            slow is not None
-            and slow < 40 * KIB
-            and all(rate is not None and rate > 120 * KIB for rate in fast)
-        )
+        return one_held_back(rates(service), count=3, below=40 * KIB, above=120 * KIB)
 
     try:
         wait_for(shared_out, timeout_s=15)
@@ -225,13 +216,7 @@ def test_pool_gives_paused_source_share_to_others(
 
     def shared_out() -> bool:
         limits = rates(service)
-        if len(limits) < 3:
-            # Not all three have started yet.
-            return False
-        paused, *others = limits
-        return paused == MIN_DEMAND and all(
-            rate is not None and rate > 130 * KIB for rate in others
-        )
+        return one_held_back(limits, count=3, below=MIN_DEMAND, above=130 * KIB)
 
     try:
         wait_for(shared_out, timeout_s=15)
