@@ -14,6 +14,8 @@ Create Date: 2026-12-04
 
 from __future__ import annotations
 
+import sqlite3
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -28,5 +30,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("vods") as batch:
-        batch.drop_column("rate_demand_bps")
+    if op.get_bind().dialect.name == "sqlite" and sqlite3.sqlite_version_info < (3, 35):
+        # No DROP COLUMN before SQLite 3.35: copy the table instead.
+        with op.batch_alter_table("vods") as batch:
+            batch.drop_column("rate_demand_bps")
+        return
+    # A plain DROP COLUMN, because a batch copy of vods on SQLite warns that
+    # it cannot reflect its expression index ix_vods_upload_claim.
+    op.drop_column("vods", "rate_demand_bps")
