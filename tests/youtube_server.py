@@ -8,9 +8,10 @@ the final 200 with the video resource. It stores the uploaded bytes of every
 session and the videos they became.
 
 Tests can script faults: cut the connection after some bytes of a chunk,
-answer a status with a YouTube-style error body, expire a session, or expire
-the access tokens. Every request is recorded with the headers that the
-protocol uses, so tests can count requests.
+answer a status with a YouTube-style error body, expire a session, expire
+the access tokens, or hold the reply to a stored chunk until the test
+releases it. Every request is recorded with the headers that the protocol
+uses, so tests can count requests and tell clients apart by their token.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ _SOCKET_TIMEOUT_S = 10.0
 _STOP_JOIN_S = 5.0
 # How often serve_forever checks for shutdown(), which bounds each stop.
 _POLL_INTERVAL_S = 0.05
+# Maximum time a held reply waits for release_reply(), in seconds, so that a
+# test that fails never leaves a handler thread waiting.
+_HOLD_LIMIT_S = 60.0
 
 
 @dataclass
@@ -137,6 +141,10 @@ class YouTubeServer:
         self._faults: list[_Fault] = []
         self._cuts: list[_Cut] = []
         self._expire_tokens_after_chunks: int | None = None
+        # Chunks to store, counting down, before the reply to the last is held.
+        self._hold_after_chunks: int | None = None
+        self._holding = threading.Event()
+        self._released = threading.Event()
         # Unexpected handler exceptions, as repr(); tests can assert it is empty.
         self.errors: list[str] = []
         self._httpd = _HTTPServer(self)
@@ -157,6 +165,7 @@ class YouTubeServer:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self._released.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(_STOP_JOIN_S)
@@ -238,6 +247,25 @@ class YouTubeServer:
         """Expire every access token once ``count`` more chunks were stored."""
         with self._lock:
             self._expire_tokens_after_chunks = count
+
+    def hold_reply(self, *, after_chunks: int) -> None:
+        """Store the ``after_chunks``-th chunk from now on, then hold its reply.
+
+        The reply waits until ``release_reply`` (at most _HOLD_LIMIT_S), so
+        the client waits for it with every byte of that chunk sent.
+        """
+        with self._lock:
+            self._hold_after_chunks = after_chunks
+            self._holding.clear()
+            self._released.clear()
+
+    def wait_held(self, timeout_s: float) -> bool:
+        """Wait until a reply is held; return False after ``timeout_s`` seconds."""
+        return self._holding.wait(timeout_s)
+
+    def release_reply(self) -> None:
+        """Send the held reply."""
+        self._released.set()
 
     # Inspection.
 
@@ -349,6 +377,18 @@ class YouTubeServer:
             )
             session.video_id = video.id
             self._videos[video.id] = video
+
+    def _hold_if_due(self) -> None:
+        """Hold the reply to the chunk just stored if ``hold_reply`` requested it."""
+        with self._lock:
+            if self._hold_after_chunks is None:
+                return
+            self._hold_after_chunks -= 1
+            if self._hold_after_chunks > 0:
+                return
+            self._hold_after_chunks = None
+        self._holding.set()
+        self._released.wait(_HOLD_LIMIT_S)
 
     def _video(self, session: _Session) -> Video | None:
         with self._lock:
@@ -623,6 +663,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._api_error(record, 400, problem, "Content-Range")
             return
         youtube._store(session, body)
+        youtube._hold_if_due()
         self._reply_state(record, session)
 
     def _chunk_problem(self, session: _Session, body_bytes: int | None) -> str | None:

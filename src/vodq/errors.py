@@ -81,5 +81,17 @@ class UploadFailed(VodqError):
         self.retry_after_s = retry_after_s
 
 
+class UploadQuotaExceeded(UploadFailed):
+    """The destination takes no more uploads until a set time, such as a daily quota.
+
+    The stage tries again after ``retry_after_s`` without counting an
+    attempt, because the limit belongs to the destination and is not a
+    failure of this upload.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, retryable=True, retry_after_s=retry_after_s)
+
+
 class UploadCancelled(VodqError):
     """A running upload was stopped on purpose (cancel, shutdown, lost lease)."""

@@ -57,6 +57,7 @@ def run(
         cancelled=cancelled or threading.Event(),
         on_session=(sessions if sessions is not None else []).append,
         on_progress=lambda _sent: None,
+        lease_held=lambda: True,
     )
 
 
@@ -156,6 +157,7 @@ def test_command_program_gone_later_not_retryable(tmp_path: Path) -> None:
             cancelled=threading.Event(),
             on_session=lambda _session: None,
             on_progress=lambda _sent: None,
+            lease_held=lambda: True,
         )
 
     assert caught.value.retryable is False
@@ -233,6 +235,7 @@ CommandUploader(
     cancelled=threading.Event(),
     on_session=lambda _session: None,
     on_progress=lambda _sent: None,
+    lease_held=lambda: True,
 )
 """
 

@@ -1,7 +1,8 @@
 """The YouTube uploader against a local server that speaks the upload protocol.
 
 Every test passes the server's 127.0.0.1 URLs as api_url and token_uri, and
-counts the requests it made, so that a retry storm fails the test.
+counts the requests it made, so that a retry storm fails the test. The last
+tests run the whole upload stage with UPLOADER=youtube on real databases.
 """
 
 from __future__ import annotations
@@ -12,19 +13,27 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event, text
+from test_admin import Api
 
-from conftest import wait_for
+from conftest import ServiceFactory, wait_for, wait_for_state
+from mediaserver import MediaServer
 from vodq.errors import ConfigError, UploadCancelled, UploadFailed
-from vodq.upload import UploadJob, UploadResult
+from vodq.models import VodState
+from vodq.service import NewVod, Service
+from vodq.upload import UploadJob, UploadQuotaExceeded, UploadResult
+from vodq.upload.stage import HEARTBEAT_S
 from vodq.upload.youtube import (
     DEFAULT_PRIVACY,
     DEFAULT_TOKEN_URI,
     MAX_DESCRIPTION_BYTES,
     MAX_TITLE_CHARS,
+    READ_PIECE_BYTES,
     YouTubeUploader,
     seconds_to_quota_reset,
 )
@@ -113,6 +122,7 @@ def upload(
     server: YouTubeServer,
     run: Run | None = None,
     on_progress: Callable[[Run, int], None] | None = None,
+    lease_held: Callable[[], bool] = lambda: True,
 ) -> tuple[UploadResult, Run]:
     run = run or Run()
 
@@ -130,6 +140,7 @@ def upload(
         cancelled=run.cancelled,
         on_session=record_session,
         on_progress=record_progress,
+        lease_held=lease_held,
     )
     return result, run
 
@@ -534,6 +545,65 @@ def test_upload_cancel_while_reading_file(
     assert youtube.videos == []
 
 
+# A lost lease (another worker may have taken the upload over).
+
+
+def test_upload_lost_lease_stops_before_next_chunk(
+    youtube: YouTubeServer, video: Path, make_uploader: UploaderFactory
+) -> None:
+    run = Run()
+
+    def lease_held() -> bool:
+        # Lost once the first chunk's 308 has been read.
+        return CHUNK_BYTES not in run.progress
+
+    with pytest.raises(UploadCancelled) as caught:
+        upload(make_uploader(), make_job(video), youtube, run, lease_held=lease_held)
+
+    assert str(caught.value) == (
+        f"YouTube upload of VOD 'vod-1' stopped at byte {CHUNK_BYTES} of"
+        f" {FILE_BYTES} because this worker no longer holds its lease; the worker"
+        " that takes the VOD over resumes the same session"
+    )
+    assert youtube.count("chunk") == 1
+    assert youtube.count("query") == 0
+    assert youtube.session_bytes(run.sessions[0]) == CHUNK_BYTES
+    assert youtube.videos == []
+
+
+def test_upload_lost_lease_stops_within_one_piece(
+    youtube: YouTubeServer, video: Path, make_uploader: UploaderFactory
+) -> None:
+    run = Run()
+
+    def lease_held() -> bool:
+        # Lost once the first piece of the first chunk is sent.
+        return not run.progress
+
+    with pytest.raises(UploadCancelled):
+        upload(make_uploader(), make_job(video), youtube, run, lease_held=lease_held)
+
+    # The server replies to the cut chunk once it has read what arrived.
+    wait_for(
+        lambda: any(r.status for r in youtube.requests if r.kind == "chunk"),
+        timeout_s=5.0,
+    )
+    (chunk,) = [r for r in youtube.requests if r.kind == "chunk"]
+    assert chunk.body_bytes == READ_PIECE_BYTES
+    assert youtube.session_bytes(run.sessions[0]) == 0
+    assert youtube.videos == []
+
+
+def test_upload_lost_lease_sends_no_request(
+    youtube: YouTubeServer, video: Path, make_uploader: UploaderFactory
+) -> None:
+    with pytest.raises(UploadCancelled):
+        upload(make_uploader(), make_job(video), youtube, lease_held=lambda: False)
+
+    assert youtube.count("initiate") == 0
+    assert youtube.count("chunk") == 0
+
+
 def test_upload_cancel_before_bytes(
     youtube: YouTubeServer, video: Path, make_uploader: UploaderFactory
 ) -> None:
@@ -550,6 +620,7 @@ def test_upload_cancel_before_bytes(
             cancelled=run.cancelled,
             on_session=cancel_on_session,
             on_progress=run.progress.append,
+            lease_held=lambda: True,
         )
 
     assert len(run.sessions) == 1
@@ -849,12 +920,26 @@ def test_upload_daily_limit_waits_for_reset(
 ) -> None:
     youtube.fail("initiate", 403 if reason == "quotaExceeded" else 400, reason=reason)
 
-    with pytest.raises(UploadFailed) as caught:
+    with pytest.raises(UploadQuotaExceeded) as caught:
         upload(make_uploader(), make_job(video), youtube)
 
+    assert caught.value.retryable is True
     assert caught.value.retry_after_s is not None
     assert caught.value.retry_after_s > 60
     assert youtube.count("initiate") == 1
+
+
+def test_upload_rate_limit_is_not_quota(
+    youtube: YouTubeServer, video: Path, make_uploader: UploaderFactory
+) -> None:
+    youtube.fail("initiate", 403, reason="rateLimitExceeded")
+
+    with pytest.raises(UploadFailed) as caught:
+        upload(make_uploader(), make_job(video), youtube)
+
+    # A rate limit clears within the backoff, so its attempt counts.
+    assert not isinstance(caught.value, UploadQuotaExceeded)
+    assert caught.value.retryable is True
 
 
 def test_quota_reset_is_next_pacific_midnight() -> None:
@@ -862,3 +947,135 @@ def test_quota_reset_is_next_pacific_midnight() -> None:
     now = datetime(2026, 12, 4, 7, 0, tzinfo=UTC)
 
     assert seconds_to_quota_reset(now) == 3600 + 60
+
+
+# The upload stage with UPLOADER=youtube.
+
+FINISHED = {VodState.DONE, VodState.FAILED}
+
+
+def youtube_service(
+    make_service: ServiceFactory, youtube: YouTubeServer, credentials: Path, **env: str
+) -> Service:
+    return make_service(
+        UPLOADER="youtube",
+        YOUTUBE_CREDENTIALS_FILE=str(credentials),
+        YOUTUBE_API_URL=youtube.url,
+        YOUTUBE_CHUNK_SIZE="256K",
+        YOUTUBE_TIMEOUT="10s",
+        UPLOAD_BACKOFF_BASE="0.05s",
+        **env,
+    )
+
+
+def test_stage_quota_wait_counts_no_attempt(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    youtube: YouTubeServer,
+    credentials: Path,
+    db_dsn: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="vodq.upload")
+    data = os.urandom(FILE_BYTES)
+    youtube.fail("initiate", 403, reason="quotaExceeded")
+    # One attempt only: a quota wait that counted would fail the VOD.
+    service = youtube_service(
+        make_service, youtube, credentials, DB_DSN=db_dsn, UPLOAD_MAX_ATTEMPTS="1"
+    )
+    service.add_vod(NewVod(vod_id="q", url=media_server.add_file("q.mp4", data)))
+
+    wait_for(lambda: service.queue.get("q").error_class == "upload_quota")
+    waiting = service.queue.get("q")
+    assert waiting.state is VodState.DOWNLOADED
+    assert waiting.upload_attempts == 0
+    assert waiting.upload_next_at is not None
+    assert waiting.upload_next_at - service.queue.clock() > timedelta(seconds=30)
+    assert str(waiting.last_error).startswith(
+        "YouTube upload of VOD 'q' failed: the API quota of the Google Cloud project"
+    )
+
+    # As an operator would once the quota is raised.
+    with service.engine.begin() as conn:
+        conn.execute(text("UPDATE vods SET upload_next_at = NULL WHERE vod_id = 'q'"))
+    stage = service.upload_stage
+    assert stage is not None
+    stage.wake()
+    done = wait_for_state(service, "q", FINISHED)
+    assert done.state is VodState.DONE, done.last_error
+    assert done.upload_attempts == 1
+    assert [video.data for video in youtube.videos] == [data]
+    quota_logs = [
+        r for r in caplog.records if getattr(r, "action", "") == "upload_quota"
+    ]
+    assert len(quota_logs) == 1
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_stage_records_upload_progress(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    youtube: YouTubeServer,
+    credentials: Path,
+    db_dsn: str,
+) -> None:
+    data = os.urandom(FILE_BYTES)
+    youtube.hold_reply(after_chunks=2)
+    service = youtube_service(make_service, youtube, credentials, DB_DSN=db_dsn)
+    service.add_vod(NewVod(vod_id="p", url=media_server.add_file("p.mp4", data)))
+
+    try:
+        assert youtube.wait_held(20.0), "the upload never reached its second chunk"
+        # The worker waits for the reply, with two chunks sent.
+        wait_for(lambda: service.queue.get("p").bytes_done == 2 * CHUNK_BYTES)
+        # No bytes move while the reply is held.
+        wait_for(lambda: service.queue.get("p").speed_bps == 0)
+        running = service.queue.get("p")
+        api_vod: dict[str, Any] = Api(service).vod("p")
+    finally:
+        youtube.release_reply()
+
+    assert running.state is VodState.UPLOADING
+    assert running.bytes_total == FILE_BYTES
+    assert api_vod["bytes_done"] == 2 * CHUNK_BYTES
+    assert api_vod["progress"] == pytest.approx(2 * CHUNK_BYTES / FILE_BYTES)
+    done = wait_for_state(service, "p", FINISHED)
+    assert done.state is VodState.DONE, done.last_error
+    assert done.bytes_done == FILE_BYTES
+    assert done.speed_bps is None
+
+
+def test_stage_writes_progress_per_heartbeat_not_chunk(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    youtube: YouTubeServer,
+    credentials: Path,
+) -> None:
+    chunks = 32
+    data = os.urandom(chunks * CHUNK_BYTES)
+    service = youtube_service(make_service, youtube, credentials)
+    progress_writes: list[str] = []
+
+    def count_progress_writes(
+        _conn: object, _cursor: object, statement: str, *_args: object
+    ) -> None:
+        # The upload store's statements that set bytes_done on an uploading
+        # VOD: heartbeats, and the one that records the result.
+        words = ("UPDATE vods", "bytes_done", "'uploading'")
+        if all(word in statement for word in words):
+            progress_writes.append(statement)
+
+    event.listen(service.engine, "before_cursor_execute", count_progress_writes)
+    try:
+        service.add_vod(NewVod(vod_id="h", url=media_server.add_file("h.mp4", data)))
+        done = wait_for_state(service, "h", FINISHED)
+    finally:
+        event.remove(service.engine, "before_cursor_execute", count_progress_writes)
+
+    assert done.state is VodState.DONE, done.last_error
+    assert youtube.count("chunk") == chunks
+    assert done.upload_ms is not None
+    heartbeats = done.upload_ms / 1000 / HEARTBEAT_S
+    assert len(progress_writes) <= heartbeats + 2, (
+        f"{len(progress_writes)} progress writes in {done.upload_ms} ms"
+    )

@@ -9,6 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from vodq.errors import UploadQuotaExceeded
+
 
 @dataclass(frozen=True)
 class UploadJob:
@@ -42,10 +44,16 @@ class Uploader(Protocol):
     """Uploads one VOD's file per call, on the calling thread.
 
     ``upload`` raises UploadFailed (``retryable`` is whether another
-    attempt may succeed) or UploadCancelled when ``cancelled`` is set. It
-    calls ``on_session`` with anything that lets a later attempt resume this
+    attempt may succeed), UploadQuotaExceeded, or UploadCancelled when
+    ``cancelled`` is set or ``lease_held`` returns False. It calls
+    ``on_session`` with anything that lets a later attempt resume this
     upload, before sending the file's bytes, and ``on_progress`` with the
-    bytes sent so far.
+    bytes sent so far; the stage stores progress at its next heartbeat.
+
+    ``lease_held`` returns False once another worker may have taken the VOD
+    over (this worker was paused past its lease, say). An uploader that
+    writes to the destination itself calls it before each request and each
+    piece of a request body, so that two attempts never write to one upload.
     """
 
     name: str
@@ -57,7 +65,8 @@ class Uploader(Protocol):
         cancelled: threading.Event,
         on_session: Callable[[str], None],
         on_progress: Callable[[int], None],
+        lease_held: Callable[[], bool],
     ) -> UploadResult: ...
 
 
-__all__ = ["UploadJob", "UploadResult", "Uploader"]
+__all__ = ["UploadJob", "UploadQuotaExceeded", "UploadResult", "Uploader"]

@@ -222,6 +222,7 @@ class CommandUploader:
         cancelled: threading.Event,
         on_session: Callable[[str], None],
         on_progress: Callable[[int], None],
+        lease_held: Callable[[], bool],
     ) -> UploadResult:
         fields = job_fields(job)
         argv = [argument.format_map(fields) for argument in self.argv]
@@ -271,7 +272,7 @@ class CommandUploader:
         stdout.thread.start()
         stderr.thread.start()
         try:
-            status = self._wait(process, cancelled, tether_write)
+            status = self._wait(process, cancelled, lease_held, tether_write)
         finally:
             # Whatever the command left running belongs to this attempt and
             # could otherwise upload a second copy later.
@@ -309,14 +310,26 @@ class CommandUploader:
         return UploadResult(remote_id=remote, remote_url=remote if is_url else None)
 
     def _wait(
-        self, process: subprocess.Popen[bytes], cancelled: threading.Event, tether: int
+        self,
+        process: subprocess.Popen[bytes],
+        cancelled: threading.Event,
+        lease_held: Callable[[], bool],
+        tether: int,
     ) -> int:
-        """Wait for the command; stop its group on cancel or timeout."""
+        """Wait for the command; stop its group on cancel, lost lease or timeout."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             status = process.poll()
             if status is not None:
                 return status
+            # Checked before the keep-alive, so that a worker that resumes
+            # after losing its lease does not keep its command running.
+            if not lease_held():
+                _stop_group(process)
+                raise UploadCancelled(
+                    "the upload command was stopped because this worker no "
+                    "longer holds the VOD's lease"
+                )
             _keep_alive(tether)
             if cancelled.wait(POLL_S):
                 _stop_group(process)

@@ -1,14 +1,18 @@
 """The upload stage of one worker: slots, leases, retries, cancel and retention.
 
 A thread of its own claims downloaded VODs (vodq.upload.store) while this
-worker has a free upload slot, renews their leases every HEARTBEAT_S, and
-runs each upload on a thread of its own. Uploads hold no download slot.
+worker has a free upload slot, renews their leases and writes their progress
+every HEARTBEAT_S, and runs each upload on a thread of its own. Uploads hold
+no download slot.
 
 Exactly once: the uploader's resumable state is stored through
 ``on_session`` before it sends the file, and the remote id is written in the
 same transaction that marks the VOD done. An attempt interrupted by a crash,
 a kill or a lost lease leaves the VOD in ``uploading`` or ``downloaded``
-with its session, and the next attempt gets that session back.
+with its session, and the next attempt gets that session back. An upload
+thread checks its lease before it writes (``lease_held``), so an attempt
+that resumes after a pause longer than the lease stops instead of writing
+beside the attempt that took it over.
 """
 
 from __future__ import annotations
@@ -29,9 +33,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from vodq.config import Settings
 from vodq.errors import StorageUnavailable, UploadCancelled, UploadFailed, VodqError
 from vodq.metrics import Metrics
-from vodq.models import Vod, VodState
+from vodq.models import Progress, Vod, VodState
 from vodq.retry import backoff_delay, store_outcome
-from vodq.upload import Uploader, UploadJob, UploadResult, archive
+from vodq.upload import (
+    Uploader,
+    UploadJob,
+    UploadQuotaExceeded,
+    UploadResult,
+    archive,
+)
 from vodq.upload.retention import delete_expired_files
 from vodq.upload.store import UploadStore
 
@@ -45,6 +55,11 @@ POLL_INTERVAL_S = 1.0
 HEARTBEAT_S = 1.0
 # How often files of old confirmed uploads are looked for, in seconds.
 RETENTION_CHECK_S = 60.0
+# An upload thread checks in the database that it still holds its lease once
+# less than this many seconds of the lease are known to remain. The stage's
+# thread renews every HEARTBEAT_S, so this happens only when renewals fell
+# behind, as after a pause of the process.
+LEASE_CHECK_MARGIN_S = HEARTBEAT_S
 
 
 class StopReason:
@@ -71,6 +86,14 @@ class RunningUpload:
     # for, and whether it was written yet.
     outcome_claim: datetime | None = None
     outcome_written: bool = False
+    # Bytes the uploader reports sent, and the size of the file (bytes).
+    sent_bytes: int = 0
+    size_bytes: int | None = None
+    # Whether the uploader reported progress yet; a command reports none
+    # until it exits.
+    progress_reported: bool = False
+    # (time.monotonic(), sent_bytes) at the last heartbeat, for the rate.
+    rate_sample: tuple[float, int] | None = None
 
 
 class UploadStage:
@@ -191,6 +214,7 @@ class UploadStage:
             wanted=free,
             limit=settings.max_concurrent_uploads,
             lease_s=settings.lease_duration,
+            max_attempts=settings.upload_max_attempts,
         ):
             lease_until = claimed_at + settings.lease_duration
             with self._lock:
@@ -199,9 +223,11 @@ class UploadStage:
                     # The lease lapsed (or the VOD was reprocessed) while the
                     # earlier attempt's thread still runs here. A second
                     # thread would upload the same file twice, so the earlier
-                    # one goes on under this claim.
+                    # one goes on under this claim, as the attempt that the
+                    # database counts next.
                     previous.vod = vod
                     previous.lease_until = lease_until
+                    previous.attempt = vod.upload_attempts + 1
             if previous is None:
                 self._start_upload(vod, lease_until)
                 continue
@@ -241,6 +267,7 @@ class UploadStage:
                 self.worker_id,
                 {entry.vod.id: entry.vod.upload_started_at for entry in running},
                 lease_s=lease_s,
+                progress={entry.vod.id: self._progress(entry) for entry in running},
             )
         except (StorageUnavailable, SQLAlchemyError) as exc:
             log.warning(
@@ -266,7 +293,7 @@ class UploadStage:
             state: VodState | None = self.store.queue.get(vod_id).state
         except VodqError:
             state = None
-        if state is VodState.DONE:
+        if state is VodState.DONE and entry.outcome_written:
             # This worker has just recorded the result.
             return
         reason = StopReason.CANCEL if state is VodState.CANCELLED else None
@@ -285,6 +312,7 @@ class UploadStage:
         fields = {"vod_id": vod.vod_id, "attempt": entry.attempt}
         try:
             job = self._job(entry)
+            entry.size_bytes = job.size
             log.info(
                 "upload started with %s: %d bytes",
                 self.uploader_name,
@@ -304,7 +332,8 @@ class UploadStage:
                     job,
                     cancelled=entry.cancelled,
                     on_session=lambda session: self._save_session(entry, session),
-                    on_progress=lambda _sent: None,
+                    on_progress=lambda sent: self._on_progress(entry, sent),
+                    lease_held=lambda: self._lease_held(entry),
                 )
         except UploadCancelled:
             self._after_stop(entry)
@@ -334,6 +363,60 @@ class UploadStage:
                     )
                 )
             self.wake()
+
+    def _on_progress(self, entry: RunningUpload, sent: int) -> None:
+        # Kept in memory only; the next heartbeat writes it (see _renew).
+        entry.sent_bytes = sent
+        entry.progress_reported = True
+
+    def _progress(self, entry: RunningUpload) -> Progress:
+        """Return ``entry``'s progress, with its rate since the last heartbeat."""
+        now = time.monotonic()
+        sent = entry.sent_bytes
+        speed_bps = None
+        then, sent_then = entry.rate_sample or (now, sent)
+        # No rate before the first report and the first heartbeat, or when a
+        # resume went back to the destination's offset.
+        if entry.progress_reported and now > then and sent >= sent_then:
+            speed_bps = round((sent - sent_then) / (now - then))
+        entry.rate_sample = (now, sent)
+        total = entry.size_bytes or entry.vod.bytes_total
+        return Progress(bytes_done=sent, bytes_total=total, speed_bps=speed_bps)
+
+    def _lease_held(self, entry: RunningUpload) -> bool:
+        """Tell whether this worker still holds ``entry``'s lease; see Uploader.
+
+        While the lease is known to last, no other worker can have claimed
+        the VOD, so no query is needed. Past that, as after a SIGSTOP, a
+        renewal in the database decides. It succeeds only while no other
+        worker took the VOD over, and then keeps it for another LEASE_DURATION.
+        """
+        # NOTE: time.monotonic() stops while the machine is suspended, so
+        # after a suspend this passes until the next heartbeat (at most
+        # HEARTBEAT_S later) finds the lease lost and sets ``cancelled``.
+        if time.monotonic() < entry.lease_until - LEASE_CHECK_MARGIN_S:
+            return True
+        lease_s = self.settings.lease_duration
+        renewed_at = time.monotonic()
+        vod = entry.vod
+        try:
+            renewed = vod.id in self.store.renew(
+                self.worker_id, {vod.id: vod.upload_started_at}, lease_s=lease_s
+            )
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            log.warning(
+                "could not check the upload lease of VOD %s, so the upload stops "
+                "before another worker could take it over: %s",
+                vod.vod_id,
+                exc,
+                extra={"vod_id": vod.vod_id, "action": "upload_lease_lost"},
+            )
+            renewed = False
+        if renewed:
+            entry.lease_until = renewed_at + lease_s
+            return True
+        self._stop(entry, StopReason.LEASE_LOST)
+        return False
 
     def _job(self, entry: RunningUpload) -> UploadJob:
         vod = entry.vod
@@ -427,6 +510,9 @@ class UploadStage:
             self.apply_retention()
 
     def _after_failure(self, entry: RunningUpload, error: UploadFailed) -> None:
+        if isinstance(error, UploadQuotaExceeded):
+            self._after_quota(entry, error)
+            return
         vod = self._outcome_vod(entry)
         settings = self.settings
         retry_at = None
@@ -479,6 +565,44 @@ class UploadStage:
                 error,
                 extra={**fields, "action": "upload_lease_lost"},
             )
+
+    def _after_quota(self, entry: RunningUpload, error: UploadQuotaExceeded) -> None:
+        """Wait for the destination's quota to reset, counting no attempt."""
+        vod = self._outcome_vod(entry)
+        # The backoff is a floor, so that a destination that names no wait
+        # is not asked again at once, over and over, without an attempt.
+        backoff_s = backoff_delay(entry.attempt, self.settings.upload_backoff_base)
+        wait_s = max(error.retry_after_s or 0.0, backoff_s)
+        retry_at = self.store.clock() + timedelta(seconds=wait_s)
+        deferred = self._store(
+            lambda: self.store.defer(
+                vod.id,
+                self.worker_id,
+                vod.upload_started_at,
+                error=str(error),
+                retry_at=retry_at,
+            )
+        )
+        fields = {"vod_id": vod.vod_id, "attempt": entry.attempt, "error": str(error)}
+        if not deferred:
+            log.warning(
+                "upload hit the destination's quota after this worker lost its "
+                "lease: %s",
+                error,
+                extra={**fields, "action": "upload_lease_lost"},
+            )
+            return
+        log.warning(
+            "upload waits for the destination's quota until %s; the attempt is "
+            "not counted: %s",
+            retry_at.isoformat(),
+            error,
+            extra={
+                **fields,
+                "retry_at": retry_at.isoformat(),
+                "action": "upload_quota",
+            },
+        )
 
     def _after_stop(self, entry: RunningUpload) -> None:
         vod = self._outcome_vod(entry)
@@ -560,7 +684,9 @@ class UploadStage:
                 pid_text = owner.removeprefix(prefix)
                 if owner != pid_text and pid_text.isdigit() and _is_dead(int(pid_text)):
                     owners.append(owner)
-            released = self.store.release_leases(owners)
+            released = self.store.release_leases(
+                owners, max_attempts=self.settings.upload_max_attempts
+            )
         except (StorageUnavailable, SQLAlchemyError) as exc:
             log.warning(
                 "could not release upload leases of dead workers: %s",
@@ -571,7 +697,8 @@ class UploadStage:
         for vod_id in released:
             log.warning(
                 "upload of VOD %s was held by a worker that is no longer running; "
-                "it resumes from its stored session",
+                "its attempt is counted and the next one resumes from the stored "
+                "session",
                 vod_id,
                 extra={"vod_id": vod_id, "action": "upload_lease_released"},
             )

@@ -6,6 +6,14 @@ PostgreSQL, so counting running uploads and claiming new ones happen
 together and MAX_CONCURRENT_UPLOADS holds for the whole cluster. Leases use
 the columns the download stage uses, because a VOD is never in both stages,
 and ``upload_started_at`` distinguishes one claim from the next.
+
+While a VOD is ``uploading``, ``bytes_done`` and ``speed_bps`` describe its
+upload (as they describe a download while it runs), and every way out of
+``uploading`` written here sets ``bytes_done`` back to the size of the file.
+
+An attempt whose worker stopped without writing a result (its lease expired,
+or its worker is found dead at start-up) counts as one upload attempt when
+its lease is released, so the next attempt's number continues from it.
 """
 
 from __future__ import annotations
@@ -16,11 +24,22 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, literal_column, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    case,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from vodq.db.schema import vods
 from vodq.errors import InvalidInput, InvalidTransition, VodNotFound
-from vodq.models import Vod, VodState
+from vodq.models import Progress, Vod, VodState
 from vodq.queue import CLAIM_ORDER, FRESH_UPLOAD, VodQueue, release_path, to_vod
 
 log = logging.getLogger(__name__)
@@ -35,6 +54,9 @@ IS_UPLOADING = vods.c.state == literal_column(f"'{VodState.UPLOADING.value}'")
 
 # States that reprocess moves back to the upload stage when the file exists.
 REPROCESSABLE = (VodState.FAILED, VodState.CANCELLED, VodState.DONE)
+
+# error_class of a VOD that waits for the destination's quota to reset.
+QUOTA_ERROR_CLASS = "upload_quota"
 
 
 class UploadStore:
@@ -51,12 +73,19 @@ class UploadStore:
     # -- the worker's side ----------------------------------------------
 
     def claim(
-        self, owner: str, *, wanted: int, limit: int, lease_s: float
+        self,
+        owner: str,
+        *,
+        wanted: int,
+        limit: int,
+        lease_s: float,
+        max_attempts: int | None = None,
     ) -> list[Vod]:
         """Claim up to ``wanted`` downloaded VODs, leaving ``limit`` running at most.
 
-        Expired upload leases go back to ``downloaded`` first, and VODs marked
-        skip_upload become done without a slot.
+        Expired upload leases go back to ``downloaded`` first, each counting
+        its attempt (a VOD whose ``max_attempts`` are then used fails; None
+        sets no limit), and VODs marked skip_upload become done without a slot.
         """
         now = self.clock()
         with self.queue._write() as conn:
@@ -64,7 +93,16 @@ class UploadStore:
                 conn.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPLOAD_LOCK_KEY}
                 )
-            self._release_expired(conn, now)
+            expired = or_(
+                vods.c.lease_expires_at.is_(None), vods.c.lease_expires_at <= now
+            )
+            self._end_abandoned(
+                conn,
+                expired,
+                "its worker stopped renewing the lease",
+                max_attempts,
+                now,
+            )
             self._skip_marked(conn, now)
             room = min(wanted, limit - self._count_active(conn, now))
             if room < 1:
@@ -94,26 +132,45 @@ class UploadStore:
                     lease_expires_at=now + timedelta(seconds=lease_s),
                     upload_started_at=now,
                     updated_at=now,
+                    # From here on the two count the upload, not the download.
+                    bytes_done=0,
+                    speed_bps=None,
                 )
                 .returning(vods)
             ).all()
         return sorted((to_vod(row) for row in rows), key=lambda vod: ids.index(vod.id))
 
     def renew(
-        self, owner: str, started: Mapping[int, datetime | None], *, lease_s: float
+        self,
+        owner: str,
+        started: Mapping[int, datetime | None],
+        *,
+        lease_s: float,
+        progress: Mapping[int, Progress] | None = None,
     ) -> set[int]:
-        """Extend ``owner``'s upload leases; return the row ids still held."""
+        """Extend ``owner``'s upload leases; return the row ids still held.
+
+        ``progress`` records how far the uploads of those row ids got.
+        """
         if not started:
             return set()
         now = self.clock()
         held: set[int] = set()
         with self.queue._write() as conn:
             for row_id, started_at in started.items():
-                result = conn.execute(
-                    self._owned(row_id, owner, started_at).values(
-                        lease_expires_at=now + timedelta(seconds=lease_s),
-                        updated_at=now,
+                values: dict[str, Any] = {
+                    "lease_expires_at": now + timedelta(seconds=lease_s),
+                    "updated_at": now,
+                }
+                report = (progress or {}).get(row_id)
+                if report is not None:
+                    values.update(
+                        bytes_done=report.bytes_done,
+                        bytes_total=report.bytes_total,
+                        speed_bps=report.speed_bps,
                     )
+                result = conn.execute(
+                    self._owned(row_id, owner, started_at).values(**values)
                 )
                 if result.rowcount == 1:
                     held.add(row_id)
@@ -147,11 +204,16 @@ class UploadStore:
 
         The result is also kept when the lease lapsed but nobody claimed the
         VOD since (``upload_started_at`` unchanged): the copy exists, and
-        uploading it again would make a second one.
+        uploading it again would make a second one. Releasing the lapsed
+        lease counted the attempt already (and may have failed the VOD when
+        that used its last attempt), so it is not counted again.
         """
         now = self.clock()
         held = and_(vods.c.lease_owner == owner, IS_UPLOADING)
-        lapsed = and_(vods.c.lease_owner.is_(None), IS_DOWNLOADED)
+        lapsed = and_(
+            vods.c.lease_owner.is_(None),
+            vods.c.state.in_([VodState.DOWNLOADED.value, VodState.FAILED.value]),
+        )
         with self.queue._write() as conn:
             result = conn.execute(
                 update(vods)
@@ -168,7 +230,11 @@ class UploadStore:
                     uploaded_at=now,
                     file_path=file_path,
                     upload_ms=upload_ms,
-                    upload_attempts=vods.c.upload_attempts + 1,
+                    upload_attempts=case(
+                        (IS_UPLOADING, vods.c.upload_attempts + 1),
+                        else_=vods.c.upload_attempts,
+                    ),
+                    **_FILE_COMPLETE,
                     upload_session=None,
                     upload_next_at=None,
                     last_error=None,
@@ -209,9 +275,41 @@ class UploadStore:
                     lease_owner=None,
                     lease_expires_at=None,
                     updated_at=now,
+                    **_FILE_COMPLETE,
                 )
             )
         return state if result.rowcount == 1 else None
+
+    def defer(
+        self,
+        row_id: int,
+        owner: str,
+        started_at: datetime | None,
+        *,
+        error: str,
+        retry_at: datetime,
+    ) -> bool:
+        """Give a claimed upload back until ``retry_at``, counting no attempt.
+
+        For a destination's limit that resets at a set time, such as a daily
+        quota. The session stays for the next attempt. Returns False when
+        ``owner`` no longer owns the lease.
+        """
+        now = self.clock()
+        with self.queue._write() as conn:
+            result = conn.execute(
+                self._owned(row_id, owner, started_at).values(
+                    state=VodState.DOWNLOADED.value,
+                    upload_next_at=retry_at,
+                    last_error=error,
+                    error_class=QUOTA_ERROR_CLASS,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                    **_FILE_COMPLETE,
+                )
+            )
+        return bool(result.rowcount == 1)
 
     def release(
         self, row_id: int, owner: str, started_at: datetime | None, state: VodState
@@ -224,6 +322,7 @@ class UploadStore:
                     lease_owner=None,
                     lease_expires_at=None,
                     updated_at=self.clock(),
+                    **_FILE_COMPLETE,
                 )
             )
         return bool(result.rowcount == 1)
@@ -238,18 +337,25 @@ class UploadStore:
             ).scalars()
             return [str(owner) for owner in rows]
 
-    def release_leases(self, owners: list[str]) -> list[str]:
-        """Return every upload leased to ``owners`` to ``downloaded``; list them."""
+    def release_leases(
+        self, owners: list[str], *, max_attempts: int | None = None
+    ) -> list[str]:
+        """Release every upload leased to ``owners``, which are known to be dead.
+
+        Each counts its attempt as ``claim`` counts an expired one, and goes
+        back to ``downloaded``, or fails once ``max_attempts`` are used.
+        Returns their VOD ids.
+        """
         if not owners:
             return []
         with self.queue._write() as conn:
-            rows = conn.execute(
-                update(vods)
-                .where(IS_UPLOADING, vods.c.lease_owner.in_(owners))
-                .values(**_back_to_stage(self.clock()))
-                .returning(vods.c.vod_id)
-            ).all()
-        return [str(vod_id) for (vod_id,) in rows]
+            return self._end_abandoned(
+                conn,
+                vods.c.lease_owner.in_(owners),
+                "its worker is no longer running",
+                max_attempts,
+                self.clock(),
+            )
 
     def count_active(self) -> int:
         """Count uploads with an unexpired lease, across every worker."""
@@ -277,6 +383,8 @@ class UploadStore:
             "last_error": None,
             "error_class": None,
             "updated_at": self.clock(),
+            # A cancelled upload left its progress behind.
+            **_FILE_COMPLETE,
         }
         if vod.state is VodState.DONE:
             values.update(FRESH_UPLOAD)
@@ -391,23 +499,58 @@ class UploadStore:
             ).scalar_one()
         )
 
-    def _release_expired(self, conn: Connection, now: datetime) -> None:
-        rows = conn.execute(
-            update(vods)
-            .where(
-                IS_UPLOADING,
-                or_(vods.c.lease_expires_at.is_(None), vods.c.lease_expires_at <= now),
+    def _end_abandoned(
+        self,
+        conn: Connection,
+        condition: ColumnElement[bool],
+        reason: str,
+        max_attempts: int | None,
+        now: datetime,
+    ) -> list[str]:
+        """Release the running uploads that match ``condition``, counting attempts.
+
+        Each VOD goes back to ``downloaded``, or fails when that attempt was
+        its last of ``max_attempts``. Returns the VOD ids released.
+        """
+        found = conn.execute(
+            select(vods.c.id, vods.c.vod_id, vods.c.upload_attempts).where(
+                IS_UPLOADING, condition
             )
-            .values(**_back_to_stage(now))
-            .returning(vods.c.vod_id)
         ).all()
-        for (vod_id,) in rows:
-            log.warning(
-                "upload lease of VOD %s expired; its worker is gone, so the "
-                "upload resumes on the next claim",
-                vod_id,
-                extra={"vod_id": vod_id, "action": "upload_lease_expired"},
+        released: list[str] = []
+        for row_id, vod_id, attempts in found:
+            attempt = attempts + 1
+            error = f"upload attempt {attempt} ended without a result because {reason}"
+            used_up = max_attempts is not None and attempt >= max_attempts
+            if used_up:
+                error += (
+                    f". Not retried: all {max_attempts} upload attempts are used; "
+                    "reprocess the VOD to upload it again"
+                )
+            state = VodState.FAILED if used_up else VodState.DOWNLOADED
+            # ``condition`` again, because the owner may have renewed the lease
+            # since the SELECT (PostgreSQL renewals take no advisory lock).
+            result = conn.execute(
+                update(vods)
+                .where(vods.c.id == row_id, IS_UPLOADING, condition)
+                .values(
+                    state=state.value,
+                    upload_attempts=vods.c.upload_attempts + 1,
+                    last_error=error,
+                    error_class="upload_failed",
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                    **_FILE_COMPLETE,
+                )
             )
+            if result.rowcount != 1:
+                continue
+            released.append(str(vod_id))
+            _log_abandoned(
+                str(vod_id), attempt, reason, max_attempts if used_up else None
+            )
+        return released
 
     def _skip_marked(self, conn: Connection, now: datetime) -> None:
         rows = conn.execute(
@@ -424,14 +567,38 @@ class UploadStore:
             )
 
 
-def _back_to_stage(now: datetime) -> dict[str, Any]:
-    """Column values that return a running upload to ``downloaded``, uncounted."""
-    return {
-        "state": VodState.DOWNLOADED.value,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "updated_at": now,
-    }
+# Column values for a VOD that leaves ``uploading``: its progress columns
+# describe the downloaded file again (bytes_total is its size since the
+# download, and the upload's heartbeats keep it).
+_FILE_COMPLETE: dict[str, Any] = {
+    "bytes_done": func.coalesce(vods.c.bytes_total, vods.c.bytes_done),
+    "speed_bps": None,
+}
+
+
+def _log_abandoned(vod_id: str, attempt: int, reason: str, last_of: int | None) -> None:
+    """Log a released attempt; ``last_of`` is the limit that it reached, if any."""
+    fields = {"vod_id": vod_id, "attempt": attempt, "action": "upload_lease_expired"}
+    if last_of is not None:
+        log.error(
+            "upload attempt %d of VOD %s ended without a result because %s; it was "
+            "the last of %d attempts, so the VOD failed (reprocess it to upload it "
+            "again)",
+            attempt,
+            vod_id,
+            reason,
+            last_of,
+            extra=fields,
+        )
+        return
+    log.warning(
+        "upload attempt %d of VOD %s ended without a result because %s; the VOD "
+        "goes back to the upload stage and resumes from its stored session",
+        attempt,
+        vod_id,
+        reason,
+        extra=fields,
+    )
 
 
 def _check_uploadable(

@@ -34,7 +34,7 @@ import httpx
 
 from vodq.download.classify import retry_after_s
 from vodq.errors import ConfigError, UploadCancelled, UploadFailed
-from vodq.upload import UploadJob, UploadResult
+from vodq.upload import UploadJob, UploadQuotaExceeded, UploadResult
 from vodq.upload.template import TemplateError, check, render
 
 logger = logging.getLogger(__name__)
@@ -383,11 +383,14 @@ class YouTubeUploader:
         cancelled: threading.Event,
         on_session: Callable[[str], None],
         on_progress: Callable[[int], None],
+        lease_held: Callable[[], bool],
     ) -> UploadResult:
         """Send ``job``'s file, or resume or confirm its stored session.
 
         ``on_progress`` gets the bytes sent so far, which fall back to the
-        server's offset when a cut chunk is resumed.
+        server's offset when a cut chunk is resumed. ``lease_held`` is called
+        before each request and each piece of a chunk, so an attempt that
+        lost its lease stops within one piece (READ_PIECE_BYTES).
         """
         started = time.monotonic()
         _check_file(job)
@@ -403,7 +406,14 @@ class YouTubeUploader:
         )
 
         with httpx.Client(timeout=httpx.Timeout(self.timeout_s)) as client:
-            attempt = _Attempt(self, client, job, cancelled, on_progress)
+            attempt = _Attempt(
+                self,
+                client,
+                job,
+                cancelled=cancelled,
+                on_progress=on_progress,
+                lease_held=lease_held,
+            )
             result = attempt.run(on_session)
 
         logger.info(
@@ -480,14 +490,19 @@ class _Attempt:
         uploader: YouTubeUploader,
         client: httpx.Client,
         job: UploadJob,
+        *,
         cancelled: threading.Event,
         on_progress: Callable[[int], None],
+        lease_held: Callable[[], bool],
     ) -> None:
         self.uploader = uploader
         self.client = client
         self.job = job
         self.cancelled = cancelled
         self.on_progress = on_progress
+        self.lease_held = lease_held
+        # The bytes last reported through on_progress.
+        self.sent = 0
         # YouTube takes video/* or application/octet-stream, and mimetypes
         # maps some video extensions (.ts) to other types.
         guessed = mimetypes.guess_type(job.path.name)[0] or ""
@@ -496,14 +511,14 @@ class _Attempt:
         )
 
     def run(self, on_session: Callable[[str], None]) -> UploadResult:
-        self._check_cancelled(0)
+        self._check_stopped(0)
 
         # A stored session may belong to an upload that finished or is half
         # done, and a new session would then become a second video.
         if self.job.session is not None:
             state = self._stored_state(self.job.session)
             if state.result is not None:
-                self.on_progress(self.job.size)
+                self._report(self.job.size)
                 return state.result
             if not state.expired:
                 self._log_warning(
@@ -571,7 +586,7 @@ class _Attempt:
         interruptions = 0
         known: int | None = offset
         while True:
-            self._check_cancelled(known or 0)
+            self._check_stopped(known or 0)
             try:
                 if known is None:
                     state = self._query(session)
@@ -591,7 +606,7 @@ class _Attempt:
                 )
                 delay_s = self.uploader.resume_backoff_s * 2 ** (interruptions - 1)
                 if self.cancelled.wait(delay_s):
-                    self._check_cancelled(known or 0)
+                    self._check_stopped(known or 0)
                 # Part of the cut chunk may have arrived, so a status query
                 # returns the offset to continue from.
                 known = None
@@ -605,7 +620,7 @@ class _Attempt:
                     "the next attempt starts a new session",
                 )
             known = state.offset
-            self.on_progress(known)
+            self._report(known)
 
     def _put_chunk(self, session: str, offset: int) -> httpx.Response:
         stop = min(offset + self.uploader.chunk_bytes, self.job.size)
@@ -721,6 +736,9 @@ class _Attempt:
         content: Callable[[], bytes | Iterator[bytes]] | None,
         token: str,
     ) -> httpx.Response:
+        # Every request to the API and the session passes here, so none is
+        # sent after a cancel or once the lease is lost.
+        self._check_stopped()
         return self.client.request(
             method,
             url,
@@ -734,7 +752,7 @@ class _Attempt:
             file.seek(start)
             position = start
             while position < stop:
-                self._check_cancelled(position)
+                self._check_stopped(position)
                 piece = file.read(min(READ_PIECE_BYTES, stop - position))
                 if not piece:
                     raise UploadFailed(
@@ -746,7 +764,7 @@ class _Attempt:
                 yield piece
                 # The client asks for the next piece once this one is sent.
                 position += len(piece)
-                self.on_progress(position)
+                self._report(position)
 
     def _failure(self, response: httpx.Response) -> UploadFailed:
         """Translate an API error response into UploadFailed."""
@@ -761,19 +779,19 @@ class _Attempt:
                 retryable=True,
                 retry_after_s=retry_after_s(dict(response.headers)),
             )
+        # Daily limits are the destination's, so waiting for them counts no
+        # attempt (UploadQuotaExceeded).
         if error.reason in _QUOTA_REASONS:
-            return UploadFailed(
+            return UploadQuotaExceeded(
                 f"{vod} failed: the API quota of the Google Cloud project is used"
                 f" up ({what}); the next attempt waits for the daily reset, or"
                 " request more quota in the Google Cloud console",
-                retryable=True,
                 retry_after_s=seconds_to_quota_reset(),
             )
         if error.reason == "uploadLimitExceeded":
-            return UploadFailed(
+            return UploadQuotaExceeded(
                 f"{vod} failed: the channel reached its daily upload limit"
                 f" ({what}); the next attempt waits for the daily reset",
-                retryable=True,
                 retry_after_s=seconds_to_quota_reset(),
             )
         if status in (401, 403):
@@ -805,11 +823,27 @@ class _Attempt:
             retryable=True,
         )
 
-    def _check_cancelled(self, position: int) -> None:
+    def _report(self, position: int) -> None:
+        self.sent = position
+        self.on_progress(position)
+
+    def _check_stopped(self, position: int | None = None) -> None:
+        """Raise UploadCancelled after a cancel, or once the lease is lost.
+
+        ``position`` is the byte the upload has reached, by default the one
+        last reported.
+        """
+        at = self.sent if position is None else position
         if self.cancelled.is_set():
             raise UploadCancelled(
                 f"YouTube upload of VOD {self.job.vod_id!r} was cancelled at byte"
-                f" {position} of {self.job.size}"
+                f" {at} of {self.job.size}"
+            )
+        if not self.lease_held():
+            raise UploadCancelled(
+                f"YouTube upload of VOD {self.job.vod_id!r} stopped at byte {at} of"
+                f" {self.job.size} because this worker no longer holds its lease;"
+                " the worker that takes the VOD over resumes the same session"
             )
 
     def _log_warning(self, message: str, action: str, offset: int) -> None:
