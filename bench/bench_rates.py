@@ -62,14 +62,29 @@ POOL_DOWNLOADS = 3
 SLOW_SHARE = 0.1
 # HLS fragments fetched at once, by vodq and by the command line alike.
 HLS_FRAGMENTS = 4
-# The server logs most of an HLS segment leaving in one burst, into the
-# client's socket buffers, when its request arrives. So a window's bytes are
-# known only to about a segment per fragment thread. Segments are sized to at
-# most 1.25% of a window's bytes at the target rate (16 KiB at 500K, 128 KiB
-# at 2M, 512 KiB at 10M). At 2.5%, four fragment threads of three pooled
-# downloads moved up to 5.6% of a window's bytes into the next window.
+# HLS segments are 2 MiB by default, 2 s of an 8 Mbit/s stream, so that each
+# fragment connection lasts seconds. With --segment auto they are at most 1.25%
+# of a window's bytes at the target rate (16 KiB at 500K, 128 KiB at 2M,
+# 512 KiB at 10M), which hides the burst of every new fragment connection.
 MAX_SEGMENT_BYTES = 1 * M
 SEGMENT_SHARE = 0.0125
+DEFAULT_SEGMENT = "2M"
+# The server's socket send buffer by default: 8 KiB, which the kernel doubles.
+# The server logs a write when the data enters that buffer, so the log runs
+# ahead of the wire by up to 16 KiB per connection; with 64 KiB it ran 128 KiB
+# ahead, a quarter of a second of 500K for each of four fragment connections.
+DEFAULT_SNDBUF = "8K"
+
+
+class Options:
+    """Settings of the whole run that the command line may change."""
+
+    # --segment: one HLS segment size for every rate, in bytes, or None.
+    segment_bytes: int | None = None
+    # --sndbuf: the server's socket send buffer, in bytes.
+    server_sndbuf: int = 8 * K
+
+
 # Files are this many times longer than the measurement needs at the
 # configured rate, so even a client that overshoots its limit is still
 # downloading when the last window closes. Bytes are generated on the fly
@@ -80,6 +95,14 @@ START_TIMEOUT_S = 30.0
 
 
 # -- measuring ------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Read a size such as 8K or 1.5M (binary multiples) as bytes."""
+    units = {"K": K, "M": M}
+    if text[-1:].upper() in units:
+        return int(float(text[:-1]) * units[text[-1].upper()])
+    return int(text)
 
 
 def transfer_start(server: BenchServer, names: list[str], kind: str) -> float:
@@ -191,7 +214,10 @@ def urls_for(
 
 
 def segment_bytes(total_bps: float) -> int:
-    """Return the largest power-of-two segment within SEGMENT_SHARE of a window."""
+    """Return the HLS segment size: --segment, or the largest power of two
+    within SEGMENT_SHARE of a window."""
+    if Options.segment_bytes is not None:
+        return Options.segment_bytes
     limit = total_bps * WINDOW_S * SEGMENT_SHARE
     size = 16 * K
     while size * 2 <= min(limit, MAX_SEGMENT_BYTES):
@@ -275,7 +301,7 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         clients.insert(1, "vodq variant")
     if not args.no_cluster:
         clients.insert(1, "vodq cluster")
-    with serving(sndbuf=64 * K) as server:
+    with serving(sndbuf=Options.server_sndbuf) as server:
         index = 0
         for _repeat in range(args.repeat):
             for label in rates:
@@ -506,7 +532,7 @@ def patch_case(
 def patch_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     steps = ["3M"] if args.quick else ["3M", "9M"]
     runs = []
-    with serving(sndbuf=64 * K) as server:
+    with serving(sndbuf=Options.server_sndbuf) as server:
         for layout in args.patch_layouts.split(","):
             for index in range(1 if args.quick else args.patch_repeat):
                 run = patch_case(server, f"p{layout}{index}", steps, layout)
@@ -589,6 +615,14 @@ def main() -> int:
     )
     parser.add_argument("--no-patch", action="store_true", help="skip the PATCH test")
     parser.add_argument(
+        "--segment",
+        default=DEFAULT_SEGMENT,
+        help="HLS segment size, such as 1M; auto: 1.25%% of a window's bytes",
+    )
+    parser.add_argument(
+        "--sndbuf", default=DEFAULT_SNDBUF, help="the server's SO_SNDBUF, such as 64K"
+    )
+    parser.add_argument(
         "--no-cluster",
         action="store_true",
         help="skip the pooled cases on one vodq api and two workers (PostgreSQL)",
@@ -603,6 +637,9 @@ def main() -> int:
         "--only-patch", action="store_true", help="run only the PATCH test"
     )
     args = parser.parse_args()
+    if args.segment != "auto":
+        Options.segment_bytes = parse_size(args.segment)
+    Options.server_sndbuf = parse_size(args.sndbuf)
     if args.quick:
         args.windows = 1
         args.repeat = 1

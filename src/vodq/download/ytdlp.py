@@ -42,14 +42,16 @@ from urllib.parse import urlsplit
 
 import yt_dlp
 from yt_dlp.downloader import get_suitable_downloader
+from yt_dlp.downloader.fragment import FragmentFD
 from yt_dlp.extractor.generic import GenericIE
 from yt_dlp.networking import Request, Response
 from yt_dlp.networking.exceptions import HTTPError, RequestError
 from yt_dlp.utils import YoutubeDLError
 
 from vodq.bandwidth import TokenBucket
-from vodq.download import DownloadJob, DownloadResult, fragments
+from vodq.download import DownloadJob, DownloadResult, connections, fragments
 from vodq.download.classify import HttpErrorSeen, classify
+from vodq.download.connections import receive_buffer_for, sized_receive_buffers
 from vodq.download.files import ArchiveLayout, SizeMismatch
 from vodq.download.validators import (
     Sidecar,
@@ -203,6 +205,8 @@ class _Watch:
         # The read size in bytes for the rate in force now, or None to leave
         # yt-dlp's.
         self.read_block: Callable[[], int] | None = None
+        # Whether yt-dlp downloads the media as fragments (HLS, DASH).
+        self.fragmented = False
 
     def error(self, err: HTTPError) -> None:
         response = err.response
@@ -257,6 +261,13 @@ class _WatchedYoutubeDL(yt_dlp.YoutubeDL):  # type: ignore[misc]
         # YoutubeDL (yt-dlp 2026.11, measured on 2 cores); a ready info dict
         # for a direct file or playlist needs none of them.
         super().__init__(params, auto_init=extractors)
+
+    def dl(self, name: str, info: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        downloader = get_suitable_downloader(info, self.params, to_stdout=name == "-")
+        self.vodq_watch.fragmented = isinstance(downloader, type) and issubclass(
+            downloader, FragmentFD
+        )
+        return super().dl(name, info, *args, **kwargs)
 
     def urlopen(self, req: Any) -> Any:
         request = Request(req) if isinstance(req, str) else req
@@ -394,6 +405,7 @@ class YtDlpEngine:
         # Checked here, in the service's process at start-up, because the
         # download processes build the downloader only when they run a job.
         fragments.check_supported()
+        connections.check_supported()
 
     def build(self) -> YtDlpDownloader:
         return YtDlpDownloader(
@@ -464,8 +476,16 @@ class YtDlpDownloader:
         kind = source_kind(job.source_url)
         watch = _Watch(track_validators=kind is SourceKind.FILE)
         watch.read_block = lambda: read_block_for(bucket.rate)
+
+        def receive_buffer() -> int | None:
+            if not watch.fragmented:
+                return None
+            return receive_buffer_for(bucket.rate, self.hls_fragments)
+
         try:
-            return self._run(job, kind, watch, _Hook(on_progress, cancelled, bucket))
+            with sized_receive_buffers(receive_buffer):
+                hook = _Hook(on_progress, cancelled, bucket)
+                return self._run(job, kind, watch, hook)
         finally:
             watch.close()
             # Fragments fetched but not appended are fetched again by the next

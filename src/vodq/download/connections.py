@@ -1,0 +1,148 @@
+"""Receive buffers of fragment connections, sized to the download's rate.
+
+A throttled download reads slowly, but the kernel accepts a connection's
+first bytes at full speed into its receive buffer, up to the TCP window
+(Linux starts it from net.ipv4.tcp_rmem, 128 KiB by default, and autotuning
+grows it). A plain HTTP download pays this once, at its start. An HLS
+download opens a new connection for every fragment, several at once, so
+every round of fragments arrives partly as one burst on the network,
+followed by a gap while the buffers drain. With 2 MiB segments at 500K and
+four fragments at once, 5-second windows measured at the server strayed
+10% from the limit (bench/bench_rates.py, Linux 6.18).
+
+While a download fetches fragments, each new connection gets a receive
+buffer of ``RECEIVE_BUFFER_S`` seconds of its share of the rate in force,
+set before it connects so that the window agreed in the handshake fits it.
+Plain HTTP connections keep the kernel's autotuning, because they last the
+whole download and a small buffer would cap them after the rate is raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import yt_dlp.networking._urllib as ytdlp_urllib
+import yt_dlp.version
+
+from vodq.errors import ConfigError
+
+# A fragment connection's receive buffer, in seconds of its share of the
+# rate. The bytes the buffers take ahead of the reads are then at most this
+# many seconds of the rate, 4% of a 5 s window, for all fragments together.
+# NOTE: a connection cannot receive faster than its buffer per round trip,
+# so over a path with a round trip above this the downloads fall short of
+# their limit.
+RECEIVE_BUFFER_S = 0.2
+# Bounds of that buffer, in bytes. Linux doubles the value for its own
+# bookkeeping and keeps at least about 4.5 KiB.
+MIN_RECEIVE_BUFFER_BYTES = 8 * 1024
+MAX_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
+
+# The receive buffer of the next connection, or None for the kernel's
+# default; set by ``sized_receive_buffers`` for one download at a time.
+_receive_buffer: Callable[[], int | None] | None = None
+# yt-dlp's own, kept at import; None when this yt-dlp lacks it.
+_original_create_connection: Callable[..., socket.socket] | None = getattr(
+    ytdlp_urllib, "create_connection", None
+)
+
+
+def check_supported() -> None:
+    """Raise ConfigError unless this yt-dlp opens connections as replaced here.
+
+    yt-dlp 2026.10.26 to 2026.11.23 give each urllib connection the
+    ``create_connection`` of ``yt_dlp.networking._urllib``.
+    """
+    reason = None
+    if _original_create_connection is None:
+        reason = "yt_dlp.networking._urllib.create_connection is missing"
+    else:
+        opener = getattr(ytdlp_urllib, "_create_http_connection", None)
+        try:
+            source = inspect.getsource(opener) if opener is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if "_create_connection = create_connection" not in source:
+            reason = "its urllib handler no longer opens connections through "
+            reason += "create_connection"
+    if reason is not None:
+        raise ConfigError(
+            f"yt-dlp {yt_dlp.version.__version__} is not supported: {reason}, "
+            "so HLS downloads could exceed their rate limit. Install a supported "
+            "version, such as: pip install 'yt-dlp==2026.11.23'"
+        )
+
+
+def receive_buffer_for(rate: float | None, connections: int) -> int | None:
+    """Return the receive buffer, in bytes, of one of ``connections`` sharing
+    ``rate`` bytes per second, or None when the rate is unlimited."""
+    if rate is None:
+        return None
+    size = rate / max(1, connections) * RECEIVE_BUFFER_S
+    return int(min(MAX_RECEIVE_BUFFER_BYTES, max(MIN_RECEIVE_BUFFER_BYTES, size)))
+
+
+@contextlib.contextmanager
+def sized_receive_buffers(size: Callable[[], int | None]) -> Iterator[None]:
+    """Give each connection yt-dlp opens meanwhile a receive buffer of ``size()``.
+
+    ``size`` is called at every connect, so it follows the rate in force. A
+    download process runs one download at a time, so one setting serves all
+    of its threads.
+    """
+    global _receive_buffer  # noqa: PLW0603 - one download per process
+    check_supported()
+    ytdlp_urllib.create_connection = _create_connection
+    _receive_buffer = size
+    try:
+        yield
+    finally:
+        _receive_buffer = None
+
+
+def _create_connection(
+    address: tuple[str, int],
+    timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
+    source_address: tuple[str, int] | None = None,
+    **options: Any,
+) -> socket.socket:
+    assert _original_create_connection is not None, "check_supported() checks it"
+    source = _receive_buffer
+    size = source() if source is not None else None
+    if size is None or "_create_socket_func" in options:
+        # Unlimited, or through a SOCKS proxy, which connects on its own.
+        return _original_create_connection(address, timeout, source_address, **options)
+    return _original_create_connection(
+        address,
+        timeout,
+        source_address,
+        _create_socket_func=functools.partial(_connect, size),
+    )
+
+
+def _connect(
+    receive_buffer: int,
+    address_info: tuple[Any, ...],
+    timeout: Any,
+    source_address: tuple[str, int] | None,
+) -> socket.socket:
+    """Connect one of ``getaddrinfo``'s addresses with ``receive_buffer`` set."""
+    family, kind, protocol, _name, address = address_info
+    sock = socket.socket(family, kind, protocol)
+    try:
+        # Before connect: the window scale is agreed in the handshake.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+            sock.settimeout(timeout)
+        if source_address:
+            sock.bind(source_address)
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
