@@ -355,7 +355,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        body[name.strip().upper()] = value if value != "" else None
+        body[name.strip().upper()] = value if value.strip() else None
     path = "/admin/config?stop_excess=true" if args.stop_excess else "/admin/config"
     return _call(settings, args.server, "PATCH", path, body)
 

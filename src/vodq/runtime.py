@@ -50,7 +50,11 @@ class RuntimeConfig:
         self.queue = queue
         self._initial = initial
         self._settings = initial
+        # The overrides in force, and all that the kv table held at the last
+        # read (invalid ones included), so that an unchanged table is not
+        # parsed and logged again every REFRESH_S.
         self._overrides: dict[str, str] = {}
+        self._stored: dict[str, str] = {}
         self._read_at = float("-inf")
         self._lock = threading.Lock()
         # Off until the database is migrated, so that nothing reads kv first.
@@ -80,23 +84,48 @@ class RuntimeConfig:
         }
         with self._lock:
             self._read_at = time.monotonic()
-            if overrides == self._overrides:
+            if overrides == self._stored:
                 return
+            self._stored = overrides
+            valid = self._valid(overrides)
+            settings = self._build(valid)
+            changed = valid != self._overrides
+            self._overrides = valid
+            self._settings = settings
+        if changed:
+            log.info(
+                "runtime configuration changed",
+                extra={"action": "config", "overrides": valid},
+            )
+
+    def _valid(self, overrides: Mapping[str, str]) -> dict[str, str]:
+        """Return the overrides that are valid, logging each one that is not.
+
+        Only a value written with SQL, or by another version of vodq, can be
+        invalid, and it must not keep the others from taking effect.
+        """
+        try:
+            self._build(overrides)
+        except ConfigError:
+            pass
+        else:
+            return dict(overrides)
+
+        valid: dict[str, str] = {}
+        for name, value in sorted(overrides.items()):
             try:
-                settings = self._build(overrides)
+                self._build({**valid, name: value})
             except ConfigError as exc:
                 log.warning(
-                    "ignoring invalid runtime configuration in kv: %s",
-                    exc,
-                    extra={"action": "config"},
+                    "ignoring the runtime value of %s stored in kv: %s; change it "
+                    "with PATCH /admin/config or vodq config",
+                    name,
+                    str(exc).replace("invalid configuration:\n  ", ""),
+                    extra={"action": "config", "variable": name},
                 )
-                return
-            self._overrides = overrides
-            self._settings = settings
-        log.info(
-            "runtime configuration changed",
-            extra={"action": "config", "overrides": overrides},
-        )
+                continue
+            valid[name] = value
+        return valid
 
     def update(self, changes: Mapping[str, str | None]) -> Settings:
         """Validate and store ``changes``; a value of None returns to start-up.
@@ -110,6 +139,15 @@ class RuntimeConfig:
                 f"{', '.join(unknown)} cannot change at runtime; the variables "
                 f"that can are {', '.join(RUNTIME_VARIABLES)}"
             )
+        for name, value in sorted(changes.items()):
+            if value is not None and not value.strip():
+                # The environment reads an empty value as unset, so storing one
+                # would drop the value the process started with, unannounced.
+                hint = " or 'none' for no limit" if name.endswith("RATE_LIMIT") else ""
+                raise InvalidInput(
+                    f"{name}={value!r} is empty; send null to return to the value "
+                    f"it started with{hint}"
+                )
         self.refresh()
         overrides = dict(self._overrides)
         for name, value in changes.items():

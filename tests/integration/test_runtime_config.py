@@ -68,6 +68,36 @@ def test_patch_config_rejects_invalid_value(make_service: ServiceFactory) -> Non
     assert service.status()["download_rate_limit"] is None
 
 
+@pytest.mark.parametrize("blank", ["", " "], ids=["empty", "space"])
+def test_patch_config_rejects_blank_value(
+    make_service: ServiceFactory, blank: str
+) -> None:
+    service = make_service(run_worker=False, DOWNLOAD_RATE_LIMIT="512K")
+    response = call(service, "PATCH", "/admin/config", {"DOWNLOAD_RATE_LIMIT": blank})
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": f"DOWNLOAD_RATE_LIMIT={blank!r} is empty; send null to return to "
+        "the value it started with or 'none' for no limit"
+    }
+    assert service.status()["download_rate_limit"] == "512K"
+
+
+def test_invalid_stored_value_keeps_others(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False)
+    # Only SQL, or another version of vodq, can store an invalid value.
+    service.queue.set_kv({"config:DOWNLOAD_TOTAL_RATE_LIMIT": "abc"})
+    response = call(service, "PATCH", "/admin/config", {"MAX_CONCURRENT_DOWNLOADS": 3})
+    assert response.status_code == 200
+    assert response.json()["max_concurrent_downloads"] == {
+        "value": 3,
+        "source": "runtime",
+    }
+    assert response.json()["download_total_rate_limit"] == {
+        "value": None,
+        "source": "default",
+    }
+
+
 def test_patch_config_rejects_boolean(make_service: ServiceFactory) -> None:
     service = make_service(run_worker=False, MAX_CONCURRENT_DOWNLOADS="2")
     response = call(
