@@ -908,26 +908,32 @@ class VodQueue:
             for row_id, demand in rows
         }
 
-    def requeue_excess(self, limit: int) -> int:
+    def requeue_excess(self, limit: int, per_worker: int | None = None) -> int:
         """Return running downloads beyond ``limit`` to the queue; return how many.
 
-        The lowest-priority, most recently started ones go back first; their
+        With ``per_worker``, each worker also keeps at most that many. The
+        lowest-priority, most recently started ones go back first; their
         workers stop them at the next heartbeat, keeping partial files.
         """
         now = self.clock()
         with self._write() as conn:
-            running = (
-                conn.execute(
-                    select(vods.c.id)
-                    .where(vods.c.state == VodState.DOWNLOADING.value)
-                    .order_by(
-                        vods.c.priority.desc(), vods.c.started_at.asc(), vods.c.id
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            excess = list(running[limit:])
+            running = conn.execute(
+                select(vods.c.id, vods.c.lease_owner)
+                .where(vods.c.state == VodState.DOWNLOADING.value)
+                .order_by(vods.c.priority.desc(), vods.c.started_at.asc(), vods.c.id)
+            ).all()
+            kept: list[int] = []
+            excess: list[int] = []
+            per_owner: dict[str | None, int] = {}
+            for row_id, owner in running:
+                held = per_owner.get(owner, 0)
+                if len(kept) >= limit or (
+                    per_worker is not None and held >= per_worker
+                ):
+                    excess.append(int(row_id))
+                    continue
+                per_owner[owner] = held + 1
+                kept.append(int(row_id))
             if excess:
                 conn.execute(
                     update(vods)

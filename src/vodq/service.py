@@ -277,7 +277,9 @@ class Service:
         settings = self.runtime.update(changes)
         stopped = 0
         if stop_excess:
-            stopped = self.queue.requeue_excess(settings.max_concurrent_downloads)
+            stopped = self.queue.requeue_excess(
+                settings.max_concurrent_downloads, settings.max_downloads_per_worker
+            )
         log.info(
             "configuration changed at runtime",
             extra={"changes": dict(changes), "stopped": stopped, "action": "config"},

@@ -524,6 +524,26 @@ def test_release_expired_queues_only_expired(queue: VodQueue, clock: Clock) -> N
     assert queue.get("live").state is VodState.DOWNLOADING
 
 
+def test_requeue_excess_per_worker(queue: VodQueue) -> None:
+    for vod_id in ("a1", "a2", "b1"):
+        add(queue, vod_id)
+    queue.claim("wa", wanted=2, limit=3, lease_s=LEASE_S)
+    queue.claim("wb", wanted=1, limit=3, lease_s=LEASE_S)
+    assert queue.requeue_excess(3, per_worker=1) == 1
+    assert queue.get("a1").state is VodState.DOWNLOADING
+    assert queue.get("a2").state is VodState.QUEUED
+    assert queue.get("b1").state is VodState.DOWNLOADING
+
+
+def test_requeue_excess_keeps_highest_priority(queue: VodQueue) -> None:
+    add(queue, "low", priority=1)
+    add(queue, "high", priority=5)
+    queue.claim("w1", wanted=2, limit=2, lease_s=LEASE_S)
+    assert queue.requeue_excess(1) == 1
+    assert queue.get("high").state is VodState.DOWNLOADING
+    assert queue.get("low").state is VodState.QUEUED
+
+
 def test_claim_while_paused_returns_nothing(queue: VodQueue) -> None:
     add(queue, "a")
     queue.set_paused(True)
