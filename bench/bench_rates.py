@@ -83,6 +83,8 @@ class Options:
     segment_bytes: int | None = None
     # --sndbuf: the server's socket send buffer, in bytes.
     server_sndbuf: int = 8 * K
+    # --write: bytes per logged server write, the measurement's resolution.
+    write_bytes: int = 16 * K
 
 
 # Files are this many times longer than the measurement needs at the
@@ -301,7 +303,9 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         clients.insert(1, "vodq variant")
     if not args.no_cluster:
         clients.insert(1, "vodq cluster")
-    with serving(sndbuf=Options.server_sndbuf) as server:
+    with serving(
+        sndbuf=Options.server_sndbuf, write_bytes=Options.write_bytes
+    ) as server:
         index = 0
         for _repeat in range(args.repeat):
             for label in rates:
@@ -315,7 +319,7 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                                 continue
                             index += 1
                             watch = LoadWatch()
-                            case = (server, f"r{index}", RATES[label], kind, mode)
+                            case = (server, f"r{index}", parse_size(label), kind, mode)
                             if client == "yt-dlp":
                                 result = run_cli(*case, args.windows)
                             elif client == "vodq cluster":
@@ -332,7 +336,7 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                             )
                             if kind == "hls":
                                 result["hls_segment_bytes"] = segment_bytes(
-                                    RATES[label]
+                                    parse_size(label)
                                 )
                             rows.append(result)
                             print(
@@ -532,7 +536,9 @@ def patch_case(
 def patch_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     steps = ["3M"] if args.quick else ["3M", "9M"]
     runs = []
-    with serving(sndbuf=Options.server_sndbuf) as server:
+    with serving(
+        sndbuf=Options.server_sndbuf, write_bytes=Options.write_bytes
+    ) as server:
         for layout in args.patch_layouts.split(","):
             for index in range(1 if args.quick else args.patch_repeat):
                 run = patch_case(server, f"p{layout}{index}", steps, layout)
@@ -563,7 +569,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     keys = sorted(
         {(r["rate"], r["kind"], r["mode"]) for r in rows},
-        key=lambda k: (RATES[k[0]], k[1], k[2]),
+        key=lambda k: (parse_size(k[0]), k[1], k[2]),
     )
     for rate, kind, mode in keys:
         line: dict[str, Any] = {"rate": rate, "source": kind, "mode": mode}
@@ -623,6 +629,9 @@ def main() -> int:
         "--sndbuf", default=DEFAULT_SNDBUF, help="the server's SO_SNDBUF, such as 64K"
     )
     parser.add_argument(
+        "--write", default="16K", help="bytes per logged server write, such as 2K"
+    )
+    parser.add_argument(
         "--no-cluster",
         action="store_true",
         help="skip the pooled cases on one vodq api and two workers (PostgreSQL)",
@@ -640,6 +649,7 @@ def main() -> int:
     if args.segment != "auto":
         Options.segment_bytes = parse_size(args.segment)
     Options.server_sndbuf = parse_size(args.sndbuf)
+    Options.write_bytes = parse_size(args.write)
     if args.quick:
         args.windows = 1
         args.repeat = 1

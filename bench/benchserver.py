@@ -34,8 +34,9 @@ from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
 BLOCK_BYTES = 1024 * 1024
-# Bytes per logged write of a generated body: the time resolution of the
-# server-side rate measurement (16 KiB is 1.6 ms at 10 MiB/s).
+# Bytes per logged write of a generated body by default: the resolution of
+# the server-side rate measurement (16 KiB is 1.6 ms at 10 MiB/s, but 2.5% of
+# a 5 s window at 128K; ``write_bytes`` sets a smaller one for low rates).
 WRITE_BYTES = 16 * 1024
 # Bytes per sendfile call for files on disk.
 SENDFILE_BYTES = 1024 * 1024
@@ -232,7 +233,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         sent = 0
         while offset < stop:
             at = offset % BLOCK_BYTES
-            n = min(WRITE_BYTES, stop - offset, BLOCK_BYTES - at)
+            n = min(bench.write_bytes, stop - offset, BLOCK_BYTES - at)
             self.connection.sendall(block[at : at + n])
             offset += n
             sent += n
@@ -268,10 +269,15 @@ class BenchServer:
     """The benchmark media server; a context manager that serves in a thread."""
 
     def __init__(
-        self, *, folder: Path | None = None, sndbuf: int | None = None
+        self,
+        *,
+        folder: Path | None = None,
+        sndbuf: int | None = None,
+        write_bytes: int = WRITE_BYTES,
     ) -> None:
         self.folder = folder
         self.sndbuf = sndbuf
+        self.write_bytes = write_bytes
         self.block_view = memoryview(generated_block())
         self.log = SendLog()
         self._lock = threading.Lock()
@@ -362,7 +368,9 @@ def window_rates(
 
 @contextlib.contextmanager
 def serving(
-    folder: Path | None = None, sndbuf: int | None = None
+    folder: Path | None = None,
+    sndbuf: int | None = None,
+    write_bytes: int = WRITE_BYTES,
 ) -> Iterator[BenchServer]:
-    with BenchServer(folder=folder, sndbuf=sndbuf) as server:
+    with BenchServer(folder=folder, sndbuf=sndbuf, write_bytes=write_bytes) as server:
         yield server

@@ -13,10 +13,12 @@ import math
 import re
 from decimal import Decimal
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# re.ASCII: without it \d also matches the digits of other scripts, such as
+# full-width ones.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", re.ASCII)
 _DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_BARE_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_RATE = re.compile(r"(\d+(?:\.\d+)?)([KMG]?)B?", re.IGNORECASE)
+_BARE_NUMBER = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
+_RATE = re.compile(r"(\d+(?:\.\d+)?)([KMG]?)B?", re.IGNORECASE | re.ASCII)
 _RATE_MULTIPLES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 

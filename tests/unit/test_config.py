@@ -132,10 +132,18 @@ def test_db_dsn_follows_data_dir(tmp_path: Path) -> None:
             "DOWNLOAD_RATE_LIMIT", "500K", "download_rate_limit", 512000, id="rate-kibi"
         ),
         pytest.param(
-            "DOWNLOAD_RATE_LIMIT", "1000", "download_rate_limit", 1000, id="rate-bytes"
+            "DOWNLOAD_RATE_LIMIT",
+            "100000",
+            "download_rate_limit",
+            100000,
+            id="rate-bytes",
         ),
         pytest.param(
-            "DOWNLOAD_RATE_LIMIT", "1", "download_rate_limit", 1, id="rate-minimum"
+            "DOWNLOAD_RATE_LIMIT",
+            "64K",
+            "download_rate_limit",
+            65536,
+            id="rate-minimum",
         ),
         pytest.param(
             "DOWNLOAD_MAX_ATTEMPTS", "10", "download_max_attempts", 10, id="attempts"
@@ -381,16 +389,48 @@ INVALID_VARIABLES = [
     pytest.param(
         "DOWNLOAD_RATE_LIMIT",
         "0",
-        "DOWNLOAD_RATE_LIMIT='0' is invalid: must be at least 1 byte per second; "
-        "use 'none' or unset it for no limit; use for example 1.5M",
+        "DOWNLOAD_RATE_LIMIT='0' is invalid: must be at least 64K, the lowest rate "
+        "that vodq holds within 5%; use 'none' or unset it for no limit; use for "
+        "example 1.5M",
         id="rate-zero",
     ),
     pytest.param(
         "DOWNLOAD_RATE_LIMIT",
         "0.4",
-        "DOWNLOAD_RATE_LIMIT='0.4' is invalid: must be at least 1 byte per second; "
-        "use 'none' or unset it for no limit; use for example 1.5M",
+        "DOWNLOAD_RATE_LIMIT='0.4' is invalid: must be at least 64K, the lowest "
+        "rate that vodq holds within 5%; use 'none' or unset it for no limit; use "
+        "for example 1.5M",
         id="rate-rounds-to-zero",
+    ),
+    pytest.param(
+        "DOWNLOAD_RATE_LIMIT",
+        "63K",
+        "DOWNLOAD_RATE_LIMIT='63K' is invalid: must be at least 64K, the lowest "
+        "rate that vodq holds within 5%; use 'none' or unset it for no limit; use "
+        "for example 1.5M",
+        id="rate-below-minimum",
+    ),
+    pytest.param(
+        "DOWNLOAD_TOTAL_RATE_LIMIT",
+        "100K",
+        "DOWNLOAD_TOTAL_RATE_LIMIT='100K' is invalid: must be at least 128K, the "
+        "lowest rate that vodq holds within 5%; use 'none' or unset it for no "
+        "limit; use for example 10M",
+        id="total-rate-below-minimum",
+    ),
+    pytest.param(
+        "DOWNLOAD_RATE_LIMIT",
+        "101G",
+        "DOWNLOAD_RATE_LIMIT='101G' is invalid: must be at most 100G; use for "
+        "example 1.5M",
+        id="rate-above-maximum",
+    ),
+    pytest.param(
+        "DOWNLOAD_RATE_LIMIT",
+        "\uff15M",
+        "DOWNLOAD_RATE_LIMIT='\uff15M' is invalid: not a rate (bytes per second "
+        "with an optional K, M or G); use for example 1.5M",
+        id="rate-full-width-digit",
     ),
     pytest.param(
         "DOWNLOAD_MAX_ATTEMPTS",

@@ -40,7 +40,7 @@ from vodq.errors import ConfigError
 RECEIVE_BUFFER_S = 0.2
 # Bounds of that buffer, in bytes. Linux doubles the value for its own
 # bookkeeping and keeps at least about 4.5 KiB.
-MIN_RECEIVE_BUFFER_BYTES = 8 * 1024
+MIN_RECEIVE_BUFFER_BYTES = 4096
 MAX_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 
 # The receive buffer of the next connection, or None for the kernel's

@@ -82,7 +82,7 @@ READ_BLOCK_BYTES = 131_072
 # the rate only to within about 5%. The size follows the rate while the
 # download runs (see _bounded_read).
 READ_BLOCK_SHARE_S = 0.025
-MIN_READ_BLOCK_BYTES = 16_384
+MIN_READ_BLOCK_BYTES = 4096
 
 
 def read_block_for(rate: float | None) -> int:
