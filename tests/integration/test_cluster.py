@@ -19,7 +19,7 @@ FINISHED = {VodState.DONE, VodState.FAILED}
 
 
 def test_cluster_limit_holds_across_workers(
-    make_service: ServiceFactory, media_server: MediaServer, postgres_dsn: str
+    postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
     env = {"DB_DSN": postgres_dsn, "MAX_CONCURRENT_DOWNLOADS": "2"}
     api = make_service(run_worker=False, **env)
@@ -38,9 +38,9 @@ def test_cluster_limit_holds_across_workers(
 
 
 def test_notify_wakes_idle_worker(
+    postgres_dsn: str,
     make_service: ServiceFactory,
     media_server: MediaServer,
-    postgres_dsn: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # With polling all but off, only a NOTIFY from the API process can wake
@@ -57,7 +57,7 @@ def test_notify_wakes_idle_worker(
 
 
 def test_status_lists_workers_and_downloads(
-    make_service: ServiceFactory, media_server: MediaServer, postgres_dsn: str
+    postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
     env = {"DB_DSN": postgres_dsn, "MAX_CONCURRENT_DOWNLOADS": "2"}
     api = make_service(run_worker=False, **env)
@@ -78,7 +78,7 @@ def test_status_lists_workers_and_downloads(
 
 
 def test_stopped_worker_leaves_registry(
-    make_service: ServiceFactory, postgres_dsn: str
+    postgres_dsn: str, make_service: ServiceFactory
 ) -> None:
     api = make_service(run_worker=False, DB_DSN=postgres_dsn)
     worker = make_service(DB_DSN=postgres_dsn, WORKER_ID="leaving")
@@ -88,7 +88,7 @@ def test_stopped_worker_leaves_registry(
 
 
 def test_per_worker_cap_limits_one_worker(
-    make_service: ServiceFactory, media_server: MediaServer, postgres_dsn: str
+    postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
     service = make_service(
         DB_DSN=postgres_dsn,
@@ -117,7 +117,7 @@ def pool_limits(*workers: Service) -> list[float]:
 
 
 def test_pool_moves_slow_share_across_workers(
-    make_service: ServiceFactory, media_server: MediaServer, postgres_dsn: str
+    postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
     # Two slots per worker and three downloads, so both workers run some.
     env = {
@@ -149,9 +149,9 @@ def test_pool_moves_slow_share_across_workers(
 
 
 def test_config_change_reaches_worker_by_notify(
+    postgres_dsn: str,
     make_service: ServiceFactory,
     media_server: MediaServer,
-    postgres_dsn: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # With the periodic settings refresh all but off, only the NOTIFY sent
@@ -172,9 +172,9 @@ def test_config_change_reaches_worker_by_notify(
 
 
 def test_expired_lease_released_without_free_slot(
+    postgres_dsn: str,
     make_service: ServiceFactory,
     media_server: MediaServer,
-    postgres_dsn: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(scheduler, "WORKER_HEARTBEAT_S", 0.5)

@@ -377,7 +377,7 @@ def test_shutdown_keeps_partial_for_resume(
 
 @pytest.mark.postgres
 def test_download_on_postgres(
-    make_service: ServiceFactory, media_server: MediaServer, postgres_dsn: str
+    postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
     data = media(200 * KIB, seed=17)
     url = media_server.add_file("pg.mp4", data)
