@@ -55,6 +55,10 @@ LAST_RUN_WRITE_S = 5.0
 # MIN_RATE_SPAN_S seconds.
 RATE_SAMPLES = 4
 MIN_RATE_SPAN_S = 1.0
+# Shortest span over which a download held back by its source must fill
+# SATURATED_SHARE of its limit to get an equal share again, in seconds. The
+# samples of RATE_SAMPLES heartbeats span about 3 s.
+SATURATED_SPAN_S = 2.5
 # Seconds after a download's first progress report before it is measured.
 STARTUP_S = 1.0
 # Smallest relative change of a download's pool share that is applied, so
@@ -122,14 +126,7 @@ class RunningDownload:
 
     def measured_rate(self) -> float | None:
         """Return the bytes per second received under the current limit, if known."""
-        # A copy, because the API thread may clear the samples meanwhile.
-        samples = list(self.samples)
-        if len(samples) < 2:
-            return None
-        (first_at, first_bytes), (last_at, last_bytes) = samples[0], samples[-1]
-        if last_at - first_at < MIN_RATE_SPAN_S or last_bytes < first_bytes:
-            return None
-        return (last_bytes - first_bytes) / (last_at - first_at)
+        return _rate_over(self.samples, MIN_RATE_SPAN_S)
 
     def recent_speed(self) -> int | None:
         """Return the bytes per second received over the last few heartbeats.
@@ -137,17 +134,46 @@ class RunningDownload:
         yt-dlp's own figure for a plain HTTP download averages since the
         download started, so it lags a new limit by minutes on a long VOD.
         """
-        if len(self.recent) < 2:
-            return self.progress.speed_bps
-        (first_at, first_bytes), (last_at, last_bytes) = self.recent[0], self.recent[-1]
-        if last_at - first_at < MIN_RATE_SPAN_S or last_bytes < first_bytes:
-            return self.progress.speed_bps
-        return round((last_bytes - first_bytes) / (last_at - first_at))
+        rate = _rate_over(self.recent, MIN_RATE_SPAN_S)
+        return self.progress.speed_bps if rate is None else round(rate)
+
+    def next_demand(self) -> float | None:
+        """Return the rate this download can use from the pool, measured now.
+
+        A download held back by its source is measured over the last
+        heartbeats whatever its limit, which stays above what it receives,
+        and over at least SATURATED_SPAN_S. Over a shorter span a source
+        that sends in bursts can look as fast as its limit, and flapping back
+        to an equal share would leave that share unused.
+        """
+        if self.demand is None:
+            measured = self.measured_rate()
+        else:
+            measured = _rate_over(self.recent, SATURATED_SPAN_S)
+        if measured is None:
+            return self.demand
+        return demand_of(self.bucket.rate, measured)
 
     def limit_to(self, rate: float | None) -> None:
         """Set the download's limit and start measuring it afresh."""
         self.bucket.set_rate(rate)
         self.samples.clear()
+
+
+def _rate_over(samples: deque[tuple[float, int]], min_span_s: float) -> float | None:
+    """Return the bytes per second between the first and last of ``samples``.
+
+    None when they span less than ``min_span_s`` seconds, or when the byte
+    count went back (the download started over).
+    """
+    # A copy, because the API thread may clear the samples meanwhile.
+    copied = list(samples)
+    if len(copied) < 2:
+        return None
+    (first_at, first_bytes), (last_at, last_bytes) = copied[0], copied[-1]
+    if last_at - first_at < min_span_s or last_bytes < first_bytes:
+        return None
+    return (last_bytes - first_bytes) / (last_at - first_at)
 
 
 class Scheduler:
@@ -825,9 +851,7 @@ class Scheduler:
             return [per_download] * len(running)
 
         for entry in running:
-            measured = entry.measured_rate()
-            if measured is not None:
-                entry.demand = demand_of(entry.bucket.rate, measured)
+            entry.demand = entry.next_demand()
         own = {entry.vod.id for entry in running}
         others = [
             demand

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -12,8 +13,12 @@ import pytest
 from conftest import ServiceFactory, one_held_back, wait_for, wait_for_state
 from mediaserver import Fault, MediaServer
 from vodq.api.app import create_app
-from vodq.bandwidth import MIN_DEMAND
+from vodq.bandwidth import MIN_DEMAND, TokenBucket
+from vodq.db.engine import make_engine
+from vodq.db.migrate import upgrade
 from vodq.models import VodState
+from vodq.queue import VodQueue
+from vodq.scheduler import RunningDownload
 from vodq.service import NewVod, Service
 
 KIB = 1024
@@ -313,3 +318,18 @@ def test_lowered_max_attempts_cancels_scheduled_retry(
     assert vod.last_error is not None
     assert "DOWNLOAD_MAX_ATTEMPTS is now 1" in vod.last_error
     assert len([r for r in media_server.requests_for(url) if r.method == "GET"]) == 1
+
+
+def test_pool_bursty_slow_source_stays_bounded(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'demand.db'}")
+    upgrade(engine)
+    vod, _ = VodQueue(engine).add(vod_id="b", source_url="http://127.0.0.1:1/b.mp4")
+    engine.dispose()
+    entry = RunningDownload(vod=vod, attempt=1, bucket=TokenBucket(25_600.0))
+    entry.demand = 25_600.0
+    # 16 KiB bursts: none in the second after 1.0 s, two after 2.0 s.
+    for at, done in [(0.0, 0), (1.0, 16 * KIB), (2.0, 16 * KIB), (3.0, 48 * KIB)]:
+        entry.recent.append((at, done))
+    # The limit changed at 2.0 s, so its own samples see only the two bursts.
+    entry.samples.extend([(2.0, 16 * KIB), (3.0, 48 * KIB)])
+    assert entry.next_demand() == pytest.approx(1.5 * 48 * KIB / 3)
