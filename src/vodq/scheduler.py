@@ -221,6 +221,7 @@ class Scheduler:
         self._had_disk_room = True
         # The pool demands of the cluster's downloads at the last read, by row id.
         self._demands: dict[int, float | None] = {}
+        self._rates_lock = threading.Lock()
 
     @property
     def settings(self) -> Settings:
@@ -884,14 +885,18 @@ class Scheduler:
             self._apply_rates(running)
 
     def _apply_rates(self, running: list[RunningDownload]) -> None:
-        for entry, rate in zip(running, self._rates(running), strict=True):
-            old = entry.bucket.rate
-            if old is None or rate is None:
-                changed = old != rate
-            else:
-                changed = abs(rate - old) > MIN_RATE_CHANGE * old
-            if changed:
-                entry.limit_to(rate)
+        # The heartbeat, a finished download, a PATCH and a wake-up from
+        # another worker all apply rates; one at a time, so that each sees
+        # the demands and samples the last one left.
+        with self._rates_lock:
+            for entry, rate in zip(running, self._rates(running), strict=True):
+                old = entry.bucket.rate
+                if old is None or rate is None:
+                    changed = old != rate
+                else:
+                    changed = abs(rate - old) > MIN_RATE_CHANGE * old
+                if changed:
+                    entry.limit_to(rate)
 
     def _release_dead_leases(self) -> None:
         """Queue again the VODs whose leases belong to processes known to be dead.
