@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 
 # Key of the PostgreSQL advisory lock that serialises claims across workers.
 CLAIM_LOCK_KEY = 0x766F6471  # "vodq"
+# Seconds without a lease renewal after which a running download no longer
+# counts in the bandwidth pool. Workers renew every second; a download
+# process whose worker is silent this long holds still (see
+# vodq.download.process HOLD_AFTER_S).
+STALE_LEASE_S = 3.0
 
 # The claim and lease queries compare state with a literal, not a bound
 # parameter: only then can SQLite (and PostgreSQL's generic plans for
@@ -890,17 +895,21 @@ class VodQueue:
             return self._count_active(conn, self.clock())
 
     def active_demands(self) -> dict[int, float | None]:
-        """Return the bandwidth demand of every download with an unexpired lease.
+        """Return the bandwidth demand of every download its worker still renews.
 
         Keys are row ids. A value is the bytes per second that the download's
         worker last renewed it with, or None for as much as it gets. A
-        download not renewed since its claim has None too.
+        download not renewed since its claim has None too. A download not
+        renewed for STALE_LEASE_S is left out although its lease runs on: its
+        worker is dead, or paused and its download process holds still.
         """
         now = self.clock()
         with self._read() as conn:
             rows = conn.execute(
                 select(vods.c.id, vods.c.rate_demand_bps).where(
-                    IS_DOWNLOADING, vods.c.lease_expires_at > now
+                    IS_DOWNLOADING,
+                    vods.c.lease_expires_at > now,
+                    vods.c.updated_at > now - timedelta(seconds=STALE_LEASE_S),
                 )
             ).all()
         return {

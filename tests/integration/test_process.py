@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from conftest import wait_for
 from engines import CrashingEngine, HangingEngine, RateEngine
 from mediaserver import CHUNK_SIZE, MediaServer
 from vodq.bandwidth import TokenBucket
-from vodq.download import DownloadJob
+from vodq.download import DownloadJob, process
 from vodq.download.process import ProcessDownloader
 from vodq.download.ytdlp import YtDlpEngine
 from vodq.errors import DownloadCancelled, DownloadFailed
@@ -328,3 +330,47 @@ def test_process_paused_service_stops_its_downloads(tmp_path: Path) -> None:
         service.wait(timeout=10)
 
     assert not _alive(grandchild)
+
+
+def _listen_reporting(conn: Connection, report: Connection) -> None:
+    """Run a child's listener on ``conn``; send its bucket's rate to ``report``."""
+    # A group of its own, which the listener kills when the service goes.
+    os.setpgid(0, 0)
+    bucket = TokenBucket(1000.0)
+    listener = threading.Thread(
+        target=process._listen,
+        args=(conn, process._Outbox(conn), threading.Event(), bucket, 8.0),
+        daemon=True,
+    )
+    listener.start()
+    for _ in range(100):
+        report.send(bucket.rate)
+        time.sleep(0.1)
+
+
+def test_process_silent_service_holds_download() -> None:
+    context = multiprocessing.get_context("fork")
+    service_end, child_end = context.Pipe()
+    report_in, report_out = context.Pipe(duplex=False)
+    child = context.Process(target=_listen_reporting, args=(child_end, report_out))
+    child.start()
+
+    def latest_rate() -> float | None:
+        """Return the last rate the child reported, after it reported twice."""
+        time.sleep(0.25)
+        rate = None
+        while report_in.poll(0):
+            rate = report_in.recv()
+        return rate
+
+    try:
+        # Nothing from the service for longer than HOLD_AFTER_S.
+        time.sleep(process.HOLD_AFTER_S + 0.5)
+        held = latest_rate()
+        service_end.send(("alive",))
+        restored = latest_rate()
+    finally:
+        child.kill()
+        child.join(timeout=5)
+    assert held == process.HELD_RATE
+    assert restored == 1000.0

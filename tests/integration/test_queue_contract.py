@@ -14,7 +14,7 @@ from vodq.db.engine import make_engine
 from vodq.db.migrate import upgrade
 from vodq.errors import InvalidTransition, VodNotFound
 from vodq.models import Progress, VodState
-from vodq.queue import VodQueue
+from vodq.queue import STALE_LEASE_S, VodQueue
 
 LEASE_S = 30.0
 
@@ -192,6 +192,14 @@ def test_active_demands_skips_expired_lease(queue: VodQueue, clock: Clock) -> No
         "w1", {vod.id: Progress(1, None, None)}, lease_s=LEASE_S, demands={vod.id: 5.0}
     )
     clock.advance(LEASE_S + 1)
+    assert queue.active_demands() == {}
+
+
+def test_active_demands_skips_unrenewed_download(queue: VodQueue, clock: Clock) -> None:
+    add(queue, "a")
+    assert claim_ids(queue, "w1", wanted=1) == ["a"]
+    # Its worker stopped renewing; the lease still runs for most of LEASE_S.
+    clock.advance(STALE_LEASE_S + 1)
     assert queue.active_demands() == {}
 
 

@@ -76,6 +76,11 @@ PROGRESS_INTERVAL_S = 0.1
 # kills its group, because a paused service (SIGSTOP, a frozen machine)
 # cannot renew the lease, and another worker may take the VOD over.
 ALIVE_INTERVAL_S = 0.5
+# A child that reads nothing from the service for this long, in seconds (or
+# for a quarter of the lease if that is shorter), reads at HELD_RATE bytes
+# per second until it hears again. It matches STALE_LEASE_S in vodq.queue.
+HOLD_AFTER_S = 3.0
+HELD_RATE = 1.0
 
 # Extra seconds the stall watchdog grants beyond DOWNLOAD_STALL_TIMEOUT, so
 # that a silent socket fails first inside the child, through yt-dlp's own
@@ -497,15 +502,27 @@ def _listen(
 
     The service side writes at least every ALIVE_INTERVAL_S, so silence for
     ``orphan_after_s`` means it is paused or wedged, and is treated like its
-    death.
+    death. Silence for HOLD_AFTER_S already holds the download almost
+    still: other workers stop counting it in the bandwidth pool once its
+    lease goes unrenewed for STALE_LEASE_S, and give its share to their own
+    downloads. The first message after the silence restores the rate.
     """
+    hold_after_s = min(HOLD_AFTER_S, orphan_after_s / 2)
+    held: list[float | None] = []
     while True:
         try:
-            if not conn.poll(orphan_after_s):
-                break
+            wait_s = orphan_after_s - hold_after_s if held else hold_after_s
+            if not conn.poll(wait_s):
+                if held:
+                    break
+                held.append(bucket.rate)
+                bucket.set_rate(HELD_RATE)
+                continue
             message = conn.recv()
         except (EOFError, OSError):
             break
+        if held:
+            bucket.set_rate(held.pop())
         if message[0] == "rate":
             bucket.set_rate(message[1])
         elif message[0] == "cancel":
