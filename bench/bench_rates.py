@@ -14,7 +14,9 @@ both. The benchmark server logs every body write. The rate is the bytes it
 sent, for all streams together, in each 5-second window after the first 2
 seconds of the transfer.
 
-A second part changes DOWNLOAD_TOTAL_RATE_LIMIT with ``PATCH /admin/config``
+A second part runs one pooled download, adds three at once and later
+cancels one, and measures the 5-second windows that start at those moments.
+A third part changes DOWNLOAD_TOTAL_RATE_LIMIT with ``PATCH /admin/config``
 while three downloads run and measures how long the server-side rate takes
 to settle at the new value: in one ``vodq serve`` on SQLite, and in a
 cluster of one ``vodq api`` and two ``vodq worker`` on PostgreSQL.
@@ -561,6 +563,72 @@ def report_patch(run: dict[str, Any]) -> None:
         )
 
 
+# -- downloads joining and leaving the pool ---------------------------------------
+
+
+def join_case(server: BenchServer, tag: str, rate: int, layout: str) -> dict[str, Any]:
+    """One pooled download runs; three join at once, and later one is cancelled.
+
+    Windows start at the join and at the cancel, so the first of each holds
+    the moment the pool is split anew.
+    """
+    names = [f"{tag}-{i}" for i in range(4)]
+    urls = [server.gen_url(name, 2 * 1024 * M) for name in names]
+    watch = LoadWatch()
+    with (
+        workdir("join") as work,
+        vodq_layout(
+            layout,
+            work,
+            MAX_CONCURRENT_DOWNLOADS="4",
+            DOWNLOAD_TOTAL_RATE_LIMIT=str(rate),
+        ) as base_url,
+    ):
+        api(base_url, "POST", "/admin/vods", {"vod_id": names[0], "url": urls[0]})
+        t0 = transfer_start(server, names[:1], "http")
+        time.sleep(max(0.0, t0 + 3.0 - time.monotonic()))
+        joined = time.monotonic()
+        for name, url in zip(names[1:], urls[1:], strict=True):
+            api(base_url, "POST", "/admin/vods", {"vod_id": name, "url": url})
+        time.sleep(3 * WINDOW_S)
+        cancelled = time.monotonic()
+        api(base_url, "POST", "/admin/vod/cancel", {"vod_id": names[0]})
+        time.sleep(2 * WINDOW_S)
+    samples = stream_samples(server, names, t0 - 1)
+    join = [r for _, r in window_rates(samples, joined, WINDOW_S, cancelled)]
+    end = [
+        r
+        for _, r in window_rates(samples, cancelled, WINDOW_S, cancelled + 2 * WINDOW_S)
+    ]
+    return {
+        "layout": layout,
+        "rate": rate,
+        "join_dev_pct": [round((r - rate) / rate * 100, 2) for r in join],
+        "cancel_dev_pct": [round((r - rate) / rate * 100, 2) for r in end],
+        **watch.stop(),
+    }
+
+
+def join_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    runs = []
+    rates = ["2M"] if args.quick else args.rates.split(",")
+    layouts = ["serve"] if args.no_cluster else ["serve", "cluster"]
+    with serving(
+        sndbuf=Options.server_sndbuf, write_bytes=Options.write_bytes
+    ) as server:
+        for label in rates:
+            for layout in layouts:
+                run = join_case(server, f"j{layout}{label}", parse_size(label), layout)
+                runs.append(run)
+                print(
+                    f"  {layout}: {label} join windows {run['join_dev_pct']} "
+                    f"cancel windows {run['cancel_dev_pct']} load {run['load_after']}",
+                    flush=True,
+                )
+                server.reset()
+    return runs
+
+
 # -- report --------------------------------------------------------------------------
 
 
@@ -632,6 +700,11 @@ def main() -> int:
         "--write", default="16K", help="bytes per logged server write, such as 2K"
     )
     parser.add_argument(
+        "--no-join",
+        action="store_true",
+        help="skip the test of downloads joining and leaving the pool",
+    )
+    parser.add_argument(
         "--no-cluster",
         action="store_true",
         help="skip the pooled cases on one vodq api and two workers (PostgreSQL)",
@@ -659,6 +732,7 @@ def main() -> int:
     table = summary(rows)
     if table:
         print_table("achieved rate vs configured (median mean / worst window)", table)
+    joins = [] if args.no_join or args.only_patch else join_cases(args)
     runs = [] if args.no_patch else patch_cases(args)
     patch_rows = []
     for layout in args.patch_layouts.split(","):
@@ -675,6 +749,7 @@ def main() -> int:
             "runs": rows,
             "patch_summary": patch_rows,
             "patch_runs": runs,
+            "join_runs": joins,
         },
     )
     return 0

@@ -35,7 +35,7 @@ from vodq.scheduler import CancelReason, Scheduler
 from vodq.units import format_duration, format_rate
 from vodq.upload.stage import UploadStage, make_uploader
 from vodq.upload.store import UploadStore, file_exists
-from vodq.wakeups import CONFIG_CHANGED, Wakeups
+from vodq.wakeups import CONFIG_CHANGED, RATES_CHANGED, Wakeups
 from vodq.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -360,8 +360,8 @@ class Service:
     def _wake_stages(self, reason: str = "") -> None:
         if reason == CONFIG_CHANGED and self.runtime is not None:
             self.runtime.refresh()
-            if self.scheduler is not None:
-                self.scheduler.apply_rates()
+        if reason in (CONFIG_CHANGED, RATES_CHANGED) and self.scheduler is not None:
+            self.scheduler.apply_rates()
         if self.scheduler is not None:
             self.scheduler.wake()
         if self.upload_stage is not None:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 CHANNEL = "vodq_wake"
 # The payload of a wake-up sent after a runtime configuration change.
 CONFIG_CHANGED = "config"
+# The payload of a wake-up sent when a download starts under the bandwidth
+# pool, so that every worker splits the pool anew at once.
+RATES_CHANGED = "rates"
 # Longest the listener blocks before checking whether it should stop, in seconds.
 LISTEN_TIMEOUT_S = 1.0
 # Wait before reconnecting after the listening connection failed, in seconds.
