@@ -104,16 +104,22 @@ class RuntimeConfig:
         Only a value written with SQL, or by another version of vodq, can be
         invalid, and it must not keep the others from taking effect.
         """
-        try:
-            self._build(overrides)
-        except ConfigError:
-            pass
-        else:
-            return dict(overrides)
+        blank = {name for name, value in overrides.items() if not value.strip()}
+        if not blank:
+            try:
+                self._build(overrides)
+            except ConfigError:
+                pass
+            else:
+                return dict(overrides)
 
         valid: dict[str, str] = {}
         for name, value in sorted(overrides.items()):
             try:
+                if name in blank:
+                    # Settings read an empty value as unset, which would drop
+                    # the start-up value unannounced.
+                    raise ConfigError(f"{name}={value!r} is empty")
                 self._build({**valid, name: value})
             except ConfigError as exc:
                 log.warning(

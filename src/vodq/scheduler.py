@@ -56,6 +56,8 @@ LAST_RUN_WRITE_S = 5.0
 # MIN_RATE_SPAN_S seconds.
 RATE_SAMPLES = 4
 MIN_RATE_SPAN_S = 1.0
+# Shortest span of the speed shown in the API, in seconds.
+SPEED_SPAN_S = 0.5
 # Shortest span over which a download held back by its source must fill
 # SATURATED_SHARE of its limit to get an equal share again, in seconds. The
 # samples of RATE_SAMPLES heartbeats span about 3 s.
@@ -135,7 +137,9 @@ class RunningDownload:
         yt-dlp's own figure for a plain HTTP download averages since the
         download started, so it lags a new limit by minutes on a long VOD.
         """
-        rate = _rate_over(self.recent, MIN_RATE_SPAN_S)
+        # Over the last two samples, about one heartbeat, so that the figure
+        # follows a rate change within a second or two.
+        rate = _rate_over(deque(list(self.recent)[-2:]), SPEED_SPAN_S)
         return self.progress.speed_bps if rate is None else round(rate)
 
     def next_demand(self) -> float | None:

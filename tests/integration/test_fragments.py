@@ -428,7 +428,7 @@ def test_fragments_changed_context_key_unsupported(
 
     monkeypatch.setattr(fragments, "_original_append", append_elsewhere)
     assert fragments.incompatibility() == (
-        "FragmentFD._append_fragment no longer uses ctx['fragment_filename_sanitized']"
+        "FragmentFD._append_fragment no longer contains 'fragment_filename_sanitized'"
     )
 
 

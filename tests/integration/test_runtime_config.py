@@ -103,6 +103,18 @@ def test_invalid_stored_value_keeps_others(make_service: ServiceFactory) -> None
     }
 
 
+def test_blank_stored_value_ignored(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False, MAX_CONCURRENT_DOWNLOADS="4")
+    # Only SQL can store an empty value, which would read as unset.
+    service.queue.set_kv({"config:MAX_CONCURRENT_DOWNLOADS": ""})
+    assert service.runtime is not None
+    service.runtime.refresh()
+    assert service.config_report()["max_concurrent_downloads"] == {
+        "value": 4,
+        "source": "environment",
+    }
+
+
 def test_patch_config_rejects_boolean(make_service: ServiceFactory) -> None:
     service = make_service(run_worker=False, MAX_CONCURRENT_DOWNLOADS="2")
     response = call(

@@ -48,6 +48,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,13 @@ _CONTEXT_KEYS = {
     ),
     "_append_fragment": ("fragment_filename_sanitized", "dest_stream"),
 }
+# Text that other yt-dlp steps must contain for the steps above to hold: the
+# fragment file name that _FRAGMENT_NAME reads, and the record's index field
+# that the next attempt resumes from.
+_REQUIRED_TEXT = {
+    "_download_fragment": ("-Frag%d",),
+    "_read_ytdl_file": ("'current_fragment'", "'index'"),
+}
 
 
 @functools.cache
@@ -310,26 +318,45 @@ def incompatibility() -> str | None:
     None when it matches. With a yt-dlp that differs, a resume could skip
     fragments that its partial file lacks, so vodq does not start with it.
     """
+    for name in ("_write_ytdl_file", "ytdl_filename"):
+        if not callable(getattr(FragmentFD, name, None)):
+            return f"FragmentFD.{name} is missing"
     originals = {
         "_prepare_frag_download": _original_prepare,
         "_append_fragment": _original_append,
     }
-    for name in ("_write_ytdl_file", "ytdl_filename"):
-        if not callable(getattr(FragmentFD, name, None)):
-            return f"FragmentFD.{name} is missing"
     for name, keys in _CONTEXT_KEYS.items():
-        original = originals[name]
-        if original is None:
-            return f"FragmentFD.{name} is missing"
-        try:
-            source = inspect.getsource(original)
-        except (OSError, TypeError):
-            return f"the source of FragmentFD.{name} cannot be read"
-        for key in keys:
-            if f"'{key}'" not in source and f'"{key}"' not in source:
-                return f"FragmentFD.{name} no longer uses ctx[{key!r}]"
+        forms = [(f"'{key}'", f'"{key}"') for key in keys]
+        reason = _missing_text(name, originals[name], forms)
+        if reason is not None:
+            return reason
+    for name, texts in _REQUIRED_TEXT.items():
+        reason = _missing_text(
+            name, getattr(FragmentFD, name, None), [(text,) for text in texts]
+        )
+        if reason is not None:
+            return reason
     if "s" not in HlsFD.real_download.__code__.co_varnames:
         return "HlsFD.real_download no longer keeps its playlist in the local 's'"
+    return None
+
+
+def _missing_text(
+    name: str, function: Any, wanted: Sequence[tuple[str, ...]]
+) -> str | None:
+    """Return what FragmentFD.``name`` lacks of ``wanted``, or None.
+
+    Each entry of ``wanted`` lists the forms of one text, any of which will do.
+    """
+    if function is None:
+        return f"FragmentFD.{name} is missing"
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return f"the source of FragmentFD.{name} cannot be read"
+    for forms in wanted:
+        if not any(form in source for form in forms):
+            return f"FragmentFD.{name} no longer contains {forms[0]}"
     return None
 
 
