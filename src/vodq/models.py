@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+# error_class of a VOD that waits for its upload destination's quota to reset.
+QUOTA_ERROR_CLASS = "upload_quota"
+
 
 class VodState(StrEnum):
     """Where a VOD is in its life.

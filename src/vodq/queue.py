@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     column,
     exists,
     func,
@@ -43,7 +44,7 @@ from vodq import breaker
 from vodq.breaker import Admission, BreakerPolicy, BreakerState
 from vodq.db.schema import UTCDateTime, kv, vod_counts, vods
 from vodq.errors import InvalidTransition, StorageUnavailable, VodNotFound
-from vodq.models import Progress, Vod, VodState
+from vodq.models import QUOTA_ERROR_CLASS, Progress, Vod, VodState
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,8 @@ class VodQueue:
         A download or upload on another worker stops at that worker's next
         heartbeat, when renewing its lease finds the VOD in another state. A
         downloaded file stays where it is, for a later reprocess to upload.
+        A cancel ends a wait for the upload destination's quota, so it clears
+        that wait and its error. The error of a failed attempt stays.
         """
         vod = self.get(vod_id)
         active = (
@@ -349,6 +352,7 @@ class VodQueue:
             VodState.DOWNLOADED.value,
             VodState.UPLOADING.value,
         )
+        quota_wait = vods.c.error_class == QUOTA_ERROR_CLASS
         with self._write() as conn:
             row = conn.execute(
                 update(vods)
@@ -359,6 +363,9 @@ class VodQueue:
                     lease_expires_at=None,
                     speed_bps=None,
                     next_attempt_at=None,
+                    upload_next_at=None,
+                    last_error=case((quota_wait, None), else_=vods.c.last_error),
+                    error_class=case((quota_wait, None), else_=vods.c.error_class),
                     updated_at=self.clock(),
                 )
                 .returning(vods)

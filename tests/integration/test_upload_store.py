@@ -339,6 +339,101 @@ def test_upload_defer_by_former_owner_rejected(
     assert queue.get("a").lease_owner == "w2"
 
 
+def quota_wait(queue: VodQueue, store: UploadStore, clock: Clock) -> Vod:
+    """Leave ``a`` downloaded, waiting nine hours for the destination's quota."""
+    downloaded(queue, "a")
+    vod = claim_one(store)
+    assert store.defer(
+        vod.id,
+        "w1",
+        vod.upload_started_at,
+        error="quota used up",
+        retry_at=clock() + timedelta(hours=9),
+    )
+    return queue.get("a")
+
+
+def test_skip_upload_clears_quota_wait(
+    queue: VodQueue, store: UploadStore, clock: Clock
+) -> None:
+    quota_wait(queue, store, clock)
+    queue.set_skip_upload("a", True)
+    assert store.claim("w1", wanted=1, limit=10, lease_s=LEASE_S) == []
+
+    skipped = queue.get("a")
+    assert skipped.state is VodState.DONE
+    assert skipped.error_class is None, "a skipped VOD kept its quota error_class"
+    assert skipped.last_error is None, "a skipped VOD kept the quota message"
+    assert skipped.upload_next_at is None
+
+
+def test_skip_upload_clears_failed_attempt_error(
+    queue: VodQueue, store: UploadStore, clock: Clock
+) -> None:
+    downloaded(queue, "a")
+    vod = claim_one(store)
+    store.fail(
+        vod.id,
+        "w1",
+        vod.upload_started_at,
+        error="exit status 1",
+        retry_at=clock() + timedelta(hours=1),
+    )
+    queue.set_skip_upload("a", True)
+    store.claim("w1", wanted=1, limit=10, lease_s=LEASE_S)
+
+    skipped = queue.get("a")
+    assert skipped.state is VodState.DONE
+    assert skipped.error_class is None
+    assert skipped.last_error is None
+
+
+def test_cancel_clears_quota_wait(
+    queue: VodQueue, store: UploadStore, clock: Clock
+) -> None:
+    quota_wait(queue, store, clock)
+
+    cancelled, previous = queue.cancel("a")
+
+    assert previous is VodState.DOWNLOADED
+    assert cancelled.state is VodState.CANCELLED
+    assert cancelled.error_class is None, "a cancel kept the quota error_class"
+    assert cancelled.last_error is None, "a cancel kept the quota message"
+    assert cancelled.upload_next_at is None, "a cancel kept the quota wait's end"
+    assert queue.get("a").error_class is None
+
+
+def test_cancel_keeps_failed_attempt_error(
+    queue: VodQueue, store: UploadStore, clock: Clock
+) -> None:
+    downloaded(queue, "a")
+    vod = claim_one(store)
+    store.fail(
+        vod.id,
+        "w1",
+        vod.upload_started_at,
+        error="exit status 1",
+        retry_at=clock() + timedelta(hours=1),
+    )
+
+    cancelled, _ = queue.cancel("a")
+
+    assert cancelled.error_class == "upload_failed"
+    assert cancelled.last_error == "exit status 1"
+    assert cancelled.upload_next_at is None
+
+
+def test_upload_claim_skips_excluded_ids(queue: VodQueue, store: UploadStore) -> None:
+    downloaded(queue, "a", priority=10)
+    downloaded(queue, "b", priority=0)
+    first = queue.get("a")
+
+    claimed = store.claim("w1", wanted=2, limit=10, lease_s=LEASE_S, exclude=[first.id])
+
+    assert [vod.vod_id for vod in claimed] == ["b"]
+    assert queue.get("a").state is VodState.DOWNLOADED
+
+
 def test_upload_claim_resets_progress(queue: VodQueue, store: UploadStore) -> None:
     downloaded(queue, "a", size=1000)
     vod = claim_one(store)

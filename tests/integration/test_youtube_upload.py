@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from vodq.errors import ConfigError, UploadCancelled, UploadFailed
 from vodq.models import VodState
 from vodq.service import NewVod, Service
 from vodq.upload import UploadJob, UploadQuotaExceeded, UploadResult
-from vodq.upload.stage import HEARTBEAT_S
+from vodq.upload.stage import HEARTBEAT_S, POLL_INTERVAL_S
 from vodq.upload.youtube import (
     DEFAULT_PRIVACY,
     DEFAULT_TOKEN_URI,
@@ -914,11 +915,22 @@ def test_upload_foreign_stored_session_not_retryable(
     assert youtube.requests == []
 
 
-@pytest.mark.parametrize("reason", ["quotaExceeded", "uploadLimitExceeded"])
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        pytest.param(403, "quotaExceeded", id="quota-403"),
+        pytest.param(400, "uploadLimitExceeded", id="upload-limit-400"),
+        pytest.param(403, "uploadLimitExceeded", id="upload-limit-403"),
+    ],
+)
 def test_upload_daily_limit_waits_for_reset(
-    youtube: YouTubeServer, video: Path, make_uploader: UploaderFactory, reason: str
+    youtube: YouTubeServer,
+    video: Path,
+    make_uploader: UploaderFactory,
+    status: int,
+    reason: str,
 ) -> None:
-    youtube.fail("initiate", 403 if reason == "quotaExceeded" else 400, reason=reason)
+    youtube.fail("initiate", status, reason=reason)
 
     with pytest.raises(UploadQuotaExceeded) as caught:
         upload(make_uploader(), make_job(video), youtube)
@@ -926,7 +938,27 @@ def test_upload_daily_limit_waits_for_reset(
     assert caught.value.retryable is True
     assert caught.value.retry_after_s is not None
     assert caught.value.retry_after_s > 60
-    assert youtube.count("initiate") == 1
+    # A daily limit is no permission problem, so it costs no token refresh
+    # and no second request.
+    assert youtube.count("initiate") == 1, (
+        f"HTTP {status} {reason} sent the request again before the quota wait"
+    )
+    assert youtube.count("token") == 1, (
+        f"HTTP {status} {reason} refreshed the access token before the quota wait"
+    )
+
+
+def test_chunk_upload_limit_waits_for_reset(
+    youtube: YouTubeServer, video: Path, make_uploader: UploaderFactory
+) -> None:
+    youtube.fail("chunk", 403, reason="uploadLimitExceeded")
+
+    with pytest.raises(UploadQuotaExceeded) as caught:
+        upload(make_uploader(), make_job(video), youtube)
+
+    assert "the channel reached its daily upload limit" in str(caught.value)
+    assert youtube.count("chunk") == 1
+    assert youtube.count("token") == 1
 
 
 def test_upload_rate_limit_is_not_quota(
@@ -947,6 +979,30 @@ def test_quota_reset_is_next_pacific_midnight() -> None:
     now = datetime(2026, 12, 4, 7, 0, tzinfo=UTC)
 
     assert seconds_to_quota_reset(now) == 3600 + 60
+
+
+@pytest.mark.parametrize(
+    ("now", "hours_to_midnight"),
+    [
+        # 00:30 PDT on 7 November 2027; clocks go back an hour at 02:00, so
+        # the next midnight (PST) is 24.5 hours away.
+        pytest.param(datetime(2027, 11, 7, 7, 30, tzinfo=UTC), 24.5, id="dst-ends"),
+        # 01:00 PST on 14 March 2027; clocks go forward an hour at 02:00, so
+        # the next midnight (PDT) is 22 hours away.
+        pytest.param(datetime(2027, 3, 14, 9, 0, tzinfo=UTC), 22.0, id="dst-starts"),
+    ],
+)
+def test_quota_reset_across_daylight_saving_change(
+    now: datetime, hours_to_midnight: float
+) -> None:
+    expected_s = hours_to_midnight * 3600 + 60
+
+    waited_s = seconds_to_quota_reset(now)
+
+    assert waited_s == expected_s, (
+        f"the quota wait from {now.isoformat()} is {waited_s} s, not {expected_s} s;"
+        " subtract the two times in UTC"
+    )
 
 
 # The upload stage with UPLOADER=youtube.
@@ -1079,3 +1135,170 @@ def test_stage_writes_progress_per_heartbeat_not_chunk(
     assert len(progress_writes) <= heartbeats + 2, (
         f"{len(progress_writes)} progress writes in {done.upload_ms} ms"
     )
+
+
+def test_stage_cancel_then_reprocess_starts_afresh(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    youtube: YouTubeServer,
+    credentials: Path,
+    db_dsn: str,
+) -> None:
+    data = os.urandom(FILE_BYTES)
+    youtube.hold_reply(after_chunks=2)
+    # A free slot beside the stopping upload lets the stage claim the VOD
+    # again while it stops. One attempt only: an attempt counted for the
+    # stopping upload would fail the VOD. The lease (seconds) outlasts the
+    # waits below, so that no lease expiry can hide a claim left behind.
+    service = youtube_service(
+        make_service,
+        youtube,
+        credentials,
+        DB_DSN=db_dsn,
+        MAX_CONCURRENT_UPLOADS="2",
+        UPLOAD_MAX_ATTEMPTS="1",
+        LEASE_DURATION="30s",
+    )
+    api = Api(service)
+    service.add_vod(NewVod(vod_id="r", url=media_server.add_file("r.mp4", data)))
+
+    try:
+        assert youtube.wait_held(20.0), "the upload never reached its second chunk"
+        cancel = api.post("/admin/vod/cancel", {"vod_id": "r"})
+        assert cancel.status_code == 200, cancel.text
+        reprocess = api.post("/admin/vod/reprocess", {"vod_id": "r"})
+        assert reprocess.status_code == 200, reprocess.text
+        # The reprocess wakes the stage at once, and the stage also looks for
+        # uploads every POLL_INTERVAL_S, so within this wait it has looked at
+        # least once while the cancelled upload still waits for its reply.
+        time.sleep(POLL_INTERVAL_S + 0.5)
+        while_stopping = service.queue.get("r")
+    finally:
+        youtube.release_reply()
+
+    assert while_stopping.state is VodState.DOWNLOADED, (
+        f"VOD r is {while_stopping.state} while its cancelled upload still stops;"
+        " it must wait in downloaded until that upload has ended"
+    )
+    done = wait_for_state(service, "r", FINISHED, timeout_s=10.0)
+    assert done.state is VodState.DONE, done.last_error
+    assert done.upload_attempts == 1
+    assert [video.data for video in youtube.videos] == [data]
+
+
+def test_shutdown_releases_unstopped_upload(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    youtube: YouTubeServer,
+    credentials: Path,
+    db_dsn: str,
+) -> None:
+    data = os.urandom(FILE_BYTES)
+    youtube.hold_reply(after_chunks=2)
+    # One attempt only, so that a counted shutdown fails the VOD. The second
+    # service is this worker restarted, so it looks for its own leases.
+    worker = {"DB_DSN": db_dsn, "UPLOAD_MAX_ATTEMPTS": "1", "WORKER_ID": "restarts"}
+    service = youtube_service(make_service, youtube, credentials, **worker)
+    stage = service.upload_stage
+    assert stage is not None
+    service.add_vod(NewVod(vod_id="s", url=media_server.add_file("s.mp4", data)))
+
+    try:
+        assert youtube.wait_held(20.0), "the upload never reached its second chunk"
+        # The server keeps the reply back past this stop timeout (seconds),
+        # as a slow destination may keep it past the default of 10 s.
+        stage.stop(timeout_s=0.5)
+        stopped = service.queue.get("s")
+    finally:
+        youtube.release_reply()
+
+    assert stopped.state is VodState.DOWNLOADED, (
+        f"VOD s is {stopped.state} after a shutdown that its upload outlived;"
+        " stop() must release the lease"
+    )
+    assert stopped.upload_attempts == 0, "a shutdown counted an upload attempt"
+    assert stopped.lease_owner is None
+    assert stage.wait_stopped("s", 10.0), "the held upload never stopped"
+
+    restarted = youtube_service(make_service, youtube, credentials, **worker)
+    done = wait_for_state(restarted, "s", FINISHED, timeout_s=10.0)
+    assert done.state is VodState.DONE, done.last_error
+    assert done.upload_attempts == 1
+    assert [video.data for video in youtube.videos] == [data]
+
+
+def given_back(caplog: pytest.LogCaptureFixture, vod_id: str) -> list[str]:
+    """Return the messages of claims of ``vod_id`` that the stage gave back."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if getattr(record, "action", "") == "upload_claim"
+        and getattr(record, "vod_id", "") == vod_id
+        and "given back" in record.getMessage()
+    ]
+
+
+def test_cancel_during_claim_releases_claim(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    youtube: YouTubeServer,
+    credentials: Path,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="vodq.upload")
+    data = os.urandom(FILE_BYTES)
+    youtube.hold_reply(after_chunks=2)
+    service = youtube_service(
+        make_service,
+        youtube,
+        credentials,
+        DB_DSN=db_dsn,
+        MAX_CONCURRENT_UPLOADS="2",
+        UPLOAD_MAX_ATTEMPTS="1",
+        LEASE_DURATION="30s",
+    )
+    stage = service.upload_stage
+    assert stage is not None
+    service.add_vod(NewVod(vod_id="c", url=media_server.add_file("c.mp4", data)))
+    armed = threading.Event()
+    raced = threading.Event()
+    real_claim = stage.store.claim
+
+    def claim_after_cancel(*args: Any, **kwargs: Any) -> Any:
+        # The cancel and the reprocess land after the stage listed its
+        # stopping uploads and before it claims, the narrowest timing.
+        if armed.is_set() and not raced.is_set():
+            service.cancel_vod("c")
+            service.reprocess_vod("c")
+            raced.set()
+        return real_claim(*args, **kwargs)
+
+    try:
+        assert youtube.wait_held(20.0), "the upload never reached its second chunk"
+        monkeypatch.setattr(stage.store, "claim", claim_after_cancel)
+        armed.set()
+        stage.wake()
+        assert raced.wait(10.0), "the stage never looked for uploads again"
+        # The stage handles the claim right after it returns. If it never
+        # gives the claim back, the asserts below report which step failed.
+        deadline = time.monotonic() + 5.0
+        while not given_back(caplog, "c") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        while_stopping = service.queue.get("c")
+    finally:
+        youtube.release_reply()
+
+    assert while_stopping.state is VodState.DOWNLOADED, (
+        f"VOD c is {while_stopping.state} while its cancelled upload still stops;"
+        " the claim made during the cancel must go back"
+    )
+    assert given_back(caplog, "c") == [
+        "claim of VOD c given back without counting an attempt because its "
+        "earlier upload is still stopping in this worker"
+    ]
+    done = wait_for_state(service, "c", FINISHED, timeout_s=10.0)
+    assert done.state is VodState.DONE, done.last_error
+    assert done.upload_attempts == 1
+    assert [video.data for video in youtube.videos] == [data]

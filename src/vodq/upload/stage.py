@@ -148,18 +148,66 @@ class UploadStage:
         self._wake.set()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop claiming, stop running uploads (files stay) and wait for them."""
+        """Stop claiming, stop running uploads (files stay) and wait for them.
+
+        A shutdown counts no attempt. An upload whose thread has not ended
+        within ``timeout_s`` seconds (for example, because the destination
+        has not answered a request yet) gets its lease released here,
+        uncounted, instead of expiring.
+        """
         self._stopping.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        for entry in self.running():
+            self._stop(entry, StopReason.SHUTDOWN)
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+
+        # The stage's thread may have started an upload before it saw the stop.
         running = self.running()
         for entry in running:
             self._stop(entry, StopReason.SHUTDOWN)
-        deadline = time.monotonic() + timeout_s
         for entry in running:
             if entry.thread is not None:
                 entry.thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+        for entry in running:
+            if self._is_alive(entry):
+                self._release_at_shutdown(entry, timeout_s)
+
+    def _release_at_shutdown(self, entry: RunningUpload, timeout_s: float) -> None:
+        """Release the lease of an upload whose thread outlived stop(), uncounted.
+
+        Without this, the lease would expire, and expiry counts an attempt as
+        if the worker had died. The thread may still record a finished upload
+        afterwards, because store.finish accepts a lapsed claim.
+        """
+        with self._lock:
+            vod = entry.vod
+        fields = {"vod_id": vod.vod_id, "attempt": entry.attempt}
+        try:
+            released = self.store.release(
+                vod.id, self.worker_id, vod.upload_started_at, VodState.DOWNLOADED
+            )
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            # One try only, because a shutdown must not wait for the database.
+            log.warning(
+                "upload of VOD %s did not stop within %.0fs and its lease could "
+                "not be released, so the next start counts the attempt: %s",
+                vod.vod_id,
+                timeout_s,
+                exc,
+                extra={**fields, "action": "upload_stopped"},
+            )
+            return
+        if released:
+            log.warning(
+                "upload of VOD %s did not stop within %.0fs; its lease is released "
+                "without counting the attempt, and the VOD waits in downloaded "
+                "for the next claim",
+                vod.vod_id,
+                timeout_s,
+                extra={**fields, "action": "upload_stopped"},
+            )
 
     def running(self) -> list[RunningUpload]:
         with self._lock:
@@ -205,9 +253,14 @@ class UploadStage:
 
     def _fill_slots(self) -> None:
         settings = self.settings
-        free = settings.max_concurrent_uploads - len(self.running())
+        running = self.running()
+        free = settings.max_concurrent_uploads - len(running)
         if free < 1:
             return
+        # A VOD whose earlier attempt is still stopping here (cancelled, then
+        # reprocessed at once) is claimed only once that thread has ended,
+        # because the stopping thread writes no outcome for a new claim.
+        stopping = [entry.vod.id for entry in running if entry.cancelled.is_set()]
         claimed_at = time.monotonic()
         for vod in self.store.claim(
             self.worker_id,
@@ -215,28 +268,62 @@ class UploadStage:
             limit=settings.max_concurrent_uploads,
             lease_s=settings.lease_duration,
             max_attempts=settings.upload_max_attempts,
+            exclude=stopping,
         ):
+            if self._stopping.is_set():
+                # stop() may have looked at the running uploads already.
+                self._release_claim(vod, "the upload stage is stopping")
+                continue
             lease_until = claimed_at + settings.lease_duration
             with self._lock:
                 previous = self._running.get(vod.id)
-                if previous is not None:
-                    # The lease lapsed (or the VOD was reprocessed) while the
-                    # earlier attempt's thread still runs here. A second
-                    # thread would upload the same file twice, so the earlier
-                    # one goes on under this claim, as the attempt that the
-                    # database counts next.
+                adopted = False
+                if previous is not None and not previous.cancelled.is_set():
+                    # The lease lapsed while the earlier attempt's thread
+                    # still runs here. A second thread would upload the same
+                    # file twice, so the earlier one goes on under this
+                    # claim, as the attempt that the database counts next.
                     previous.vod = vod
                     previous.lease_until = lease_until
                     previous.attempt = vod.upload_attempts + 1
+                    adopted = True
             if previous is None:
                 self._start_upload(vod, lease_until)
-                continue
-            log.warning(
-                "claimed VOD %s again while its earlier upload is still running "
-                "in this worker; that upload continues under the new claim",
-                vod.vod_id,
-                extra={"vod_id": vod.vod_id, "action": "upload_claim"},
+            elif adopted:
+                log.warning(
+                    "claimed VOD %s again while its earlier upload is still "
+                    "running in this worker; that upload continues under the "
+                    "new claim",
+                    vod.vod_id,
+                    extra={"vod_id": vod.vod_id, "action": "upload_claim"},
+                )
+            else:
+                # Cancelled between the list of stopping uploads and the claim.
+                self._release_claim(
+                    vod, "its earlier upload is still stopping in this worker"
+                )
+
+    def _release_claim(self, vod: Vod, reason: str) -> None:
+        """Give back a claim that no thread here runs, counting no attempt.
+
+        The VOD goes back to ``downloaded``, so the next claim (by this
+        worker or another) starts its upload afresh.
+        """
+        released = self._store(
+            lambda: self.store.release(
+                vod.id, self.worker_id, vod.upload_started_at, VodState.DOWNLOADED
             )
+        )
+        log.info(
+            "claim of VOD %s given back without counting an attempt because %s",
+            vod.vod_id,
+            reason,
+            extra={
+                "vod_id": vod.vod_id,
+                "released": bool(released),
+                "action": "upload_claim",
+            },
+        )
 
     def _start_upload(self, vod: Vod, lease_until: float) -> None:
         entry = RunningUpload(

@@ -19,7 +19,7 @@ its lease is released, so the next attempt's number continues from it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from sqlalchemy import (
 
 from vodq.db.schema import vods
 from vodq.errors import InvalidInput, InvalidTransition, VodNotFound
-from vodq.models import Progress, Vod, VodState
+from vodq.models import QUOTA_ERROR_CLASS, Progress, Vod, VodState
 from vodq.queue import CLAIM_ORDER, FRESH_UPLOAD, VodQueue, release_path, to_vod
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,6 @@ IS_UPLOADING = vods.c.state == literal_column(f"'{VodState.UPLOADING.value}'")
 
 # States that reprocess moves back to the upload stage when the file exists.
 REPROCESSABLE = (VodState.FAILED, VodState.CANCELLED, VodState.DONE)
-
-# error_class of a VOD that waits for the destination's quota to reset.
-QUOTA_ERROR_CLASS = "upload_quota"
 
 
 class UploadStore:
@@ -80,12 +77,14 @@ class UploadStore:
         limit: int,
         lease_s: float,
         max_attempts: int | None = None,
+        exclude: Collection[int] = (),
     ) -> list[Vod]:
         """Claim up to ``wanted`` downloaded VODs, leaving ``limit`` running at most.
 
         Expired upload leases go back to ``downloaded`` first, each counting
         its attempt (a VOD whose ``max_attempts`` are then used fails; None
         sets no limit), and VODs marked skip_upload become done without a slot.
+        The row ids in ``exclude`` are not claimed.
         """
         now = self.clock()
         with self.queue._write() as conn:
@@ -118,6 +117,8 @@ class UploadStore:
                 .order_by(*CLAIM_ORDER)
                 .limit(room)
             )
+            if exclude:
+                candidates = candidates.where(vods.c.id.not_in(list(exclude)))
             if self.is_postgres:
                 candidates = candidates.with_for_update(skip_locked=True)
             ids = list(conn.execute(candidates).scalars())
@@ -553,10 +554,18 @@ class UploadStore:
         return released
 
     def _skip_marked(self, conn: Connection, now: datetime) -> None:
+        # A skipped VOD is done, so an earlier failure or quota wait that it
+        # was waiting out is no longer its error.
         rows = conn.execute(
             update(vods)
             .where(IS_DOWNLOADED, vods.c.skip_upload.is_(True))
-            .values(state=VodState.DONE.value, upload_next_at=None, updated_at=now)
+            .values(
+                state=VodState.DONE.value,
+                upload_next_at=None,
+                last_error=None,
+                error_class=None,
+                updated_at=now,
+            )
             .returning(vods.c.vod_id)
         ).all()
         for (vod_id,) in rows:

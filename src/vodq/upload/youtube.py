@@ -74,6 +74,8 @@ _CREDENTIAL_FIELDS = ("client_id", "client_secret", "refresh_token")
 # Error reasons of the YouTube Data API that a later attempt can get past.
 _RATE_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 _QUOTA_REASONS = frozenset({"quotaExceeded", "dailyLimitExceeded"})
+# The channel's daily upload limit, sent with 400 or 403.
+_UPLOAD_LIMIT_REASON = "uploadLimitExceeded"
 _TRY_AGAIN = "the next attempt tries again"
 _RANGE_HEADER = re.compile(r"bytes=0-(\d+)")
 _SPACE_RUNS = re.compile(r"\s+")
@@ -298,7 +300,9 @@ def _api_error(response: httpx.Response) -> _ApiError:
 
 
 def _is_retryable_403(response: httpx.Response) -> bool:
-    return _api_error(response).reason in _RATE_REASONS | _QUOTA_REASONS
+    """Tell whether a 403 is a rate or daily limit, which a new token cannot lift."""
+    reason = _api_error(response).reason
+    return reason in _RATE_REASONS | _QUOTA_REASONS or reason == _UPLOAD_LIMIT_REASON
 
 
 @dataclass(frozen=True)
@@ -788,7 +792,7 @@ class _Attempt:
                 " request more quota in the Google Cloud console",
                 retry_after_s=seconds_to_quota_reset(),
             )
-        if error.reason == "uploadLimitExceeded":
+        if error.reason == _UPLOAD_LIMIT_REASON:
             return UploadQuotaExceeded(
                 f"{vod} failed: the channel reached its daily upload limit"
                 f" ({what}); the next attempt waits for the daily reset",
@@ -868,9 +872,12 @@ def seconds_to_quota_reset(now: datetime | None = None) -> float:
         pacific = zoneinfo.ZoneInfo("America/Los_Angeles")
     except zoneinfo.ZoneInfoNotFoundError:
         return 3600.0
-    local = (now or datetime.now(UTC)).astimezone(pacific)
+    current = (now or datetime.now(UTC)).astimezone(UTC)
+    local = current.astimezone(pacific)
     midnight = datetime.combine(
         local.date() + timedelta(days=1), datetime.min.time(), tzinfo=pacific
     )
+    # Python subtracts two datetimes of one tzinfo by wall clock, which is an
+    # hour off across a daylight saving change, so the subtraction is in UTC.
     # A minute past midnight, so that the reset has surely happened.
-    return (midnight - local).total_seconds() + 60.0
+    return (midnight.astimezone(UTC) - current).total_seconds() + 60.0
