@@ -36,7 +36,8 @@ from vodq.errors import ConfigError
 # many seconds of the rate, 4% of a 5 s window, for all fragments together.
 # NOTE: a connection cannot receive faster than its buffer per round trip,
 # so over a path with a round trip above this the downloads fall short of
-# their limit.
+# their limit. And a buffer sized to the old rate drains at the new one: a
+# cut from 10M to 500K reaches the wire only after about 5 s.
 RECEIVE_BUFFER_S = 0.2
 # Bounds of that buffer, in bytes. Linux doubles the value for its own
 # bookkeeping and keeps at least about 4.5 KiB.
