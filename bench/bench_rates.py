@@ -73,7 +73,7 @@ SEGMENT_SHARE = 0.0125
 DEFAULT_SEGMENT = "2M"
 # The server's socket send buffer by default: 8 KiB, which the kernel doubles.
 # The server logs a write when the data enters that buffer, so the log runs
-# ahead of the wire by up to 16 KiB per connection; with 64 KiB it ran 128 KiB
+# ahead of the wire by up to 16 KiB per connection. With 64 KiB it ran 128 KiB
 # ahead, a quarter of a second of 500K for each of four fragment connections.
 DEFAULT_SNDBUF = "8K"
 
@@ -569,8 +569,8 @@ def report_patch(run: dict[str, Any]) -> None:
 def join_case(server: BenchServer, tag: str, rate: int, layout: str) -> dict[str, Any]:
     """One pooled download runs; three join at once, and later one is cancelled.
 
-    Windows start at the join and at the cancel, so the first of each holds
-    the moment the pool is split anew.
+    Windows start at the join and at the cancel, so the first of each
+    contains the moment the pool is split anew.
     """
     names = [f"{tag}-{i}" for i in range(4)]
     urls = [server.gen_url(name, 2 * 1024 * M) for name in names]

@@ -34,9 +34,10 @@ from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
 BLOCK_BYTES = 1024 * 1024
-# Bytes per logged write of a generated body by default: the resolution of
-# the server-side rate measurement (16 KiB is 1.6 ms at 10 MiB/s, but 2.5% of
-# a 5 s window at 128K; ``write_bytes`` sets a smaller one for low rates).
+# Bytes per logged write of a generated body by default, which is the
+# resolution of the server-side rate measurement. 16 KiB is 1.6 ms at
+# 10 MiB/s but 2.5% of a 5 s window at 128K, so ``write_bytes`` sets a
+# smaller one for low rates.
 WRITE_BYTES = 16 * 1024
 # Bytes per sendfile call for files on disk.
 SENDFILE_BYTES = 1024 * 1024

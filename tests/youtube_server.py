@@ -8,10 +8,11 @@ the final 200 with the video resource. It stores the uploaded bytes of every
 session and the videos they became.
 
 Tests can script faults: cut the connection after some bytes of a chunk,
-answer a status with a YouTube-style error body, expire a session, expire
-the access tokens, or hold the reply to a stored chunk until the test
-releases it. Every request is recorded with the headers that the protocol
-uses, so tests can count requests and tell clients apart by their token.
+reply to a request with an HTTP status and a YouTube-style error body,
+expire a session, expire the access tokens, or hold the reply to a stored
+chunk until the test releases it. Every request is recorded with the
+headers that the protocol uses, so tests can count requests and tell
+clients apart by their token.
 """
 
 from __future__ import annotations

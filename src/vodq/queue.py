@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 # Key of the PostgreSQL advisory lock that serialises claims across workers.
 CLAIM_LOCK_KEY = 0x766F6471  # "vodq"
 # Seconds without a lease renewal after which a running download no longer
-# counts in the bandwidth pool. Workers renew every second; a download
-# process whose worker is silent this long holds still (see
+# counts in the bandwidth pool. Workers renew every second, and a download
+# process whose worker is silent this long stops reading (see
 # vodq.download.process HOLD_AFTER_S).
 STALE_LEASE_S = 3.0
 
@@ -908,7 +908,7 @@ class VodQueue:
         worker last renewed it with, or None for as much as it gets. A
         download not renewed since its claim has None too. A download not
         renewed for STALE_LEASE_S is left out although its lease runs on: its
-        worker is dead, or paused and its download process holds still.
+        worker is dead, or paused while its download process stops reading.
         """
         now = self.clock()
         with self._read() as conn:

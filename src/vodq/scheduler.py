@@ -466,8 +466,8 @@ class Scheduler:
         self.metrics.active_downloads.set(len(self._running))
         thread.start()
         # The downloads already running give up their part of the new one's
-        # share now, here and on other workers, not at their next heartbeat:
-        # with three starting beside one, the pool ran 10% over in the 5 s
+        # share now, here and on other workers, not at their next heartbeat.
+        # Before, three starting beside one ran the pool 10% over in the 5 s
         # window of the start.
         self.apply_rates()
         if self.settings.download_total_rate_limit is not None:
@@ -898,8 +898,8 @@ class Scheduler:
 
     def _apply_rates(self, running: list[RunningDownload]) -> None:
         # The heartbeat, a finished download, a PATCH and a wake-up from
-        # another worker all apply rates; one at a time, so that each sees
-        # the demands and samples the last one left.
+        # another worker all apply rates. They run one at a time, so that each
+        # reads the demands and samples that the previous one wrote.
         with self._rates_lock:
             for entry, rate in zip(running, self._rates(running), strict=True):
                 old = entry.bucket.rate

@@ -502,27 +502,32 @@ def _listen(
 
     The service side writes at least every ALIVE_INTERVAL_S, so silence for
     ``orphan_after_s`` means it is paused or wedged, and is treated like its
-    death. Silence for HOLD_AFTER_S already holds the download almost
-    still: other workers stop counting it in the bandwidth pool once its
-    lease goes unrenewed for STALE_LEASE_S, and give its share to their own
-    downloads. The first message after the silence restores the rate.
+    death. After HOLD_AFTER_S of silence the download already reads at
+    HELD_RATE, because other workers stop counting it in the bandwidth pool
+    once its lease goes unrenewed for STALE_LEASE_S, and give its share to
+    their own downloads. The first message after the silence restores the
+    rate.
     """
     hold_after_s = min(HOLD_AFTER_S, orphan_after_s / 2)
-    held: list[float | None] = []
+    holding = False
+    # The rate in force when the hold began, restored when it ends.
+    rate_before_hold: float | None = None
     while True:
         try:
-            wait_s = orphan_after_s - hold_after_s if held else hold_after_s
+            wait_s = orphan_after_s - hold_after_s if holding else hold_after_s
             if not conn.poll(wait_s):
-                if held:
+                if holding:
                     break
-                held.append(bucket.rate)
+                holding = True
+                rate_before_hold = bucket.rate
                 bucket.set_rate(HELD_RATE)
                 continue
             message = conn.recv()
         except (EOFError, OSError):
             break
-        if held:
-            bucket.set_rate(held.pop())
+        if holding:
+            holding = False
+            bucket.set_rate(rate_before_hold)
         if message[0] == "rate":
             bucket.set_rate(message[1])
         elif message[0] == "cancel":
