@@ -2,16 +2,16 @@
 
 yt-dlp's own ``ratelimit`` averages since the start of the download (so a
 change mid-download bursts or stalls) and applies per fragment thread for HLS
-(yt-dlp 2026.11). A bucket consulted from the progress hook after every block
-has neither problem: the hook runs on the thread that reads the data, so
-sleeping there slows the reads themselves.
+(yt-dlp 2026.11). A bucket charged after every read, on the thread that
+reads (download/ytdlp.py), has neither problem: sleeping there slows the
+reads themselves, and so the bytes the server may send.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # Largest burst a bucket allows, in seconds of its rate: 5% of a 5 s window.
 # It also bounds the catch-up after a stall (a slow scheduler, a TCP hiccup),
@@ -30,6 +30,8 @@ class TokenBucket:
         self._rate = rate
         self._tokens = 0.0
         self._stamp = time.monotonic()
+        # Called after every set_rate, outside the lock, on the caller's thread.
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def rate(self) -> float | None:
@@ -41,7 +43,8 @@ class TokenBucket:
         A debt (bytes read but not yet waited for, at most a few blocks) is
         kept in bytes and waited for at the new rate. Forgiving it would leave
         those bytes uncharged at every change, and the pool changes rates
-        often.
+        often. Then ``on_change`` is called, so that the download can resize
+        its connections' receive buffers.
         """
         with self._lock:
             self._refill()
@@ -50,6 +53,9 @@ class TokenBucket:
                 self._tokens = 0.0
             else:
                 self._tokens = min(self._tokens, rate * BURST_S)
+        callback = self.on_change
+        if callback is not None:
+            callback()
 
     def consume(self, nbytes: int, cancelled: threading.Event | None = None) -> None:
         """Take ``nbytes`` tokens, sleeping while the bucket is in debt.

@@ -5,22 +5,26 @@ from __future__ import annotations
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from buckets import RecordingBucket
 from mediaserver import MediaServer
 from vodq.bandwidth import TokenBucket
 from vodq.download import DownloadJob, connections
 from vodq.download.connections import (
     MAX_RECEIVE_BUFFER_BYTES,
     MIN_RECEIVE_BUFFER_BYTES,
+    queued_bytes,
     receive_buffer_for,
     sized_receive_buffers,
+    socket_of,
 )
 from vodq.download.files import ArchiveLayout
-from vodq.download.ytdlp import YtDlpDownloader
+from vodq.download.ytdlp import YtDlpDownloader, _Watch, _WatchedYoutubeDL
 
 KIB = 1024
 
@@ -110,3 +114,150 @@ def test_plain_file_keeps_autotuned_buffer(
 ) -> None:
     url = media_server.add_file("plain.mp4", random.Random(7).randbytes(256 * KIB))
     assert download_sizes(tmp_path, monkeypatch, url, 4096 * KIB) == []
+
+
+def wait_queued(sock: socket.socket | None, at_least: int) -> int:
+    """Return the bytes queued for ``sock`` once at least ``at_least`` are,
+    polling for at most 5 s."""
+    deadline = time.monotonic() + 5
+    queued = queued_bytes(sock)
+    while queued < at_least and time.monotonic() < deadline:
+        time.sleep(0.01)
+        queued = queued_bytes(sock)
+    return queued
+
+
+def test_queued_bytes_of_ytdlp_response(media_server: MediaServer) -> None:
+    url = media_server.add_file("queued.mp4", random.Random(3).randbytes(64 * KIB))
+    watch = _Watch(track_validators=False)
+    params = {"quiet": True, "compat_opts": {"prefer-legacy-http-handler"}}
+    with _WatchedYoutubeDL(params, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            # The reader's buffer holds up to 8 KiB of the body already.
+            assert wait_queued(socket_of(response), 48 * KIB) >= 48 * KIB
+        finally:
+            response.close()
+
+
+def test_metered_read_after_cut_reads_queue_free(media_server: MediaServer) -> None:
+    body = random.Random(4).randbytes(64 * KIB)
+    url = media_server.add_file("charged.mp4", body)
+    bucket = RecordingBucket(160 * KIB)
+    watch = _Watch(track_validators=False, bucket=bucket)
+    bucket.on_change = watch.follow_rate
+    params = {"quiet": True, "compat_opts": {"prefer-legacy-http-handler"}}
+    with _WatchedYoutubeDL(params, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            # The whole body but the reader's buffer (8 KiB) waits in the kernel.
+            wait_queued(socket_of(response), 56 * KIB)
+            # A read block of 4 KiB at this rate, charged as read.
+            first = response.read(64 * KIB)
+            bucket.set_rate(32 * KIB)
+            rest = response.read()
+        finally:
+            response.close()
+
+    assert bucket.charges[0] == len(first)
+    # What was queued before the cut is free; only the reader's own buffer
+    # (8 KiB at most) is left to charge.
+    assert sum(bucket.charges[1:]) <= 8 * KIB
+    assert first + rest == body
+
+
+@pytest.fixture
+def queued_connection() -> Iterator[socket.socket]:
+    """A client socket with a 1 MiB receive buffer and 64 KiB queued in it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024 * KIB)
+    client.connect(server.getsockname())
+    peer, _ = server.accept()
+    peer.sendall(b"x" * 64 * KIB)
+    wait_queued(client, 64 * KIB)
+    try:
+        yield client
+    finally:
+        for sock in (client, peer, server):
+            sock.close()
+
+
+def test_resize_receive_buffer_lowers_buffer(queued_connection: socket.socket) -> None:
+    before = queued_connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    connections.resize_receive_buffer(queued_connection, 128 * KIB)
+    after = queued_connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert after < before
+
+
+def test_resize_receive_buffer_keeps_queue(queued_connection: socket.socket) -> None:
+    connections.resize_receive_buffer(queued_connection, 4 * KIB)
+    assert queued_bytes(queued_connection) == 64 * KIB
+
+
+def test_resize_receive_buffer_not_below_queue(
+    queued_connection: socket.socket,
+) -> None:
+    connections.resize_receive_buffer(queued_connection, 4 * KIB)
+    after = queued_connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert after >= 64 * KIB
+
+
+def test_queued_bytes_without_socket_is_zero() -> None:
+    assert queued_bytes(None) == 0
+
+
+def buffers_around_change(
+    media_server: MediaServer, name: str, new_rate: float, *, fragmented: bool
+) -> tuple[int, int]:
+    """Read a connection at 4 MiB/s, change the rate to ``new_rate``; return
+    its receive buffer before and after the change.
+
+    The file is sent at 512 KiB/s, so the queue stays far below the buffer
+    of 4 MiB/s, and a smaller one has room.
+    """
+    body = random.Random(5).randbytes(256 * KIB)
+    url = media_server.add_file(name, body, rate=512 * KIB)
+    bucket = RecordingBucket(4096 * KIB)
+    watch = _Watch(track_validators=False, bucket=bucket)
+    watch.fragmented = fragmented
+    bucket.on_change = watch.follow_rate
+    params = {"quiet": True, "compat_opts": {"prefer-legacy-http-handler"}}
+    with (
+        sized_receive_buffers(watch.receive_buffer),
+        _WatchedYoutubeDL(params, watch, extractors=False) as ydl,
+    ):
+        response = ydl.urlopen(url)
+        try:
+            sock = socket_of(response)
+            assert sock is not None
+            before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            first = response.read(16 * KIB)
+            bucket.set_rate(new_rate)
+            after = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            rest = response.read()
+        finally:
+            response.close()
+    assert first + rest == body, "a resized connection lost or reordered bytes"
+    return before, after
+
+
+def test_rate_cut_resizes_fragment_connection(media_server: MediaServer) -> None:
+    before, after = buffers_around_change(
+        media_server, "cut.ts", 64 * KIB, fragmented=True
+    )
+    assert after < before
+
+
+def test_rate_cut_resizes_plain_connection(media_server: MediaServer) -> None:
+    before, after = buffers_around_change(
+        media_server, "cut.mp4", 64 * KIB, fragmented=False
+    )
+    assert after < before
+
+
+def test_small_rate_change_keeps_fragment_buffer(media_server: MediaServer) -> None:
+    before, after = buffers_around_change(
+        media_server, "kept.ts", 3072 * KIB, fragmented=True
+    )
+    assert after == before

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from buckets import RecordingBucket
+from vodq.bandwidth import TokenBucket
 from vodq.download.ytdlp import (
     MIN_READ_BLOCK_BYTES,
     READ_BLOCK_BYTES,
-    _bounded_read,
+    _MeteredRead,
+    _Watch,
     read_block_for,
 )
 
@@ -30,26 +35,46 @@ def test_read_block_is_whole_pages() -> None:
     assert read_block_for(2 * 1024 * 1024) % 4096 == 0
 
 
-def test_bounded_read_follows_current_rate() -> None:
+def _metered(read: Callable[[int | None], bytes], bucket: TokenBucket) -> _MeteredRead:
+    """A metered read over ``read``, with no socket, so nothing queued."""
+    return _MeteredRead(read, None, _Watch(track_validators=False, bucket=bucket))
+
+
+def test_metered_read_follows_current_rate() -> None:
     requested: list[int | None] = []
 
     def read(amt: int | None = None) -> bytes:
         requested.append(amt)
         return b""
 
-    block = {"size": 131_072}
-    _bounded_read(read, lambda: block["size"], 131_072)
-    block["size"] = 4096
-    _bounded_read(read, lambda: block["size"], 131_072)
-    assert requested == [131_072, 4096]
+    bucket = TokenBucket(None)
+    metered = _metered(read, bucket)
+    metered(131_072)
+    bucket.set_rate(1000)
+    metered(131_072)
+    assert requested == [READ_BLOCK_BYTES, MIN_READ_BLOCK_BYTES]
 
 
-def test_bounded_read_keeps_whole_read() -> None:
+def test_metered_read_keeps_whole_read() -> None:
     requested: list[int | None] = []
 
     def read(amt: int | None = None) -> bytes:
         requested.append(amt)
         return b""
 
-    _bounded_read(read, lambda: 4096)
+    _metered(read, TokenBucket(1000))()
     assert requested == [None]
+
+
+def test_metered_read_charges_bytes_read() -> None:
+    bucket = RecordingBucket(1000)
+    metered = _metered(lambda amt=None: b"x" * 1000, bucket)
+    metered(4096)
+    metered(4096)
+    assert bucket.charges == [1000, 1000]
+
+
+def test_metered_read_charges_nothing_for_empty_read() -> None:
+    bucket = RecordingBucket(1000)
+    _metered(lambda amt=None: b"", bucket)(4096)
+    assert bucket.charges == []

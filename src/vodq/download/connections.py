@@ -1,4 +1,4 @@
-"""Receive buffers of fragment connections, sized to the download's rate.
+"""Receive buffers of a download's connections, sized to its rate.
 
 A throttled download reads slowly, but the kernel accepts a connection's
 first bytes at full speed into its receive buffer, up to the TCP window
@@ -15,14 +15,26 @@ buffer of ``RECEIVE_BUFFER_S`` seconds of its share of the rate in force,
 set before it connects so that the window agreed in the handshake fits it.
 Plain HTTP connections keep the kernel's autotuning, because they last the
 whole download and a small buffer would cap them after the rate is raised.
+
+A large cut of the rate resizes the buffers of the connections already
+open (``resize_receive_buffer``), plain HTTP included: a buffer sized to
+the old rate keeps taking bytes at it, and one grown by autotuning is
+offered again only in large steps, so the source sends in bursts seconds
+apart. What the connections held at the cut arrived at the old rate, and
+``queued_bytes`` lets the download read it free (see ``ytdlp._MeteredRead``).
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import functools
 import inspect
 import socket
+import struct
+import sys
+import termios
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,13 +48,16 @@ from vodq.errors import ConfigError
 # many seconds of the rate, 4% of a 5 s window, for all fragments together.
 # NOTE: a connection cannot receive faster than its buffer per round trip,
 # so over a path with a round trip above this the downloads fall short of
-# their limit. And a buffer sized to the old rate drains at the new one: a
-# cut from 10M to 500K reaches the wire only after about 5 s.
+# their limit; so does a plain HTTP connection resized after a cut.
 RECEIVE_BUFFER_S = 0.2
 # Bounds of that buffer, in bytes. Linux doubles the value for its own
 # bookkeeping and keeps at least about 4.5 KiB.
 MIN_RECEIVE_BUFFER_BYTES = 4096
 MAX_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
+# SO_MEMINFO of Linux (include/uapi/asm-generic/socket.h), which Python does
+# not name: nine 32-bit counters, the first the receive queue's memory.
+_SO_MEMINFO = 55
+_MEMINFO_BYTES = 9 * 4
 
 # The receive buffer of the next connection, or None for the kernel's
 # default; set by ``sized_receive_buffers`` for one download at a time.
@@ -147,3 +162,54 @@ def _connect(
         sock.close()
         raise
     return sock
+
+
+def socket_of(response: Any) -> socket.socket | None:
+    """Return the socket of a yt-dlp response, or None.
+
+    yt-dlp 2026.11's urllib handler gives an ``UrllibResponseAdapter`` over
+    ``http.client.HTTPResponse``, whose reader wraps a ``socket.SocketIO``.
+    """
+    raw = getattr(getattr(getattr(response, "fp", None), "fp", None), "raw", None)
+    sock = getattr(raw, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def queued_bytes(sock: socket.socket | None) -> int:
+    """Return the bytes waiting in the kernel to be read from ``sock``.
+
+    0 when there is no socket or it is closed, which only delays a charge.
+    """
+    if sock is None:
+        return 0
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    except (OSError, ValueError):
+        return 0
+    return max(0, count[0])
+
+
+def resize_receive_buffer(sock: socket.socket | None, size: int) -> None:
+    """Set ``sock``'s receive buffer to ``size`` bytes, or to the memory its
+    queue uses now when that is more.
+
+    For a rate change on an open connection. A buffer sized to the old rate
+    keeps taking bytes at it after a cut, and the kernel offers a window
+    again only when a sixteenth of a large buffer is free, so the source
+    sends in bursts seconds apart. Bytes already on their way past the
+    queue's memory are dropped and sent again by the server. Only on Linux,
+    whose SO_MEMINFO gives the queue's memory; elsewhere nothing changes.
+    """
+    if sock is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        info = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_BYTES)
+        used = struct.unpack_from("I", info)[0]
+        current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        # Linux doubles the value set and keeps a minimum of its own.
+        value = max(size, MIN_RECEIVE_BUFFER_BYTES, -(-used // 2))
+        if 2 * value != current:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, value)
+    except (OSError, ValueError):
+        return

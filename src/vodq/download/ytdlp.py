@@ -2,9 +2,10 @@
 
 Why the library and not the command line: it streams plain HTTP at close to
 curl's speed, where the command line pays about 0.6 s of start-up per job and
-a third of the throughput. Its progress hook runs on the reading thread, so
-a token bucket there keeps a rate that can change while the download runs,
-and raising from the hook stops the download at the next block.
+a third of the throughput. Every response it reads passes through our
+``urlopen``, so a token bucket charged after each read keeps a rate that can
+change while the download runs; its progress hook runs on the reading
+thread, so raising from the hook stops the download at the next block.
 
 The service runs each call in a child process of its own (process.py),
 which it kills with its whole process group when a cancel is not honoured in
@@ -31,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -51,7 +54,14 @@ from yt_dlp.utils import YoutubeDLError
 from vodq.bandwidth import TokenBucket
 from vodq.download import DownloadJob, DownloadResult, connections, fragments
 from vodq.download.classify import HttpErrorSeen, classify
-from vodq.download.connections import receive_buffer_for, sized_receive_buffers
+from vodq.download.connections import (
+    MAX_RECEIVE_BUFFER_BYTES,
+    queued_bytes,
+    receive_buffer_for,
+    resize_receive_buffer,
+    sized_receive_buffers,
+    socket_of,
+)
 from vodq.download.files import ArchiveLayout, SizeMismatch
 from vodq.download.validators import (
     Sidecar,
@@ -80,9 +90,16 @@ READ_BLOCK_BYTES = 131_072
 # second at the rate in force, and at least MIN_READ_BLOCK_BYTES. At 500K a
 # 128 KiB block is a quarter of a second of data, so a 5 s window would show
 # the rate only to within about 5%. The size follows the rate while the
-# download runs (see _bounded_read).
+# download runs (see _MeteredRead).
 READ_BLOCK_SHARE_S = 0.025
 MIN_READ_BLOCK_BYTES = 4096
+
+# A connection whose rate falls below this part of the rate it started at
+# gets a receive buffer sized to the rate (see _MeteredRead). A smaller cut
+# leaves it, because the bytes it takes ahead are paid within a window. At
+# a half, the first of three pooled downloads at 500K was resized as the
+# others joined, and its 5 s windows strayed up to 5.3%.
+RESIZE_BELOW = 0.25
 
 
 def read_block_for(rate: float | None) -> int:
@@ -146,19 +163,16 @@ class _YtDlpLog:
 
 
 class _Hook:
-    """The progress hook: report progress, throttle, and stop on cancel."""
+    """The progress hook: report progress and stop on cancel."""
 
     def __init__(
         self,
         on_progress: Callable[[Progress], None],
         cancelled: threading.Event,
-        bucket: TokenBucket,
     ) -> None:
         self.on_progress = on_progress
         self.cancelled = cancelled
-        self.bucket = bucket
         self.lock = threading.Lock()
-        self.last_bytes: int | None = None
 
     def __call__(self, status: dict[str, Any]) -> None:
         if self.cancelled.is_set():
@@ -170,8 +184,6 @@ class _Hook:
             done = int(status.get("downloaded_bytes") or 0)
             total = status.get("total_bytes") or status.get("total_bytes_estimate")
             speed = status.get("speed")
-            delta = 0 if self.last_bytes is None else max(0, done - self.last_bytes)
-            self.last_bytes = done
 
         self.on_progress(
             Progress(
@@ -180,8 +192,6 @@ class _Hook:
                 speed_bps=int(speed) if speed else None,
             )
         )
-        if delta:
-            self.bucket.consume(delta, self.cancelled)
         if self.cancelled.is_set():
             raise DownloadCancelled("download cancelled")
 
@@ -195,18 +205,60 @@ class _Watch:
     HLS fragment thread, hence the lock).
     """
 
-    def __init__(self, *, track_validators: bool) -> None:
+    def __init__(
+        self,
+        *,
+        track_validators: bool,
+        bucket: TokenBucket | None = None,
+        cancelled: threading.Event | None = None,
+        hls_fragments: int = HLS_CONCURRENT_FRAGMENTS,
+    ) -> None:
         self.track_validators = track_validators
         self.lock = threading.Lock()
         self.last_error: HttpErrorSeen | None = None
         self.errors: list[HTTPError] = []
         self.first_validators: SourceValidators | None = None
         self.on_first_validators: Callable[[SourceValidators], None] | None = None
-        # The read size in bytes for the rate in force now, or None to leave
-        # yt-dlp's.
-        self.read_block: Callable[[], int] | None = None
+        # The bucket that every response's reads are charged to; None leaves
+        # yt-dlp's reads as they are.
+        self.bucket = bucket
+        self.cancelled = cancelled
+        self.hls_fragments = hls_fragments
         # Whether yt-dlp downloads the media as fragments (HLS, DASH).
         self.fragmented = False
+        # The metered reads of the responses still referenced.
+        self.reads: weakref.WeakSet[_MeteredRead] = weakref.WeakSet()
+
+    def read_block(self) -> int:
+        """Return the read size in bytes for the rate in force now."""
+        return read_block_for(self.bucket.rate if self.bucket else None)
+
+    def charge(self, nbytes: int) -> None:
+        """Charge ``nbytes`` received to the bucket, waiting while it is in debt."""
+        if self.bucket is not None:
+            self.bucket.consume(nbytes, self.cancelled)
+
+    def receive_buffer(self) -> int | None:
+        """Return the receive buffer in bytes of a fragment connection opened
+        now, or None for the kernel's (plain HTTP, or no limit)."""
+        if not self.fragmented or self.bucket is None:
+            return None
+        return receive_buffer_for(self.bucket.rate, self.hls_fragments)
+
+    def receive_buffer_at(self, rate: float | None) -> int:
+        """Return the receive buffer in bytes of one connection of this
+        download at ``rate``: a fragment connection's, or the plain file's,
+        and the largest for no limit."""
+        connections = self.hls_fragments if self.fragmented else 1
+        return receive_buffer_for(rate, connections) or MAX_RECEIVE_BUFFER_BYTES
+
+    def follow_rate(self) -> None:
+        """Resize the receive buffers of the open connections that a rate cut
+        left too large; called when the rate changes."""
+        with self.lock:
+            reads = list(self.reads)
+        for read in reads:
+            read.follow_rate()
 
     def error(self, err: HTTPError) -> None:
         response = err.response
@@ -278,27 +330,82 @@ class _WatchedYoutubeDL(yt_dlp.YoutubeDL):  # type: ignore[misc]
             raise
         if isinstance(request, Request):
             self.vodq_watch.response(request, response)
-        block = self.vodq_watch.read_block
-        if block is not None and isinstance(response, Response):
-            response.read = functools.partial(_bounded_read, response.read, block)
+        if self.vodq_watch.bucket is not None and isinstance(response, Response):
+            metered = _MeteredRead(response.read, socket_of(response), self.vodq_watch)
+            response.read = metered
+            with self.vodq_watch.lock:
+                self.vodq_watch.reads.add(metered)
         return response
 
 
-def _bounded_read(
-    read: Callable[[int | None], bytes],
-    block: Callable[[], int],
-    amt: int | None = None,
-) -> bytes:
-    """Read at most one block of the current rate; a whole read stays whole.
+class _MeteredRead:
+    """A response's ``read`` that charges the bucket for the bytes read.
 
-    yt-dlp fixes its read size when a transfer starts. A limit that falls
-    later (a lower PATCH, or a pool shared by more downloads) would then be
-    met only in blocks of many seconds, so the size follows the rate now.
-    A read of everything (a playlist, a page) is left as it is.
+    Each read is at most one block of the rate in force: yt-dlp fixes its
+    read size when a transfer starts, so a limit that falls later (a lower
+    PATCH, or a pool shared by more downloads) would be met only in blocks
+    of many seconds. A read of everything (a playlist, a page) stays whole.
+
+    A connection whose rate falls below RESIZE_BELOW of the rate it started
+    at gets a receive buffer sized to the new rate (``follow_rate``), and
+    from then on its reads are charged except as far as they drain the
+    kernel's queue below its level at the cut. That queue arrived at the
+    old rate and is read free. Charged at the new rate, it took seconds
+    while the network carried nothing: after a cut from 10M to 500K, HLS
+    ran 70% to 80% short for the next 5 s. The smaller buffer stops the
+    queue from growing to the old size, which would be read at the new rate
+    in the same way.
     """
-    if amt is None or amt < 0:
-        return read(amt)
-    return read(min(amt, block()))
+
+    def __init__(
+        self,
+        read: Callable[[int | None], bytes],
+        sock: socket.socket | None,
+        watch: _Watch,
+    ) -> None:
+        self._read = read
+        self._sock = sock
+        self._watch = watch
+        # The rate when the connection opened, in bytes per second.
+        self._opened_at = watch.bucket.rate if watch.bucket else None
+        # Since a cut: the bytes the kernel held at the cut, and the bytes
+        # read and charged since.
+        self._queued_at_cut: int | None = None
+        self._read_since = 0
+        self._charged_since = 0
+
+    def __call__(self, amt: int | None = None) -> bytes:
+        if amt is None or amt < 0:
+            data = self._read(amt)
+        else:
+            data = self._read(min(amt, self._watch.read_block()))
+
+        charge = len(data)
+        if self._queued_at_cut is not None:
+            # Reads are charged except as far as they have drained the queue
+            # below its level at the cut.
+            self._read_since += len(data)
+            drained = max(0, self._queued_at_cut - queued_bytes(self._sock))
+            due = self._read_since - drained
+            charge = max(0, due - self._charged_since)
+            self._charged_since += charge
+        if charge:
+            self._watch.charge(charge)
+        self.follow_rate()
+        return data
+
+    def follow_rate(self) -> None:
+        """Resize the receive buffer to the rate, once it has fallen below
+        RESIZE_BELOW of the rate at the connection's start, and from then on
+        at every call."""
+        rate = self._watch.bucket.rate if self._watch.bucket else None
+        if self._queued_at_cut is None:
+            if rate is None or self._opened_at is None:
+                return
+            if rate >= RESIZE_BELOW * self._opened_at:
+                return
+            self._queued_at_cut = queued_bytes(self._sock)
+        resize_receive_buffer(self._sock, self._watch.receive_buffer_at(rate))
 
 
 def close_responses(exc: BaseException) -> None:
@@ -474,19 +581,19 @@ class YtDlpDownloader:
         bucket: TokenBucket,
     ) -> DownloadResult:
         kind = source_kind(job.source_url)
-        watch = _Watch(track_validators=kind is SourceKind.FILE)
-        watch.read_block = lambda: read_block_for(bucket.rate)
-
-        def receive_buffer() -> int | None:
-            if not watch.fragmented:
-                return None
-            return receive_buffer_for(bucket.rate, self.hls_fragments)
-
+        watch = _Watch(
+            track_validators=kind is SourceKind.FILE,
+            bucket=bucket,
+            cancelled=cancelled,
+            hls_fragments=self.hls_fragments,
+        )
+        bucket.on_change = watch.follow_rate
         try:
-            with sized_receive_buffers(receive_buffer):
-                hook = _Hook(on_progress, cancelled, bucket)
+            with sized_receive_buffers(watch.receive_buffer):
+                hook = _Hook(on_progress, cancelled)
                 return self._run(job, kind, watch, hook)
         finally:
+            bucket.on_change = None
             watch.close()
             # Fragments fetched but not appended are fetched again by the next
             # attempt, so they need not take disk space until it starts.
@@ -749,7 +856,7 @@ class YtDlpDownloader:
             # the requests library when it happens to be installed (as in
             # the test environment), whose errors read differently.
             "compat_opts": {"prefer-legacy-http-handler"},
-            # The largest read. _bounded_read makes reads smaller while a
+            # The largest read. _MeteredRead makes reads smaller while a
             # rate limit is in force.
             "buffersize": READ_BLOCK_BYTES,
             "noresizebuffer": True,
