@@ -19,10 +19,14 @@ cancels one, and measures the 5-second windows that start at those moments.
 A third part changes DOWNLOAD_TOTAL_RATE_LIMIT with ``PATCH /admin/config``
 while three downloads run and measures how long the server-side rate takes
 to settle at the new value: in one ``vodq serve`` on SQLite, and in a
-cluster of one ``vodq api`` and two ``vodq worker`` on PostgreSQL.
+cluster of one ``vodq api`` and two ``vodq worker`` on PostgreSQL. With
+``--cut``, a fourth part lowers the limit of running downloads (HTTP, and
+HLS with 2 and 8 MiB segments) from 10M to 500K and measures the 5-second
+windows that start at and after the PATCH.
 
     python bench/bench_rates.py            # every case, then the PATCH test
     python bench/bench_rates.py --quick    # 2M only, one window, one change
+    python bench/bench_rates.py --only-cut --patch-repeat 2 --name rates_cut
 """
 
 from __future__ import annotations
@@ -629,6 +633,91 @@ def join_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     return runs
 
 
+# -- a large rate cut while downloads run ------------------------------------------
+
+# Seconds from the PATCH to the start of each 5 s window measured after a cut.
+CUT_WINDOW_STARTS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0)
+
+
+def cut_case(
+    server: BenchServer, tag: str, variable: str, count: int, segment: int
+) -> dict[str, Any]:
+    """Downloads at 10M under ``variable``, cut to 500K by a PATCH.
+
+    HLS with ``segment`` bytes per segment, or a plain file when it is 0.
+    Windows start at and after the PATCH, so the page shows how long the
+    bytes already in the connections' receive buffers keep the rate off its
+    new value.
+    """
+    names = [f"{tag}-{i}" for i in range(count)]
+    target = RATES["500K"]
+    with (
+        workdir("cut") as work,
+        vodq_layout(
+            "serve",
+            work,
+            MAX_CONCURRENT_DOWNLOADS=str(count),
+            HLS_CONCURRENT_FRAGMENTS=str(HLS_FRAGMENTS),
+            **{variable: "10M"},
+        ) as base_url,
+    ):
+        for name in names:
+            if segment:
+                url = server.hls_url(name, segment, 400)
+            else:
+                url = server.gen_url(name, 2 * 1024 * M)
+            api(base_url, "POST", "/admin/vods", {"vod_id": name, "url": url})
+        t0 = transfer_start(server, names, "hls" if segment else "http")
+        time.sleep(max(0.0, t0 + 6.0 - time.monotonic()))
+        changed = time.monotonic()
+        api(base_url, "PATCH", "/admin/config", {variable: "500K"})
+        time.sleep(max(CUT_WINDOW_STARTS) + WINDOW_S + 0.5)
+    samples = stream_samples(server, names, t0 - 1)
+    deviations = []
+    for start in CUT_WINDOW_STARTS:
+        begin = changed + start
+        sent = sum(n for t, n in samples if begin <= t < begin + WINDOW_S)
+        deviations.append(round((sent / WINDOW_S - target) / target * 100, 1))
+    return {
+        "variable": variable,
+        "downloads": count,
+        "segment_bytes": segment,
+        "window_starts_s": list(CUT_WINDOW_STARTS),
+        "window_dev_pct": deviations,
+        "timeline_kib_s": [
+            round(rate / K)
+            for _, rate in window_rates(samples, changed - 1.0, 0.5, changed + 12.0)
+        ],
+    }
+
+
+def cut_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    layouts = [
+        ("DOWNLOAD_RATE_LIMIT", 1),
+        ("DOWNLOAD_TOTAL_RATE_LIMIT", POOL_DOWNLOADS),
+    ]
+    runs = []
+    with serving(
+        sndbuf=Options.server_sndbuf, write_bytes=Options.write_bytes
+    ) as server:
+        for segment in (0, 2 * M, 8 * M):
+            for variable, count in layouts:
+                for index in range(args.patch_repeat):
+                    tag = f"cut{count}{segment // M}m{index}"
+                    run = cut_case(server, tag, variable, count, segment)
+                    runs.append(run)
+                    source = f"HLS {segment // M} MiB segments" if segment else "HTTP"
+                    print(
+                        f"  cut 10M -> 500K, {variable}, {count} x {source}: "
+                        "windows from "
+                        f"{list(CUT_WINDOW_STARTS)} s after the PATCH "
+                        f"{run['window_dev_pct']}",
+                        flush=True,
+                    )
+                    server.reset()
+    return runs
+
+
 # -- report --------------------------------------------------------------------------
 
 
@@ -718,6 +807,12 @@ def main() -> int:
     parser.add_argument(
         "--only-patch", action="store_true", help="run only the PATCH test"
     )
+    parser.add_argument(
+        "--cut",
+        action="store_true",
+        help="also cut downloads from 10M to 500K (--patch-repeat runs each)",
+    )
+    parser.add_argument("--only-cut", action="store_true", help="run only the cuts")
     args = parser.parse_args()
     if args.segment != "auto":
         Options.segment_bytes = parse_size(args.segment)
@@ -726,6 +821,8 @@ def main() -> int:
     if args.quick:
         args.windows = 1
         args.repeat = 1
+    if args.only_cut:
+        args.cut = args.only_patch = args.no_patch = True
 
     print("rate cases (deviation of each 5 s window from the target, at the server)")
     rows = [] if args.only_patch else rate_cases(args)
@@ -734,6 +831,7 @@ def main() -> int:
         print_table("achieved rate vs configured (median mean / worst window)", table)
     joins = [] if args.no_join or args.only_patch else join_cases(args)
     runs = [] if args.no_patch else patch_cases(args)
+    cuts = cut_cases(args) if args.cut else []
     patch_rows = []
     for layout in args.patch_layouts.split(","):
         patch_rows += patch_summary(
@@ -750,6 +848,7 @@ def main() -> int:
             "patch_summary": patch_rows,
             "patch_runs": runs,
             "join_runs": joins,
+            "cut_runs": cuts,
         },
     )
     return 0
