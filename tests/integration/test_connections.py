@@ -208,17 +208,22 @@ def test_queued_bytes_without_socket_is_zero() -> None:
 
 
 def buffers_around_change(
-    media_server: MediaServer, name: str, new_rate: float, *, fragmented: bool
+    media_server: MediaServer,
+    name: str,
+    new_rate: float,
+    *,
+    fragmented: bool,
+    start_rate: float | None = 4096 * KIB,
 ) -> tuple[int, int]:
-    """Read a connection at 4 MiB/s, change the rate to ``new_rate``; return
-    its receive buffer before and after the change.
+    """Read a connection at ``start_rate``, change the rate to ``new_rate``;
+    return its receive buffer before and after the change.
 
     The file is sent at 512 KiB/s, so the queue stays far below the buffer
     of 4 MiB/s, and a smaller one has room.
     """
     body = random.Random(5).randbytes(256 * KIB)
     url = media_server.add_file(name, body, rate=512 * KIB)
-    bucket = RecordingBucket(4096 * KIB)
+    bucket = RecordingBucket(start_rate)
     watch = _Watch(track_validators=False, bucket=bucket)
     watch.fragmented = fragmented
     bucket.on_change = watch.follow_rate
@@ -256,8 +261,30 @@ def test_rate_cut_resizes_plain_connection(media_server: MediaServer) -> None:
     assert after < before
 
 
+def test_first_limit_resizes_unlimited_connection(media_server: MediaServer) -> None:
+    before, after = buffers_around_change(
+        media_server, "first.mp4", 64 * KIB, fragmented=False, start_rate=None
+    )
+    assert after < before
+
+
 def test_small_rate_change_keeps_fragment_buffer(media_server: MediaServer) -> None:
     before, after = buffers_around_change(
         media_server, "kept.ts", 3072 * KIB, fragmented=True
     )
     assert after == before
+
+
+def test_metered_read_forgets_ended_body(media_server: MediaServer) -> None:
+    url = media_server.add_file("ended.mp4", random.Random(8).randbytes(16 * KIB))
+    watch = _Watch(track_validators=False, bucket=RecordingBucket(None))
+    params = {"quiet": True, "compat_opts": {"prefer-legacy-http-handler"}}
+    with _WatchedYoutubeDL(params, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            response.read()
+            # The empty read that tells yt-dlp the body has ended.
+            response.read(4 * KIB)
+        finally:
+            response.close()
+    assert len(watch.reads) == 0

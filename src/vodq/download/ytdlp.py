@@ -252,6 +252,11 @@ class _Watch:
         connections = self.hls_fragments if self.fragmented else 1
         return receive_buffer_for(rate, connections) or MAX_RECEIVE_BUFFER_BYTES
 
+    def forget(self, read: _MeteredRead) -> None:
+        """Stop resizing the connection of ``read``, whose body has ended."""
+        with self.lock:
+            self.reads.discard(read)
+
     def follow_rate(self) -> None:
         """Resize the receive buffers of the open connections that a rate cut
         left too large; called when the rate changes."""
@@ -391,18 +396,23 @@ class _MeteredRead:
             self._charged_since += charge
         if charge:
             self._watch.charge(charge)
-        self.follow_rate()
+        if data:
+            self.follow_rate()
+        elif amt != 0:
+            # The end of the body: nothing is left to resize.
+            self._watch.forget(self)
         return data
 
     def follow_rate(self) -> None:
         """Resize the receive buffer to the rate, once it has fallen below
-        RESIZE_BELOW of the rate at the connection's start, and from then on
-        at every call."""
+        RESIZE_BELOW of the rate at the connection's start (or a limit came
+        to one opened without), and from then on at every call."""
         rate = self._watch.bucket.rate if self._watch.bucket else None
         if self._queued_at_cut is None:
-            if rate is None or self._opened_at is None:
+            if rate is None:
                 return
-            if rate >= RESIZE_BELOW * self._opened_at:
+            # A connection opened without a limit counts as cut by any.
+            if self._opened_at is not None and rate >= RESIZE_BELOW * self._opened_at:
                 return
             self._queued_at_cut = queued_bytes(self._sock)
         resize_receive_buffer(self._sock, self._watch.receive_buffer_at(rate))
