@@ -283,7 +283,7 @@ def test_metered_read_forgets_ended_body(media_server: MediaServer) -> None:
         response = ydl.urlopen(url)
         try:
             response.read()
-            # The empty read that tells yt-dlp the body has ended.
+            # An empty read marks the end of the body, as yt-dlp reads it.
             response.read(4 * KIB)
         finally:
             response.close()

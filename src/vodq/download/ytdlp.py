@@ -4,7 +4,7 @@ Why the library and not the command line: it streams plain HTTP at close to
 curl's speed, where the command line pays about 0.6 s of start-up per job and
 a third of the throughput. Every response it reads passes through our
 ``urlopen``, so a token bucket charged after each read keeps a rate that can
-change while the download runs; its progress hook runs on the reading
+change while the download runs. Its progress hook runs on the reading
 thread, so raising from the hook stops the download at the next block.
 
 The service runs each call in a child process of its own (process.py),
@@ -234,7 +234,7 @@ class _Watch:
         return read_block_for(self.bucket.rate if self.bucket else None)
 
     def charge(self, nbytes: int) -> None:
-        """Charge ``nbytes`` received to the bucket, waiting while it is in debt."""
+        """Charge ``nbytes`` read to the bucket, waiting while it is in debt."""
         if self.bucket is not None:
             self.bucket.consume(nbytes, self.cancelled)
 
