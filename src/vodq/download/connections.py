@@ -178,7 +178,7 @@ def socket_of(response: Any) -> socket.socket | None:
 def queued_bytes(sock: socket.socket | None) -> int:
     """Return the bytes waiting in the kernel to be read from ``sock``.
 
-    0 when there is no socket or it is closed, which only delays a charge.
+    0 when there is no socket or it is closed, so that nothing is read free.
     """
     if sock is None:
         return 0
@@ -200,6 +200,10 @@ def resize_receive_buffer(sock: socket.socket | None, size: int) -> None:
     500K. Bytes already on their way past the queue's memory are dropped
     and sent again by the server. Only on Linux, whose SO_MEMINFO gives the
     queue's memory; elsewhere nothing changes.
+
+    NOTE: the kernel caps the value at net.core.rmem_max, and a resized
+    connection loses autotuning for good. After a cut and a later raise, a
+    path with a long round trip may carry less than the new limit.
     """
     if sock is None or not sys.platform.startswith("linux"):
         return
