@@ -140,7 +140,7 @@ def test_queued_bytes_of_ytdlp_response(media_server: MediaServer) -> None:
             response.close()
 
 
-def test_metered_read_after_cut_reads_queue_free(media_server: MediaServer) -> None:
+def test_metered_read_cut_queue_free(media_server: MediaServer) -> None:
     # Sent at 256 KiB/s, so the queue fills after the first read.
     body = random.Random(4).randbytes(128 * KIB)
     url = media_server.add_file("charged.mp4", body, rate=256 * KIB)
@@ -289,3 +289,11 @@ def test_metered_read_forgets_ended_body(media_server: MediaServer) -> None:
         finally:
             response.close()
     assert len(watch.reads) == 0
+
+
+def test_resize_receive_buffer_reports_size_reached(
+    queued_connection: socket.socket,
+) -> None:
+    # 64 KiB queued needs more than 4 KiB, but not more than 512 KiB.
+    assert connections.resize_receive_buffer(queued_connection, 4 * KIB) is False
+    assert connections.resize_receive_buffer(queued_connection, 512 * KIB) is True

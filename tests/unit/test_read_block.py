@@ -74,7 +74,7 @@ def test_metered_read_charges_bytes_read() -> None:
     assert bucket.charges == [1000, 1000]
 
 
-def test_metered_read_charges_nothing_for_empty_read() -> None:
+def test_metered_read_empty_read_free() -> None:
     bucket = RecordingBucket(1000)
     _metered(lambda amt=None: b"", bucket)(4096)
     assert bucket.charges == []

@@ -190,9 +190,9 @@ def queued_bytes(sock: socket.socket | None) -> int:
     return max(0, count[0])
 
 
-def resize_receive_buffer(sock: socket.socket | None, size: int) -> None:
+def resize_receive_buffer(sock: socket.socket | None, size: int) -> bool:
     """Set ``sock``'s receive buffer to ``size`` bytes, or to the memory its
-    queue uses now when that is more.
+    queue uses now when that is more; return whether it is ``size`` now.
 
     For a rate change on an open connection. A buffer sized to the old rate
     keeps taking bytes at it after a cut. A plain file's buffer, grown by
@@ -206,14 +206,17 @@ def resize_receive_buffer(sock: socket.socket | None, size: int) -> None:
     path with a long round trip may carry less than the new limit.
     """
     if sock is None or not sys.platform.startswith("linux"):
-        return
+        return True
+    wanted = max(size, MIN_RECEIVE_BUFFER_BYTES)
     try:
         info = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_BYTES)
-        used = struct.unpack_from("I", info)[0]
+        used = int(struct.unpack_from("I", info)[0])
         current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         # Linux doubles the value set and keeps a minimum of its own.
-        value = max(size, MIN_RECEIVE_BUFFER_BYTES, -(-used // 2))
+        value = max(wanted, -(-used // 2))
         if 2 * value != current:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, value)
     except (OSError, ValueError):
-        return
+        # A closed socket: nothing is left to resize.
+        return True
+    return value == wanted

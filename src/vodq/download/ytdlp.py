@@ -252,6 +252,11 @@ class _Watch:
         connections = self.hls_fragments if self.fragmented else 1
         return receive_buffer_for(rate, connections) or MAX_RECEIVE_BUFFER_BYTES
 
+    def track(self, read: _MeteredRead) -> None:
+        """Resize the connection of ``read`` at every rate change from now on."""
+        with self.lock:
+            self.reads.add(read)
+
     def forget(self, read: _MeteredRead) -> None:
         """Stop resizing the connection of ``read``, whose body has ended."""
         with self.lock:
@@ -338,8 +343,7 @@ class _WatchedYoutubeDL(yt_dlp.YoutubeDL):  # type: ignore[misc]
         if self.vodq_watch.bucket is not None and isinstance(response, Response):
             metered = _MeteredRead(response.read, socket_of(response), self.vodq_watch)
             response.read = metered
-            with self.vodq_watch.lock:
-                self.vodq_watch.reads.add(metered)
+            self.vodq_watch.track(metered)
         return response
 
 
@@ -378,6 +382,9 @@ class _MeteredRead:
         self._queued_at_cut: int | None = None
         self._read_since = 0
         self._charged_since = 0
+        # The buffer size, in bytes, that the socket has reached since the
+        # last resize; None while the queue still holds it above that.
+        self._resized_to: int | None = None
 
     def __call__(self, amt: int | None = None) -> bytes:
         if amt is None or amt < 0:
@@ -406,7 +413,8 @@ class _MeteredRead:
     def follow_rate(self) -> None:
         """Resize the receive buffer to the rate, once it has fallen below
         RESIZE_BELOW of the rate at the connection's start (or a limit came
-        to one opened without), and from then on at every call."""
+        to one opened without), and again at each call until it has that
+        size."""
         rate = self._watch.bucket.rate if self._watch.bucket else None
         if self._queued_at_cut is None:
             if rate is None:
@@ -415,7 +423,13 @@ class _MeteredRead:
             if self._opened_at is not None and rate >= RESIZE_BELOW * self._opened_at:
                 return
             self._queued_at_cut = queued_bytes(self._sock)
-        resize_receive_buffer(self._sock, self._watch.receive_buffer_at(rate))
+
+        # Once the buffer has the size, reads skip the three system calls.
+        size = self._watch.receive_buffer_at(rate)
+        if size == self._resized_to:
+            return
+        reached = resize_receive_buffer(self._sock, size)
+        self._resized_to = size if reached else None
 
 
 def close_responses(exc: BaseException) -> None:
