@@ -167,6 +167,31 @@ def test_metered_read_cut_queue_free(media_server: MediaServer) -> None:
     assert first + rest == body
 
 
+def test_metered_read_cut_window_free(media_server: MediaServer) -> None:
+    # Cut before the queue fills: what the offered window brings after the
+    # cut was invited at the old rate.
+    body = random.Random(6).randbytes(128 * KIB)
+    url = media_server.add_file("window.mp4", body, rate=256 * KIB)
+    bucket = RecordingBucket(160 * KIB)
+    watch = _Watch(track_validators=False, bucket=bucket)
+    bucket.on_change = watch.follow_rate
+    params = {"quiet": True, "compat_opts": {"prefer-legacy-http-handler"}}
+    with _WatchedYoutubeDL(params, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            first = response.read(4 * KIB)
+            window = connections.offered_window(socket_of(response))
+            charged_before = len(bucket.charges)
+            bucket.set_rate(32 * KIB)
+            rest = response.read()
+        finally:
+            response.close()
+
+    assert window >= 48 * KIB
+    assert sum(bucket.charges[charged_before:]) <= len(rest) - 40 * KIB
+    assert first + rest == body
+
+
 @pytest.fixture
 def queued_connection() -> Iterator[socket.socket]:
     """A client socket with a 1 MiB receive buffer and 64 KiB queued in it."""
@@ -215,15 +240,16 @@ def buffers_around_change(
     *,
     fragmented: bool,
     start_rate: float | None = 4096 * KIB,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Read a connection at ``start_rate``, change the rate to ``new_rate``;
-    return its receive buffer before and after the change.
+    return its receive buffer before the change, right after it, and once
+    the body is read.
 
-    The file is sent at 512 KiB/s, so the queue stays far below the buffer
-    of 4 MiB/s, and a smaller one has room.
+    The file is sent at 2 MiB/s, so the queue stays far below the buffer of
+    4 MiB/s, and it is longer than the window offered at the change.
     """
-    body = random.Random(5).randbytes(256 * KIB)
-    url = media_server.add_file(name, body, rate=512 * KIB)
+    body = random.Random(5).randbytes(1024 * KIB)
+    url = media_server.add_file(name, body, rate=2048 * KIB)
     bucket = RecordingBucket(start_rate)
     watch = _Watch(track_validators=False, bucket=bucket)
     watch.fragmented = fragmented
@@ -241,39 +267,65 @@ def buffers_around_change(
             first = response.read(16 * KIB)
             bucket.set_rate(new_rate)
             after = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            rest = response.read()
+            # All but the last block: at the end of the body the socket closes.
+            rest = b""
+            while len(first) + len(rest) < len(body) - 64 * KIB:
+                rest += response.read(16 * KIB)
+            end = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            rest += response.read()
         finally:
             response.close()
     assert first + rest == body, "a resized connection lost or reordered bytes"
-    return before, after
+    return before, after, end
 
 
 def test_rate_cut_resizes_fragment_connection(media_server: MediaServer) -> None:
-    before, after = buffers_around_change(
-        media_server, "cut.ts", 64 * KIB, fragmented=True
+    before, _, end = buffers_around_change(
+        media_server, "cut.ts", 768 * KIB, fragmented=True
     )
-    assert after < before
+    assert end < before
+
+
+def test_rate_cut_keeps_room_for_offered_window(media_server: MediaServer) -> None:
+    # Bytes the connection had already invited would find no room and be
+    # dropped, and the server would wait out a timeout to send them again.
+    before, after, _ = buffers_around_change(
+        media_server, "room.ts", 768 * KIB, fragmented=True
+    )
+    assert after == before
 
 
 def test_rate_cut_resizes_plain_connection(media_server: MediaServer) -> None:
-    before, after = buffers_around_change(
+    before, _, end = buffers_around_change(
         media_server, "cut.mp4", 64 * KIB, fragmented=False
     )
-    assert after < before
+    assert end < before
 
 
 def test_first_limit_resizes_unlimited_connection(media_server: MediaServer) -> None:
-    before, after = buffers_around_change(
+    before, _, end = buffers_around_change(
         media_server, "first.mp4", 64 * KIB, fragmented=False, start_rate=None
     )
-    assert after < before
+    assert end < before
 
 
 def test_small_rate_change_keeps_fragment_buffer(media_server: MediaServer) -> None:
-    before, after = buffers_around_change(
+    before, _, end = buffers_around_change(
         media_server, "kept.ts", 3072 * KIB, fragmented=True
     )
-    assert after == before
+    assert end == before
+
+
+def test_offered_window_of_new_connection(listener: tuple[str, int]) -> None:
+    sock = socket.create_connection(listener, timeout=5)
+    try:
+        assert connections.offered_window(sock) > 0
+    finally:
+        sock.close()
+
+
+def test_offered_window_without_socket_is_zero() -> None:
+    assert connections.offered_window(None) == 0
 
 
 def test_metered_read_forgets_ended_body(media_server: MediaServer) -> None:

@@ -112,6 +112,22 @@ def test_set_rate_charges_debt_at_new_rate() -> None:
     assert elapsed_s < 0.3
 
 
+def test_set_rate_cut_keeps_wait_of_debt() -> None:
+    # 20,000 bytes at 100,000 bytes per second leave a 0.2 s debt, which a
+    # cut to 1,000 keeps as 0.2 s, not 20 s.
+    bucket = TokenBucket(100_000)
+    cancelled = threading.Event()
+    cancelled.set()
+    bucket.consume(20_000, cancelled)
+    bucket.set_rate(1_000)
+
+    started = time.monotonic()
+    bucket.consume(1)
+    elapsed_s = time.monotonic() - started
+
+    assert elapsed_s < 2.0
+
+
 def test_set_rate_limits_unlimited_bucket() -> None:
     bucket = TokenBucket(None)
     bucket.set_rate(20_000)

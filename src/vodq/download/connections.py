@@ -20,8 +20,9 @@ A large cut of the rate resizes the buffers of the connections already
 open (``resize_receive_buffer``), plain HTTP included: a buffer sized to
 the old rate keeps taking bytes at it, and one grown by autotuning is
 offered again only in large steps, so the source sends in bursts seconds
-apart. What the connections held at the cut arrived at the old rate, and
-``queued_bytes`` lets the download read it free (see ``ytdlp._MeteredRead``).
+apart. What the connections held at the cut, and what the window they had
+offered brings after it (``offered_window``), came at the old rate, and the
+download reads it free (see ``ytdlp._MeteredRead``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ MAX_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 # and arm64): nine 32-bit counters, the first the receive queue's memory.
 _SO_MEMINFO = 55
 _MEMINFO_BYTES = 9 * 4
+# Where struct tcp_info holds tcpi_rcv_wnd, the receive window last offered,
+# in bytes (Linux 6.2 and newer; older kernels return less).
+_TCPI_RCV_WND_OFFSET = 232
+_TCP_INFO_BYTES = 512
 
 # The receive buffer of the next connection, or None for the kernel's
 # default; set by ``sized_receive_buffers`` for one download at a time.
@@ -190,16 +195,36 @@ def queued_bytes(sock: socket.socket | None) -> int:
     return max(0, count[0])
 
 
-def resize_receive_buffer(sock: socket.socket | None, size: int) -> bool:
-    """Set ``sock``'s receive buffer to ``size`` bytes, or to the memory its
-    queue uses now when that is more; return whether it is ``size`` now.
+def offered_window(sock: socket.socket | None) -> int:
+    """Return the receive window ``sock`` last offered its peer, in bytes.
+
+    The peer may still send up to this much without a new offer. 0 when
+    unknown: no socket, or a kernel older than Linux 6.2.
+    """
+    if sock is None or not sys.platform.startswith("linux"):
+        return 0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, ValueError):
+        return 0
+    if len(info) < _TCPI_RCV_WND_OFFSET + 4:
+        return 0
+    return int(struct.unpack_from("I", info, _TCPI_RCV_WND_OFFSET)[0])
+
+
+def resize_receive_buffer(sock: socket.socket | None, size: int, room: int = 0) -> bool:
+    """Set ``sock``'s receive buffer to ``size`` bytes, but leave the memory
+    its queue uses now and room for ``room`` bytes more still on their way;
+    return whether it is ``size`` now.
 
     For a rate change on an open connection. A buffer sized to the old rate
     keeps taking bytes at it after a cut. A plain file's buffer, grown by
     autotuning at 10M, made its source send in bursts about 1.5 s apart at
-    500K. Bytes already on their way past the queue's memory are dropped
-    and sent again by the server. Only on Linux, whose SO_MEMINFO gives the
-    queue's memory; elsewhere nothing changes.
+    500K. A packet that finds the buffer full is dropped and sent again by
+    the server, after a timeout that doubles while the buffer stays full:
+    HLS at 500K then stalled for 1.5 s after a cut. The room for what is
+    on its way never raises the buffer. Only on Linux, whose SO_MEMINFO
+    gives the queue's memory; elsewhere nothing changes.
 
     NOTE: the kernel caps the value at net.core.rmem_max, and a resized
     connection loses autotuning for good. After a cut and a later raise, a
@@ -212,8 +237,13 @@ def resize_receive_buffer(sock: socket.socket | None, size: int) -> bool:
         info = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_BYTES)
         used = int(struct.unpack_from("I", info)[0])
         current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        # Memory per byte as the queue holds it now (packet overhead), or
+        # twice the bytes for an empty queue.
+        queued = queued_bytes(sock)
+        room_memory = room * used // queued if queued else 2 * room
+        needed = min(used + room_memory, max(used, current))
         # Linux doubles the value set and keeps a minimum of its own.
-        value = max(wanted, -(-used // 2))
+        value = max(wanted, -(-needed // 2))
         if 2 * value != current:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, value)
     except (OSError, ValueError):

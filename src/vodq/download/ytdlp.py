@@ -56,6 +56,7 @@ from vodq.download import DownloadJob, DownloadResult, connections, fragments
 from vodq.download.classify import HttpErrorSeen, classify
 from vodq.download.connections import (
     MAX_RECEIVE_BUFFER_BYTES,
+    offered_window,
     queued_bytes,
     receive_buffer_for,
     resize_receive_buffer,
@@ -356,14 +357,13 @@ class _MeteredRead:
     of many seconds. A read of everything (a playlist, a page) stays whole.
 
     A connection whose rate falls below RESIZE_BELOW of the rate it started
-    at gets a receive buffer sized to the new rate (``follow_rate``), and
-    from then on its reads are charged except as far as they drain the
-    kernel's queue below its level at the cut. That queue arrived at the
-    old rate and is read free. Charged at the new rate, it took seconds
-    while the network carried nothing: after a cut from 10M to 500K, HLS
-    ran 70% to 80% short for the next 5 s. The smaller buffer stops the
-    queue from growing to the old size, which would be read at the new rate
-    in the same way.
+    at gets a receive buffer sized to the new rate (``follow_rate``). The
+    first bytes read after that cut are free: the kernel's queue at the cut,
+    then what the window offered before it brings. Both were sent at the
+    old rate. Charged at the new rate, they took seconds while the network
+    carried nothing: after a cut from 10M to 500K, HLS ran 70% to 80% short
+    for the next 5 s. The smaller buffer stops the queue from growing to the
+    old size, which would be read at the new rate in the same way.
     """
 
     def __init__(
@@ -377,9 +377,10 @@ class _MeteredRead:
         self._watch = watch
         # The rate when the connection opened, in bytes per second.
         self._opened_at = watch.bucket.rate if watch.bucket else None
-        # Since a cut: the bytes the kernel held at the cut, and the bytes
-        # read and charged since.
+        # Since a cut: the bytes the kernel held at the cut, the window the
+        # connection had offered then, and the bytes read and charged since.
         self._queued_at_cut: int | None = None
+        self._window_at_cut = 0
         self._read_since = 0
         self._charged_since = 0
         # The buffer size, in bytes, that the socket has reached since the
@@ -394,11 +395,11 @@ class _MeteredRead:
 
         charge = len(data)
         if self._queued_at_cut is not None:
-            # Reads are charged except as far as they have drained the queue
-            # below its level at the cut.
+            # The first bytes read after a cut are the queue at the cut, then
+            # what the window offered before it brought: both are free.
             self._read_since += len(data)
-            drained = max(0, self._queued_at_cut - queued_bytes(self._sock))
-            due = self._read_since - drained
+            in_window = min(self._window_at_cut, self._arrived_since())
+            due = self._read_since - self._queued_at_cut - in_window
             charge = max(0, due - self._charged_since)
             self._charged_since += charge
         if charge:
@@ -423,13 +424,21 @@ class _MeteredRead:
             if self._opened_at is not None and rate >= RESIZE_BELOW * self._opened_at:
                 return
             self._queued_at_cut = queued_bytes(self._sock)
+            self._window_at_cut = offered_window(self._sock)
 
-        # Once the buffer has the size, reads skip the three system calls.
+        # Once the buffer has the size, reads skip the system calls.
         size = self._watch.receive_buffer_at(rate)
         if size == self._resized_to:
             return
-        reached = resize_receive_buffer(self._sock, size)
+        room = max(0, self._window_at_cut - self._arrived_since())
+        reached = resize_receive_buffer(self._sock, size, room)
         self._resized_to = size if reached else None
+
+    def _arrived_since(self) -> int:
+        """Return the bytes that arrived since the cut: read, or queued now."""
+        assert self._queued_at_cut is not None, "only called after a cut"
+        queued = queued_bytes(self._sock)
+        return max(0, self._read_since + queued - self._queued_at_cut)
 
 
 def close_responses(exc: BaseException) -> None:
