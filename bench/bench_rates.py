@@ -574,7 +574,9 @@ def join_case(server: BenchServer, tag: str, rate: int, layout: str) -> dict[str
     """One pooled download runs; three join at once, and later one is cancelled.
 
     Windows start at the join and at the cancel, so the first of each
-    contains the moment the pool is split anew.
+    contains the moment the pool is split anew. Others start SKIP_S after
+    the join, when the joining downloads' first seconds are over, which
+    every other case leaves out of its windows.
     """
     names = [f"{tag}-{i}" for i in range(4)]
     urls = [server.gen_url(name, 2 * 1024 * M) for name in names]
@@ -600,6 +602,10 @@ def join_case(server: BenchServer, tag: str, rate: int, layout: str) -> dict[str
         time.sleep(2 * WINDOW_S)
     samples = stream_samples(server, names, t0 - 1)
     join = [r for _, r in window_rates(samples, joined, WINDOW_S, cancelled)]
+    # From the end of the joining downloads' first SKIP_S, as for any start.
+    settled = [
+        r for _, r in window_rates(samples, joined + SKIP_S, WINDOW_S, cancelled)
+    ]
     end = [
         r
         for _, r in window_rates(samples, cancelled, WINDOW_S, cancelled + 2 * WINDOW_S)
@@ -608,6 +614,9 @@ def join_case(server: BenchServer, tag: str, rate: int, layout: str) -> dict[str
         "layout": layout,
         "rate": rate,
         "join_dev_pct": [round((r - rate) / rate * 100, 2) for r in join],
+        "join_after_start_dev_pct": [
+            round((r - rate) / rate * 100, 2) for r in settled
+        ],
         "cancel_dev_pct": [round((r - rate) / rate * 100, 2) for r in end],
         **watch.stop(),
     }
@@ -625,7 +634,8 @@ def join_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                 run = join_case(server, f"j{layout}{label}", parse_size(label), layout)
                 runs.append(run)
                 print(
-                    f"  {layout}: {label} join windows {run['join_dev_pct']} "
+                    f"  {layout}: {label} join windows {run['join_dev_pct']}, "
+                    f"from {SKIP_S:g} s {run['join_after_start_dev_pct']}, "
                     f"cancel windows {run['cancel_dev_pct']} load {run['load_after']}",
                     flush=True,
                 )

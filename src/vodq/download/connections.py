@@ -59,8 +59,8 @@ MAX_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 # and arm64): nine 32-bit counters, the first the receive queue's memory.
 _SO_MEMINFO = 55
 _MEMINFO_BYTES = 9 * 4
-# Where struct tcp_info holds tcpi_rcv_wnd, the receive window last offered,
-# in bytes (Linux 6.2 and newer; older kernels return less).
+# Offset of tcpi_rcv_wnd in struct tcp_info: the receive window last offered,
+# in bytes. Linux 6.2 and newer fill it, and older kernels return less.
 _TCPI_RCV_WND_OFFSET = 232
 _TCP_INFO_BYTES = 512
 
@@ -237,8 +237,8 @@ def resize_receive_buffer(sock: socket.socket | None, size: int, room: int = 0) 
         info = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_BYTES)
         used = int(struct.unpack_from("I", info)[0])
         current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        # Memory per byte as the queue holds it now (packet overhead), or
-        # twice the bytes for an empty queue.
+        # Memory per byte in the queue now (packet overhead), or twice the
+        # bytes for an empty queue.
         queued = queued_bytes(sock)
         room_memory = room * used // queued if queued else 2 * room
         needed = min(used + room_memory, max(used, current))
