@@ -192,6 +192,31 @@ def test_metered_read_cut_window_free(media_server: MediaServer) -> None:
     assert first + rest == body
 
 
+def test_metered_read_slow_source_charged_after_cut(media_server: MediaServer) -> None:
+    # A source at 32 KiB/s fills the window offered at the cut over seconds;
+    # only what arrives within INVITED_S of the cut is read free.
+    body = random.Random(7).randbytes(128 * KIB)
+    url = media_server.add_file("slow.mp4", body, rate=32 * KIB)
+    bucket = RecordingBucket(160 * KIB)
+    watch = _Watch(track_validators=False, bucket=bucket)
+    bucket.on_change = watch.follow_rate
+    params = {"quiet": True, "compat_opts": {"prefer-legacy-http-handler"}}
+    with _WatchedYoutubeDL(params, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            first = response.read(4 * KIB)
+            window = connections.offered_window(socket_of(response))
+            charged_before = len(bucket.charges)
+            bucket.set_rate(16 * KIB)
+            rest = b"".join(iter(lambda: response.read(4 * KIB), b""))
+        finally:
+            response.close()
+
+    assert window >= 64 * KIB
+    assert sum(bucket.charges[charged_before:]) >= len(rest) - 56 * KIB
+    assert first + rest == body
+
+
 @pytest.fixture
 def queued_connection() -> Iterator[socket.socket]:
     """A client socket with a 1 MiB receive buffer and 64 KiB queued in it."""
