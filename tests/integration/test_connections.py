@@ -140,15 +140,25 @@ def test_queued_bytes_of_ytdlp_response(media_server: MediaServer) -> None:
             response.close()
 
 
+# yt-dlp options of the metered-read tests.
+PARAMS = {"quiet": True, "compat_opts": {"prefer-legacy-http-handler"}}
+
+
+def recording_watch(rate: float) -> tuple[RecordingBucket, _Watch]:
+    """A watch whose bucket starts at ``rate`` bytes/s, records its charges
+    and resizes the watch's connections at every change."""
+    bucket = RecordingBucket(rate)
+    watch = _Watch(track_validators=False, bucket=bucket)
+    bucket.on_change = watch.follow_rate
+    return bucket, watch
+
+
 def test_metered_read_cut_queue_free(media_server: MediaServer) -> None:
     # Sent at 256 KiB/s, so the queue fills after the first read.
     body = random.Random(4).randbytes(128 * KIB)
     url = media_server.add_file("charged.mp4", body, rate=256 * KIB)
-    bucket = RecordingBucket(160 * KIB)
-    watch = _Watch(track_validators=False, bucket=bucket)
-    bucket.on_change = watch.follow_rate
-    params = {"quiet": True, "compat_opts": {"prefer-legacy-http-handler"}}
-    with _WatchedYoutubeDL(params, watch, extractors=False) as ydl:
+    bucket, watch = recording_watch(160 * KIB)
+    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
         response = ydl.urlopen(url)
         try:
             first = response.read(4 * KIB)
@@ -178,11 +188,8 @@ def read_around_cut(
     """
     body = random.Random(name).randbytes(128 * KIB)
     url = media_server.add_file(name, body, rate=source_rate)
-    bucket = RecordingBucket(160 * KIB)
-    watch = _Watch(track_validators=False, bucket=bucket)
-    bucket.on_change = watch.follow_rate
-    params = {"quiet": True, "compat_opts": {"prefer-legacy-http-handler"}}
-    with _WatchedYoutubeDL(params, watch, extractors=False) as ydl:
+    bucket, watch = recording_watch(160 * KIB)
+    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
         response = ydl.urlopen(url)
         try:
             read = response.read(4 * KIB)
@@ -339,6 +346,33 @@ def test_small_rate_change_keeps_fragment_buffer(media_server: MediaServer) -> N
         media_server, "kept.ts", 3072 * KIB, fragmented=True
     )
     assert end == before
+
+
+def test_second_cut_keeps_room_for_offered_window(media_server: MediaServer) -> None:
+    # A raise between two cuts offers a new window, which the second cut
+    # must leave room for like the first.
+    body = random.Random(9).randbytes(1024 * KIB)
+    url = media_server.add_file("recut.mp4", body, rate=2048 * KIB)
+    bucket, watch = recording_watch(4096 * KIB)
+    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            sock = socket_of(response)
+            assert sock is not None
+            read = response.read(16 * KIB)
+            bucket.set_rate(64 * KIB)
+            read += response.read(64 * KIB)
+            bucket.set_rate(4096 * KIB)
+            read += response.read(64 * KIB)
+            window = connections.offered_window(sock)
+            bucket.set_rate(64 * KIB)
+            after = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            read += b"".join(iter(lambda: response.read(64 * KIB), b""))
+        finally:
+            response.close()
+
+    assert after >= window
+    assert read == body
 
 
 def test_offered_window_of_new_connection(listener: tuple[str, int]) -> None:

@@ -382,8 +382,10 @@ class _MeteredRead:
         self._read = read
         self._sock = sock
         self._watch = watch
-        # The rate when the connection opened, in bytes per second.
-        self._opened_at = watch.bucket.rate if watch.bucket else None
+        # The rate a cut is measured against, in bytes per second: the rate
+        # at the connection's start or at the last cut, or any higher rate
+        # since. None while there is no limit.
+        self._reference = watch.bucket.rate if watch.bucket else None
         # Since a cut: the bytes the kernel held at the cut, the window the
         # connection had offered then, and the bytes read and charged since.
         self._queued_at_cut: int | None = None
@@ -424,20 +426,21 @@ class _MeteredRead:
         return data
 
     def follow_rate(self) -> None:
-        """Resize the receive buffer to the rate, once it has fallen below
-        RESIZE_BELOW of the rate at the connection's start (or a limit came
-        to one opened without), and again at each call until it has that
-        size."""
+        """Resize the receive buffer to the rate, from the first time it falls
+        below RESIZE_BELOW of the rate at the connection's start (or a limit
+        comes to one opened without), and again at each call until it has
+        that size. Each later cut of that size, after a raise, starts anew."""
         rate = self._watch.bucket.rate if self._watch.bucket else None
-        if self._queued_at_cut is None:
-            if rate is None:
-                return
+        if rate is None:
+            self._reference = None
+        elif self._reference is None or rate < RESIZE_BELOW * self._reference:
             # A connection opened without a limit counts as cut by any.
-            if self._opened_at is not None and rate >= RESIZE_BELOW * self._opened_at:
-                return
-            self._queued_at_cut = queued_bytes(self._sock)
-            self._window_at_cut = offered_window(self._sock)
-            self._cut_at = time.monotonic()
+            self._start_cut()
+            self._reference = rate
+        else:
+            self._reference = max(self._reference, rate)
+        if self._queued_at_cut is None:
+            return
 
         # Once the buffer has the size, reads skip the system calls.
         size = self._watch.receive_buffer_at(rate)
@@ -446,6 +449,16 @@ class _MeteredRead:
         room = max(0, self._window_at_cut - self._arrived_since())
         reached = resize_receive_buffer(self._sock, size, room)
         self._resized_to = size if reached else None
+
+    def _start_cut(self) -> None:
+        """Note the queue and the offered window at a cut, from which the
+        buffer shrinks and the free reads are counted."""
+        self._queued_at_cut = queued_bytes(self._sock)
+        self._window_at_cut = offered_window(self._sock)
+        self._cut_at = time.monotonic()
+        self._read_since = 0
+        self._charged_since = 0
+        self._resized_to = None
 
     def _arrived_since(self) -> int:
         """Return the bytes that arrived since the cut: read, or queued now."""
