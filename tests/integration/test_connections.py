@@ -213,9 +213,9 @@ def test_metered_read_cut_window_free(media_server: MediaServer) -> None:
     assert read == body
 
 
-def test_metered_read_slow_source_charged_after_cut(media_server: MediaServer) -> None:
-    # A source at 32 KiB/s fills the window offered at the cut over seconds;
-    # only what arrives within INVITED_S of the cut is read free.
+def test_metered_read_slow_source_charged(media_server: MediaServer) -> None:
+    # A source at 32 KiB/s fills the window offered at the cut over seconds,
+    # and only what arrives within INVITED_S of the cut is read free.
     body, read, window, charged = read_around_cut(
         media_server, "slow.mp4", 32 * KIB, 16 * KIB
     )
@@ -318,7 +318,7 @@ def test_rate_cut_resizes_fragment_connection(media_server: MediaServer) -> None
     assert end < before
 
 
-def test_rate_cut_keeps_room_for_offered_window(media_server: MediaServer) -> None:
+def test_rate_cut_keeps_room(media_server: MediaServer) -> None:
     # Bytes the connection had already invited would find no room and be
     # dropped, and the server would wait out a timeout to send them again.
     before, after, _ = buffers_around_change(
@@ -348,7 +348,7 @@ def test_small_rate_change_keeps_fragment_buffer(media_server: MediaServer) -> N
     assert end == before
 
 
-def test_second_cut_keeps_room_for_offered_window(media_server: MediaServer) -> None:
+def test_second_cut_keeps_room(media_server: MediaServer) -> None:
     # A raise between two cuts offers a new window, which the second cut
     # must leave room for like the first.
     body = random.Random(9).randbytes(1024 * KIB)

@@ -213,17 +213,18 @@ def offered_window(sock: socket.socket | None) -> int:
 
 
 def resize_receive_buffer(sock: socket.socket | None, size: int, room: int = 0) -> bool:
-    """Set ``sock``'s receive buffer to ``size`` bytes, but leave the memory
-    its queue uses now and room for ``room`` bytes more still on their way;
-    return whether it is ``size`` now.
+    """Set ``sock``'s receive buffer to ``size`` bytes, or more if needed.
+
+    The buffer keeps the memory its queue uses now, and room for ``room``
+    bytes that are still on their way. Return whether it is ``size`` now.
 
     For a rate change on an open connection. A buffer sized to the old rate
     keeps taking bytes at it after a cut. A plain file's buffer, grown by
     autotuning at 10M, made its source send in bursts about 1.5 s apart at
     500K. A packet that finds the buffer full is dropped and sent again by
     the server, after a timeout that doubles while the buffer stays full:
-    HLS at 500K then stalled for 1.5 s after a cut. The room for what is
-    on its way never raises the buffer. Only on Linux, whose SO_MEMINFO
+    HLS at 500K then stalled for 1.5 s after a cut. The room never makes
+    the buffer larger than it is. Only on Linux, whose SO_MEMINFO
     gives the queue's memory; elsewhere nothing changes.
 
     NOTE: the kernel caps the value at net.core.rmem_max, and a resized

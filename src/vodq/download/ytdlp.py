@@ -103,10 +103,11 @@ MIN_READ_BLOCK_BYTES = 4096
 RESIZE_BELOW = 0.25
 
 
-# Seconds after a cut within which the bytes of the window offered before it
-# arrive and are read free. A source that sends them more slowly than the old
-# rate would otherwise get them all free, at any pace. The benchmark server
-# filled the window within 0.5 s, and one round trip is enough on any path.
+# Seconds after a cut during which the bytes of the window offered before it
+# are read free. Without a bound, a source slower than the old rate would get
+# the whole window free at its own pace. The benchmark server on 127.0.0.1
+# filled the window within 0.5 s, and a sender with data fills it within
+# about one round trip.
 INVITED_S = 1.0
 
 
@@ -363,11 +364,12 @@ class _MeteredRead:
     PATCH, or a pool shared by more downloads) would be met only in blocks
     of many seconds. A read of everything (a playlist, a page) stays whole.
 
-    A connection whose rate falls below RESIZE_BELOW of the rate it started
-    at gets a receive buffer sized to the new rate (``follow_rate``). The
-    first bytes read after that cut are free: the kernel's queue at the cut,
-    then what the window offered before it brings. Both were sent at the
-    old rate. Charged at the new rate, they took seconds while the network
+    A connection whose rate falls below RESIZE_BELOW of its reference rate
+    (the rate at its start or last such cut, or any higher rate since) gets a
+    receive buffer sized to the new rate (``follow_rate``). The first bytes
+    read after that cut are free: the kernel's queue at the cut, then what
+    the window offered before it brings within INVITED_S. Both were sent at
+    the old rate. Charged at the new rate, they took seconds while the network
     carried nothing: after a cut from 10M to 500K, HLS ran 70% to 80% short
     for the next 5 s. The smaller buffer stops the queue from growing to the
     old size, which would be read at the new rate in the same way.
@@ -405,12 +407,13 @@ class _MeteredRead:
 
         charge = len(data)
         if self._queued_at_cut is not None:
-            # The first bytes read after a cut are the queue at the cut, then
-            # what the window offered before it brought: both are free.
+            # Free after a cut: the queue at the cut, then what the window
+            # offered before it brought.
             self._read_since += len(data)
             arrived = self._arrived_since()
             if time.monotonic() - self._cut_at > INVITED_S:
-                # Later bytes came at the source's pace, not the old rate.
+                # Bytes that come later were sent at the source's pace, so
+                # the window stops growing the free part.
                 self._window_at_cut = min(self._window_at_cut, arrived)
             in_window = min(self._window_at_cut, arrived)
             due = self._read_since - self._queued_at_cut - in_window
@@ -426,10 +429,14 @@ class _MeteredRead:
         return data
 
     def follow_rate(self) -> None:
-        """Resize the receive buffer to the rate, from the first time it falls
-        below RESIZE_BELOW of the rate at the connection's start (or a limit
-        comes to one opened without), and again at each call until it has
-        that size. Each later cut of that size, after a raise, starts anew."""
+        """Resize the receive buffer to the rate once it falls below
+        RESIZE_BELOW of the reference rate, and again at each call until the
+        buffer has that size.
+
+        A limit on a connection opened without one counts as such a cut.
+        Each cut takes a fresh snapshot (``_start_cut``), so a second cut
+        after a raise leaves room for the window the raise offered.
+        """
         rate = self._watch.bucket.rate if self._watch.bucket else None
         if rate is None:
             self._reference = None
@@ -451,8 +458,8 @@ class _MeteredRead:
         self._resized_to = size if reached else None
 
     def _start_cut(self) -> None:
-        """Note the queue and the offered window at a cut, from which the
-        buffer shrinks and the free reads are counted."""
+        """Record the queue and the offered window at a cut: the buffer
+        shrinks from them, and the free reads are counted from them."""
         self._queued_at_cut = queued_bytes(self._sock)
         self._window_at_cut = offered_window(self._sock)
         self._cut_at = time.monotonic()
