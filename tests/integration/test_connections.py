@@ -408,3 +408,55 @@ def test_resize_receive_buffer_reports_size_reached(
     # 64 KiB queued needs more than 4 KiB, but not more than 512 KiB.
     assert connections.resize_receive_buffer(queued_connection, 4 * KIB) is False
     assert connections.resize_receive_buffer(queued_connection, 512 * KIB) is True
+
+
+def read_plain(
+    media_server: MediaServer, name: str, rate: float
+) -> tuple[bytes, bytes, int, int, int]:
+    """Read a 1 MiB file sent at 2 MiB/s, limited to ``rate`` bytes/s.
+
+    Return the body, the bytes read, the receive buffer after the first
+    read and before the last block, and the bytes charged.
+    """
+    body = random.Random(name).randbytes(1024 * KIB)
+    url = media_server.add_file(name, body, rate=2048 * KIB)
+    bucket, watch = recording_watch(rate)
+    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            sock = socket_of(response)
+            assert sock is not None
+            read = response.read(4 * KIB)
+            first = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            # All but the last block: at the end of the body the socket closes.
+            while len(read) < len(body) - 64 * KIB:
+                read += response.read(16 * KIB)
+            end = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            read += b"".join(iter(lambda: response.read(16 * KIB), b""))
+        finally:
+            response.close()
+    return body, read, first, end, sum(bucket.charges)
+
+
+def test_plain_connection_in_band_sized_to_rate(media_server: MediaServer) -> None:
+    _, _, _, end, _ = read_plain(media_server, "band.mp4", 160 * KIB)
+    # Linux doubles the value set.
+    assert end == 2 * receive_buffer_for(160 * KIB, 1)
+
+
+def test_plain_connection_in_band_charges_every_byte(
+    media_server: MediaServer,
+) -> None:
+    body, read, _, _, charged = read_plain(media_server, "charged.mp4", 160 * KIB)
+    assert read == body
+    assert charged == len(body)
+
+
+def test_plain_connection_above_band_keeps_buffer(media_server: MediaServer) -> None:
+    _, _, first, end, _ = read_plain(media_server, "above.mp4", 1024 * KIB)
+    assert end >= first
+
+
+def test_plain_connection_below_band_keeps_buffer(media_server: MediaServer) -> None:
+    _, _, first, end, _ = read_plain(media_server, "below.mp4", 64 * KIB)
+    assert end >= first

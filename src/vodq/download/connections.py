@@ -212,11 +212,19 @@ def offered_window(sock: socket.socket | None) -> int:
     return int(struct.unpack_from("I", info, _TCPI_RCV_WND_OFFSET)[0])
 
 
-def resize_receive_buffer(sock: socket.socket | None, size: int, room: int = 0) -> bool:
+def resize_receive_buffer(
+    sock: socket.socket | None, size: int, room: int = 0, keep_queue: bool = True
+) -> bool:
     """Set ``sock``'s receive buffer to ``size`` bytes, or more if needed.
 
     The buffer keeps the memory its queue uses now, and room for ``room``
     bytes that are still on their way. Return whether it is ``size`` now.
+    With ``keep_queue`` False and no room, it goes to ``size`` at once: the
+    kernel then offers no window until the queue drains below it. A buffer
+    kept at the queue's memory shrank little on 127.0.0.1, whose segments
+    the kernel joins into one buffer that is freed only when read whole. A
+    packet already on its way may be dropped then, and the server sends it
+    again (about one per connection in bench/bench_rates.py).
 
     For a rate change on an open connection. A buffer sized to the old rate
     keeps taking bytes at it after a cut. A plain file's buffer, grown by
@@ -245,6 +253,8 @@ def resize_receive_buffer(sock: socket.socket | None, size: int, room: int = 0) 
         queued = queued_bytes(sock)
         room_memory = room * used // queued if queued else 2 * room
         needed = min(used + room_memory, max(used, current))
+        if not keep_queue and not room:
+            needed = 0
         # Linux doubles the value set and keeps a minimum of its own.
         value = max(wanted, -(-needed // 2))
         if 2 * value != current:
