@@ -91,6 +91,8 @@ class Options:
     server_sndbuf: int = 8 * K
     # --write: bytes per logged server write, the measurement's resolution.
     write_bytes: int = 16 * K
+    # --mss: the largest TCP segment the server announces, in bytes, or None.
+    mss: int | None = None
 
 
 # Files are this many times longer than the measurement needs at the
@@ -310,7 +312,9 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.no_cluster:
         clients.insert(1, "vodq cluster")
     with serving(
-        sndbuf=Options.server_sndbuf, write_bytes=Options.write_bytes
+        sndbuf=Options.server_sndbuf,
+        write_bytes=Options.write_bytes,
+        mss=Options.mss,
     ) as server:
         index = 0
         for _repeat in range(args.repeat):
@@ -543,7 +547,9 @@ def patch_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     steps = ["3M"] if args.quick else ["3M", "9M"]
     runs = []
     with serving(
-        sndbuf=Options.server_sndbuf, write_bytes=Options.write_bytes
+        sndbuf=Options.server_sndbuf,
+        write_bytes=Options.write_bytes,
+        mss=Options.mss,
     ) as server:
         for layout in args.patch_layouts.split(","):
             for index in range(1 if args.quick else args.patch_repeat):
@@ -627,7 +633,9 @@ def join_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     rates = ["2M"] if args.quick else args.rates.split(",")
     layouts = ["serve"] if args.no_cluster else ["serve", "cluster"]
     with serving(
-        sndbuf=Options.server_sndbuf, write_bytes=Options.write_bytes
+        sndbuf=Options.server_sndbuf,
+        write_bytes=Options.write_bytes,
+        mss=Options.mss,
     ) as server:
         for label in rates:
             for layout in layouts:
@@ -708,7 +716,9 @@ def cut_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     runs = []
     with serving(
-        sndbuf=Options.server_sndbuf, write_bytes=Options.write_bytes
+        sndbuf=Options.server_sndbuf,
+        write_bytes=Options.write_bytes,
+        mss=Options.mss,
     ) as server:
         for segment in (0, 2 * M, 8 * M):
             for variable, count in layouts:
@@ -796,6 +806,9 @@ def main() -> int:
         "--sndbuf", default=DEFAULT_SNDBUF, help="the server's SO_SNDBUF, such as 64K"
     )
     parser.add_argument(
+        "--mss", default="0", help="the server's TCP_MAXSEG, such as 1448; 0: none"
+    )
+    parser.add_argument(
         "--write", default="16K", help="bytes per logged server write, such as 2K"
     )
     parser.add_argument(
@@ -828,6 +841,7 @@ def main() -> int:
         Options.segment_bytes = parse_size(args.segment)
     Options.server_sndbuf = parse_size(args.sndbuf)
     Options.write_bytes = parse_size(args.write)
+    Options.mss = parse_size(args.mss) or None
     if args.quick:
         args.windows = 1
         args.repeat = 1

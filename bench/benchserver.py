@@ -102,6 +102,15 @@ class _Server(http.server.ThreadingHTTPServer):
         self.bench = bench
         super().__init__(("127.0.0.1", 0), _Handler)
 
+    def server_bind(self) -> None:
+        if self.bench.mss:
+            # Set before listen, so that the SYN-ACK announces it and both
+            # ends send segments of at most this size.
+            self.socket.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_MAXSEG, self.bench.mss
+            )
+        super().server_bind()
+
     def handle_error(self, request: object, client_address: object) -> None:
         # Clients close connections on purpose (a probe, a stopped download).
         error = sys.exc_info()[1]
@@ -275,9 +284,11 @@ class BenchServer:
         folder: Path | None = None,
         sndbuf: int | None = None,
         write_bytes: int = WRITE_BYTES,
+        mss: int | None = None,
     ) -> None:
         self.folder = folder
         self.sndbuf = sndbuf
+        self.mss = mss
         self.write_bytes = write_bytes
         self.block_view = memoryview(generated_block())
         self.log = SendLog()
@@ -372,6 +383,9 @@ def serving(
     folder: Path | None = None,
     sndbuf: int | None = None,
     write_bytes: int = WRITE_BYTES,
+    mss: int | None = None,
 ) -> Iterator[BenchServer]:
-    with BenchServer(folder=folder, sndbuf=sndbuf, write_bytes=write_bytes) as server:
+    with BenchServer(
+        folder=folder, sndbuf=sndbuf, write_bytes=write_bytes, mss=mss
+    ) as server:
         yield server
