@@ -355,7 +355,14 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        body[name.strip().upper()] = value if value.strip() else None
+        variable = name.strip().upper()
+        if variable in body:
+            print(
+                f"vodq: {variable} is given twice; give each variable once",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        body[variable] = value if value.strip() else None
     path = "/admin/config?stop_excess=true" if args.stop_excess else "/admin/config"
     return _call(settings, args.server, "PATCH", path, body)
 

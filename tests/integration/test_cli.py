@@ -131,3 +131,24 @@ def test_serve_second_signal_exits_at_once(
         if process.poll() is None:
             process.kill()
             process.wait(timeout=5)
+
+
+def test_config_rejects_variable_given_twice(tmp_path: Path) -> None:
+    # Refused before any request, so no server is needed.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vodq",
+            "config",
+            "DOWNLOAD_RATE_LIMIT=1M",
+            "download_rate_limit=2M",
+        ],
+        cwd=tmp_path,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "DOWNLOAD_RATE_LIMIT is given twice" in result.stderr.decode()

@@ -131,6 +131,22 @@ def test_patch_config_rejects_unknown_variable(make_service: ServiceFactory) -> 
     assert response.json()["error"].startswith("DB_DSN cannot change at runtime")
 
 
+def test_patch_config_rejects_two_spellings(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False, MAX_CONCURRENT_DOWNLOADS="2")
+    response = call(
+        service,
+        "PATCH",
+        "/admin/config",
+        {"max_concurrent_downloads": 3, "MAX_CONCURRENT_DOWNLOADS": 4},
+    )
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "'max_concurrent_downloads' and 'MAX_CONCURRENT_DOWNLOADS' both "
+        "set MAX_CONCURRENT_DOWNLOADS; send it once"
+    }
+    assert service.status()["max_concurrent_downloads"] == 2
+
+
 def test_patch_config_null_restores_environment(make_service: ServiceFactory) -> None:
     service = make_service(run_worker=False, DOWNLOAD_MAX_ATTEMPTS="7")
     call(service, "PATCH", "/admin/config", {"download_max_attempts": 2})

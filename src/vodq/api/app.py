@@ -180,11 +180,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
 
     @app.patch("/admin/config", response_model=ConfigReport, responses=ADMIN_ERRORS)
     def patch_config(body: ConfigChanges, stop_excess: bool = False) -> ConfigReport:
-        changes = {
-            name.strip().upper(): None if value is None else str(value)
-            for name, value in body.items()
-        }
-        service.update_config(changes, stop_excess=stop_excess)
+        service.update_config(_config_changes(body), stop_excess=stop_excess)
         return _config_out(service.config_report())
 
     @app.post("/admin/queue/pause", response_model=PauseOut, responses=ADMIN_ERRORS)
@@ -199,6 +195,23 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
         return PauseOut(status="ok", paused=False, stopped=0)
 
     return app
+
+
+def _config_changes(body: ConfigChanges) -> dict[str, str | None]:
+    """Map each variable of a PATCH body, in any case, to its new value."""
+    changes: dict[str, str | None] = {}
+    spellings: dict[str, str] = {}
+    for name, value in body.items():
+        variable = name.strip().upper()
+        if variable in spellings:
+            # Applying one of them would drop the other unannounced.
+            raise InvalidInput(
+                f"{spellings[variable]!r} and {name!r} both set {variable}; "
+                "send it once"
+            )
+        spellings[variable] = name
+        changes[variable] = None if value is None else str(value)
+    return changes
 
 
 def _config_out(report: dict[str, dict[str, Any]]) -> ConfigReport:
