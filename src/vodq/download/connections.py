@@ -220,11 +220,12 @@ def resize_receive_buffer(
     The buffer keeps the memory its queue uses now, and room for ``room``
     bytes that are still on their way. Return whether it is ``size`` now.
     With ``keep_queue`` False and no room, it goes to ``size`` at once: the
-    kernel then offers no window until the queue drains below it. A buffer
-    kept at the queue's memory shrank little on 127.0.0.1, whose segments
-    the kernel joins into one buffer that is freed only when read whole. A
-    packet already on its way may be dropped then, and the server sends it
-    again (about one per connection in bench/bench_rates.py).
+    kernel then offers no window until the queue drains below it. On
+    127.0.0.1 the kernel joins arriving segments into the buffer being read,
+    which is freed only when read whole, so a buffer kept at the queue's
+    memory shrank little. A packet already on its way may be dropped, and
+    the server sends it again (about one per connection in
+    bench/bench_rates.py).
 
     For a rate change on an open connection. A buffer sized to the old rate
     keeps taking bytes at it after a cut. A plain file's buffer, grown by

@@ -106,11 +106,11 @@ RESIZE_BELOW = 0.25
 # A plain HTTP connection whose rate lies in this band, in bytes per second,
 # gets a receive buffer sized to the rate from its first read, and its bytes
 # are charged as usual. With the kernel's autotuned buffer the source sends
-# in bursts of 112 to 128 KiB (Linux offers the window again when half the
-# buffer is free), and three downloads pooled at 500K, 167 KB/s each, had 5 s
-# windows up to 6.6% off; sized, within 2.7%. Below the band a sized buffer
-# did worse on 127.0.0.1 (64K per download +6.9%, against -2.5%), and above
-# it a burst is a small part of a window.
+# in bursts of 112 to 128 KiB, because Linux offers the window again when
+# half the buffer is free. Three downloads pooled at 500K, 167 KB/s each,
+# then had 5 s windows up to 6.6% off; sized, within 4.7% in 20 runs. Below
+# the band a sized buffer did worse on 127.0.0.1 (64K per download +6.9%,
+# against -2.5%), and above it a burst is a small part of a window.
 PLAIN_SIZED_RATES = (98_304.0, 262_144.0)
 
 # Seconds after a cut during which the bytes of the window offered before it
@@ -406,7 +406,7 @@ class _MeteredRead:
         self._read_since = 0
         self._charged_since = 0
         # Whether the bytes that came before the last snapshot read free.
-        self._free = True
+        self._reads_free = True
         # The buffer size, in bytes, that the socket has reached since the
         # last resize; None while the queue still holds it above that.
         self._resized_to: int | None = None
@@ -420,7 +420,7 @@ class _MeteredRead:
         charge = len(data)
         if self._queued_at_cut is not None:
             self._read_since += len(data)
-        if self._queued_at_cut is not None and self._free:
+        if self._queued_at_cut is not None and self._reads_free:
             # Free after a cut: the queue at the cut, then what the window
             # offered before it brought.
             arrived = self._arrived_since()
@@ -470,7 +470,9 @@ class _MeteredRead:
         if size == self._resized_to:
             return
         room = max(0, self._window_at_cut - self._arrived_since())
-        reached = resize_receive_buffer(self._sock, size, room, keep_queue=self._free)
+        reached = resize_receive_buffer(
+            self._sock, size, room, keep_queue=self._reads_free
+        )
         self._resized_to = size if reached else None
 
     def _start_cut(self, free: bool = True) -> None:
@@ -481,7 +483,7 @@ class _MeteredRead:
         bytes came at the rate in force, so none is read free, and its
         buffer may shrink below the queue.
         """
-        self._free = free
+        self._reads_free = free
         self._queued_at_cut = queued_bytes(self._sock)
         self._window_at_cut = offered_window(self._sock)
         self._cut_at = time.monotonic()
