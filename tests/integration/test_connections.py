@@ -253,12 +253,22 @@ def test_resize_receive_buffer_keeps_queue(queued_connection: socket.socket) -> 
     assert queued_bytes(queued_connection) == 64 * KIB
 
 
-def test_resize_receive_buffer_not_below_queue(
+def test_resize_receive_buffer_with_room_not_below_queue(
     queued_connection: socket.socket,
 ) -> None:
-    connections.resize_receive_buffer(queued_connection, 4 * KIB)
+    connections.resize_receive_buffer(queued_connection, 4 * KIB, room=16 * KIB)
     after = queued_connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     assert after >= 64 * KIB
+
+
+def test_resize_receive_buffer_without_room_below_queue(
+    queued_connection: socket.socket,
+) -> None:
+    # Nothing more is on its way, so the kernel only stops offering a window
+    # until the queue drains.
+    connections.resize_receive_buffer(queued_connection, 4 * KIB)
+    after = queued_connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert after < 64 * KIB
 
 
 def test_queued_bytes_without_socket_is_zero() -> None:
@@ -405,9 +415,11 @@ def test_metered_read_forgets_ended_body(media_server: MediaServer) -> None:
 def test_resize_receive_buffer_reports_size_reached(
     queued_connection: socket.socket,
 ) -> None:
-    # 64 KiB queued needs more than 4 KiB, but not more than 512 KiB.
-    assert connections.resize_receive_buffer(queued_connection, 4 * KIB) is False
-    assert connections.resize_receive_buffer(queued_connection, 512 * KIB) is True
+    # 64 KiB queued and 16 KiB on the way need more than 4 KiB, but not more
+    # than 512 KiB.
+    resize = connections.resize_receive_buffer
+    assert resize(queued_connection, 4 * KIB, room=16 * KIB) is False
+    assert resize(queued_connection, 512 * KIB, room=16 * KIB) is True
 
 
 def read_plain(

@@ -212,35 +212,33 @@ def offered_window(sock: socket.socket | None) -> int:
     return int(struct.unpack_from("I", info, _TCPI_RCV_WND_OFFSET)[0])
 
 
-def resize_receive_buffer(
-    sock: socket.socket | None, size: int, room: int = 0, keep_queue: bool = True
-) -> bool:
+def resize_receive_buffer(sock: socket.socket | None, size: int, room: int = 0) -> bool:
     """Set ``sock``'s receive buffer to ``size`` bytes, or more if needed.
 
-    The buffer keeps the memory its queue uses now, and room for ``room``
-    bytes that are still on their way. Return whether it is ``size`` now.
-    With ``keep_queue`` False and no room, it goes to ``size`` at once: the
-    kernel then offers no window until the queue drains below it. On
-    127.0.0.1 the kernel joins arriving segments into the buffer being read,
-    which is freed only when read whole, so a buffer kept at the queue's
-    memory shrank little. A packet already on its way may be dropped, and
-    the server sends it again (about one per connection in
-    bench/bench_rates.py).
+    While ``room`` bytes are still on their way, the buffer keeps the memory
+    its queue uses now and room for them. Then it goes to ``size``, below
+    the queue if need be: the kernel offers no window until the queue
+    drains below it. Return whether it is ``size`` now.
 
     For a rate change on an open connection. A buffer sized to the old rate
     keeps taking bytes at it after a cut. A plain file's buffer, grown by
     autotuning at 10M, made its source send in bursts about 1.5 s apart at
     500K. A packet that finds the buffer full is dropped and sent again by
     the server, after a timeout that doubles while the buffer stays full:
-    HLS at 500K then stalled for 1.5 s after a cut. The room never makes
-    the buffer larger than it is. Only on Linux, whose SO_MEMINFO
-    gives the queue's memory; elsewhere nothing changes.
+    HLS at 500K stalled for 1.5 s after a cut, before the room. A buffer
+    held at its queue's memory after that shrank little, because the kernel
+    joins arriving segments into the buffer being read, which is freed only
+    when read whole. A download cut from 10M to 64K, from a server with a
+    large send buffer, then dropped packets every second and ran 34% to 98%
+    short over 1.4 KiB segments. The room never makes the buffer larger
+    than it is. Only on Linux, whose SO_MEMINFO gives the queue's memory;
+    elsewhere nothing changes.
 
     NOTE: the kernel caps the value at net.core.rmem_max, and a resized
     connection loses autotuning for good. After a cut and a later raise, a
     path with a long round trip may carry less than the new limit. On
     loopback (64 KiB segments) a plain download cut from 10M to 64K
-    settled near 52K, probably because its buffer is below two segments.
+    settled near 52K, because its buffer is smaller than one segment.
     """
     if sock is None or not sys.platform.startswith("linux"):
         return True
@@ -253,9 +251,7 @@ def resize_receive_buffer(
         # bytes for an empty queue.
         queued = queued_bytes(sock)
         room_memory = room * used // queued if queued else 2 * room
-        needed = min(used + room_memory, max(used, current))
-        if not keep_queue and not room:
-            needed = 0
+        needed = min(used + room_memory, max(used, current)) if room else 0
         # Linux doubles the value set and keeps a minimum of its own.
         value = max(wanted, -(-needed // 2))
         if 2 * value != current:

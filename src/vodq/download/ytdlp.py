@@ -470,9 +470,7 @@ class _MeteredRead:
         if size == self._resized_to:
             return
         room = max(0, self._window_at_cut - self._arrived_since())
-        reached = resize_receive_buffer(
-            self._sock, size, room, keep_queue=self._reads_free
-        )
+        reached = resize_receive_buffer(self._sock, size, room)
         self._resized_to = size if reached else None
 
     def _start_cut(self, free: bool = True) -> None:
@@ -480,8 +478,7 @@ class _MeteredRead:
         shrinks from them, and the free reads are counted from them.
 
         ``free`` False sizes a plain connection in PLAIN_SIZED_RATES: its
-        bytes came at the rate in force, so none is read free, and its
-        buffer may shrink below the queue.
+        bytes came at the rate in force, so none is read free.
         """
         self._reads_free = free
         self._queued_at_cut = queued_bytes(self._sock)
