@@ -878,15 +878,18 @@ class Scheduler:
             log.debug("could not read the pool's demands: %s", exc)
         return self._demands
 
-    def apply_rates(self) -> None:
+    def apply_rates(self, *, exact: bool = False) -> None:
         """Give running downloads the rate in force now, not at the next heartbeat.
 
-        A failure is logged, and the next heartbeat applies the rates.
+        ``exact`` applies every change, however small: an operator's new
+        limit of 255K on a download at 256K must not be taken for a share
+        measured a little differently. A failure is logged, and the next
+        heartbeat applies the rates.
         """
         try:
             running = self.running()
             if running:
-                self._apply_rates(running)
+                self._apply_rates(running, exact=exact)
         except Exception as exc:
             log.warning(
                 "could not apply the rate limits to running downloads: %s; the "
@@ -896,14 +899,16 @@ class Scheduler:
                 extra={"worker_id": self.worker_id, "action": "rates"},
             )
 
-    def _apply_rates(self, running: list[RunningDownload]) -> None:
+    def _apply_rates(
+        self, running: list[RunningDownload], *, exact: bool = False
+    ) -> None:
         # The heartbeat, a finished download, a PATCH and a wake-up from
         # another worker all apply rates. They run one at a time, so that each
         # reads the demands and samples that the previous one wrote.
         with self._rates_lock:
             for entry, rate in zip(running, self._rates(running), strict=True):
                 old = entry.bucket.rate
-                if old is None or rate is None:
+                if old is None or rate is None or exact:
                     changed = old != rate
                 else:
                     changed = abs(rate - old) > MIN_RATE_CHANGE * old

@@ -285,7 +285,7 @@ class Service:
             extra={"changes": dict(changes), "stopped": stopped, "action": "config"},
         )
         if self.scheduler is not None:
-            self.scheduler.apply_rates()
+            self.scheduler.apply_rates(exact=True)
         # Workers on PostgreSQL apply the change when this wake-up reaches
         # them; others at their next settings refresh and heartbeat (about 2 s).
         self._wake_stages()
@@ -361,7 +361,7 @@ class Service:
         if reason == CONFIG_CHANGED and self.runtime is not None:
             self.runtime.refresh()
         if reason in (CONFIG_CHANGED, RATES_CHANGED) and self.scheduler is not None:
-            self.scheduler.apply_rates()
+            self.scheduler.apply_rates(exact=reason == CONFIG_CHANGED)
         if self.scheduler is not None:
             self.scheduler.wake()
         if self.upload_stage is not None:

@@ -202,6 +202,19 @@ def test_rate_change_applies_to_running_download(
     service.cancel_vod("live")
 
 
+def test_small_rate_change_applies_to_running_download(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    # 1000K to 999K is below the change a heartbeat applies, but the
+    # operator asked for it.
+    service = make_service(DOWNLOAD_RATE_LIMIT="1000K")
+    add_slow(service, media_server, "small", 8192 * KIB)
+    wait_for(lambda: rates(service) == [1000 * KIB], timeout_s=10)
+    service.update_config({"DOWNLOAD_RATE_LIMIT": "999K"})
+    wait_for(lambda: rates(service) == [999 * KIB], timeout_s=5)
+    service.cancel_vod("small")
+
+
 def test_speed_follows_lowered_rate(
     make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
