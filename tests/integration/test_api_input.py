@@ -14,8 +14,9 @@ from vodq.service import Service
 
 
 def request(
-    service: Service, method: str, path: str, body: Any = None
+    service: Service, method: str, path: str, body: Any = None, *, raw: str = ""
 ) -> httpx.Response:
+    """Send ``body`` as JSON, or ``raw`` as it is with a JSON content type."""
     app = create_app(service, manage_lifecycle=False)
 
     async def send() -> httpx.Response:
@@ -23,9 +24,51 @@ def request(
         async with httpx.AsyncClient(
             transport=transport, base_url="http://localhost:8080", trust_env=False
         ) as client:
+            if raw:
+                return await client.request(
+                    method,
+                    path,
+                    content=raw,
+                    headers={"Content-Type": "application/json"},
+                )
             return await client.request(method, path, json=body)
 
     return anyio.run(send)
+
+
+def test_config_rejects_repeated_key(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False, MAX_CONCURRENT_DOWNLOADS="2")
+    response = request(
+        service,
+        "PATCH",
+        "/admin/config",
+        raw='{"MAX_CONCURRENT_DOWNLOADS": 3, "MAX_CONCURRENT_DOWNLOADS": 4}',
+    )
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "the request body names 'MAX_CONCURRENT_DOWNLOADS' twice; send "
+        "each key once"
+    }
+    assert service.status()["max_concurrent_downloads"] == 2
+
+
+def test_add_rejects_repeated_key(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False)
+    response = request(
+        service,
+        "POST",
+        "/admin/vods",
+        raw='{"url": "http://127.0.0.1/a.mp4", "priority": 1, "priority": 9}',
+    )
+    assert response.status_code == 400
+    assert "names 'priority' twice" in response.json()["error"]
+    assert service.queue.counts().by_state == {}
+
+
+def test_malformed_json_still_reported_by_route(make_service: ServiceFactory) -> None:
+    service = make_service(run_worker=False)
+    response = request(service, "PATCH", "/admin/config", raw='{"A": ')
+    assert response.status_code == 422
 
 
 @pytest.mark.parametrize(

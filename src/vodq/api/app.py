@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,6 +14,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vodq.api.auth import install_admin_auth
+from vodq.api.json_body import reject_repeated_keys
 from vodq.api.limits import BodySizeLimit
 from vodq.api.models import (
     BatchPriorityIn,
@@ -73,7 +74,11 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     # No trailing-slash redirects: they would be built from the client's Host
     # header and send a POST with its body wherever that names.
     app = FastAPI(
-        title="vodq", version="0.1.0", lifespan=lifespan, redirect_slashes=False
+        title="vodq",
+        version="0.1.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        dependencies=[Depends(reject_repeated_keys)],
     )
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
