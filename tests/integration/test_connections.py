@@ -456,6 +456,11 @@ def test_plain_connection_in_band_sized_to_rate(media_server: MediaServer) -> No
     assert end == 2 * receive_buffer_for(160 * KIB, 1)
 
 
+def test_plain_connection_at_band_top_sized_to_rate(media_server: MediaServer) -> None:
+    _, _, _, end, _ = read_plain(media_server, "top.mp4", 256 * KIB)
+    assert end == 2 * receive_buffer_for(256 * KIB, 1)
+
+
 def test_plain_connection_in_band_charges_every_byte(
     media_server: MediaServer,
 ) -> None:

@@ -14,7 +14,10 @@ While a download fetches fragments, each new connection gets a receive
 buffer of ``RECEIVE_BUFFER_S`` seconds of its share of the rate in force,
 set before it connects so that the window agreed in the handshake fits it.
 Plain HTTP connections keep the kernel's autotuning, because they last the
-whole download and a small buffer would cap them after the rate is raised.
+whole download and a buffer set here never grows by itself again. Only at
+96 KiB/s to 256 KiB/s, where the bursts of an autotuned buffer are a large
+part of a 5 s window, does a plain connection get a buffer sized to its
+rate, from its first read (``ytdlp.PLAIN_SIZED_RATES``).
 
 A large cut of the rate resizes the buffers of the connections already
 open (``resize_receive_buffer``), plain HTTP included: a buffer sized to

@@ -461,7 +461,7 @@ class _MeteredRead:
             self._reference = max(self._reference, rate)
         if self._queued_at_cut is None:
             low, high = PLAIN_SIZED_RATES
-            if self._watch.fragmented or rate is None or not low <= rate < high:
+            if self._watch.fragmented or rate is None or not low <= rate <= high:
                 return
             self._start_cut(free=False)
 
