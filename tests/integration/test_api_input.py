@@ -46,8 +46,8 @@ def test_config_rejects_repeated_key(make_service: ServiceFactory) -> None:
     )
     assert response.status_code == 400
     assert response.json() == {
-        "error": "the request body names 'MAX_CONCURRENT_DOWNLOADS' twice; send "
-        "each key once"
+        "error": "invalid request body: the key 'MAX_CONCURRENT_DOWNLOADS' appears "
+        "twice in one object; send each key once"
     }
     assert service.status()["max_concurrent_downloads"] == 2
 
@@ -61,7 +61,7 @@ def test_add_rejects_repeated_key(make_service: ServiceFactory) -> None:
         raw='{"url": "http://127.0.0.1/a.mp4", "priority": 1, "priority": 9}',
     )
     assert response.status_code == 400
-    assert "names 'priority' twice" in response.json()["error"]
+    assert "the key 'priority' appears twice" in response.json()["error"]
     assert service.queue.counts().by_state == {}
 
 

@@ -2,7 +2,7 @@
 
 Python's JSON parser keeps the last of two equal keys, so a body such as
 ``{"priority": 1, "priority": 9}`` would apply one value and drop the other
-without a word. The dependency below refuses such a body before any route
+without a word. The dependency below rejects such a body before any route
 uses it.
 """
 
@@ -48,7 +48,8 @@ async def reject_repeated_keys(request: Request) -> None:
         json.loads(body, object_pairs_hook=_unique)
     except _RepeatedKey as exc:
         raise InvalidInput(
-            f"the request body names {exc.key!r} twice; send each key once"
+            f"invalid request body: the key {exc.key!r} appears twice in one "
+            "object; send each key once"
         ) from None
     except ValueError:
         return

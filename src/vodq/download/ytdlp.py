@@ -405,7 +405,7 @@ class _MeteredRead:
         self._cut_at = 0.0
         self._read_since = 0
         self._charged_since = 0
-        # Whether the bytes that came before the last snapshot read free.
+        # Whether what was queued or invited at the last snapshot is read free.
         self._reads_free = True
         # The buffer size, in bytes, that the socket has reached since the
         # last resize; None while the queue still holds it above that.
