@@ -93,6 +93,8 @@ class Options:
     write_bytes: int = 16 * K
     # --mss: the largest TCP segment the server announces, in bytes, or None.
     mss: int | None = None
+    # --cut-to: the rate the cut sets, as vodq reads it.
+    cut_to: str = "500K"
 
 
 # Files are this many times longer than the measurement needs at the
@@ -660,7 +662,7 @@ CUT_WINDOW_STARTS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0)
 def cut_case(
     server: BenchServer, tag: str, variable: str, count: int, segment: int
 ) -> dict[str, Any]:
-    """Downloads at 10M under ``variable``, cut to 500K by a PATCH.
+    """Downloads at 10M under ``variable``, cut to ``Options.cut_to`` by a PATCH.
 
     HLS with ``segment`` bytes per segment, or a plain file when it is 0.
     Windows start at and after the PATCH, so the page shows how long the
@@ -668,7 +670,7 @@ def cut_case(
     new value.
     """
     names = [f"{tag}-{i}" for i in range(count)]
-    target = RATES["500K"]
+    target = parse_size(Options.cut_to)
     with (
         workdir("cut") as work,
         vodq_layout(
@@ -688,7 +690,7 @@ def cut_case(
         t0 = transfer_start(server, names, "hls" if segment else "http")
         time.sleep(max(0.0, t0 + 6.0 - time.monotonic()))
         changed = time.monotonic()
-        api(base_url, "PATCH", "/admin/config", {variable: "500K"})
+        api(base_url, "PATCH", "/admin/config", {variable: Options.cut_to})
         time.sleep(max(CUT_WINDOW_STARTS) + WINDOW_S + 0.5)
     samples = stream_samples(server, names, t0 - 1)
     deviations = []
@@ -710,10 +712,10 @@ def cut_case(
 
 
 def cut_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
-    layouts = [
-        ("DOWNLOAD_RATE_LIMIT", 1),
-        ("DOWNLOAD_TOTAL_RATE_LIMIT", POOL_DOWNLOADS),
-    ]
+    layouts = [("DOWNLOAD_RATE_LIMIT", 1)]
+    # vodq refuses a pooled limit below 128K.
+    if parse_size(Options.cut_to) >= 128 * K:
+        layouts.append(("DOWNLOAD_TOTAL_RATE_LIMIT", POOL_DOWNLOADS))
     runs = []
     with serving(
         sndbuf=Options.server_sndbuf,
@@ -728,7 +730,8 @@ def cut_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                     runs.append(run)
                     source = f"HLS {segment // M} MiB segments" if segment else "HTTP"
                     print(
-                        f"  cut 10M -> 500K, {variable}, {count} x {source}: "
+                        f"  cut 10M -> {Options.cut_to}, {variable}, {count} x "
+                        f"{source}: "
                         "windows from "
                         f"{list(CUT_WINDOW_STARTS)} s after the PATCH "
                         f"{run['window_dev_pct']}",
@@ -836,12 +839,16 @@ def main() -> int:
         help="also cut downloads from 10M to 500K (--patch-repeat runs each)",
     )
     parser.add_argument("--only-cut", action="store_true", help="run only the cuts")
+    parser.add_argument(
+        "--cut-to", default="500K", help="the rate the cut sets, such as 64K"
+    )
     args = parser.parse_args()
     if args.segment != "auto":
         Options.segment_bytes = parse_size(args.segment)
     Options.server_sndbuf = parse_size(args.sndbuf)
     Options.write_bytes = parse_size(args.write)
     Options.mss = parse_size(args.mss) or None
+    Options.cut_to = args.cut_to
     if args.quick:
         args.windows = 1
         args.repeat = 1
