@@ -355,7 +355,10 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        variable = name.strip().upper()
+        variable = name.strip()
+        # As for PATCH /admin/config: only ASCII names match in any case.
+        if variable.isascii():
+            variable = variable.upper()
         if variable in body:
             print(
                 f"vodq: {variable} is given twice; give each variable once",

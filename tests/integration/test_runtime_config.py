@@ -147,6 +147,16 @@ def test_patch_config_rejects_two_spellings(make_service: ServiceFactory) -> Non
     assert service.status()["max_concurrent_downloads"] == 2
 
 
+def test_patch_config_rejects_non_ascii_name(make_service: ServiceFactory) -> None:
+    # Upper-cased, a dotless i becomes I and the name would match.
+    service = make_service(run_worker=False)
+    response = call(
+        service, "PATCH", "/admin/config", {"download_rate_lim\u0131t": "3M"}
+    )
+    assert response.status_code == 400
+    assert service.status()["download_rate_limit"] is None
+
+
 def test_patch_config_null_restores_environment(make_service: ServiceFactory) -> None:
     service = make_service(run_worker=False, DOWNLOAD_MAX_ATTEMPTS="7")
     call(service, "PATCH", "/admin/config", {"download_max_attempts": 2})
