@@ -232,7 +232,7 @@ def resize_receive_buffer(sock: socket.socket | None, size: int, room: int = 0) 
     held at its queue's memory after that shrank little, because the kernel
     joins arriving segments into the buffer being read, which is freed only
     when read whole. A download cut from 10M to 64K, from a server with a
-    large send buffer, then dropped packets every second and ran 34% to 98%
+    large send buffer, then dropped packets every second and ran 14% to 92%
     short over 1.4 KiB segments. The room never makes the buffer larger
     than it is. Only on Linux, whose SO_MEMINFO gives the queue's memory;
     elsewhere nothing changes.
