@@ -173,6 +173,12 @@ class _Reader:
             return default
 
 
+# Largest count a setting takes (concurrency, attempts, thresholds). Far
+# above any real use, it keeps a typo within what SQLite and PostgreSQL
+# integers store: the claim binds the concurrency limit as a parameter.
+MAX_COUNT = 1_000_000
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -180,6 +186,8 @@ def _positive_int(text: str) -> int:
         raise ValueError("not a whole number") from None
     if value < 1:
         raise ValueError("must be at least 1")
+    if value > MAX_COUNT:
+        raise ValueError(f"must be at most {MAX_COUNT}")
     return value
 
 

@@ -353,6 +353,20 @@ INVALID_VARIABLES = [
     ),
     pytest.param(
         "MAX_CONCURRENT_DOWNLOADS",
+        "99999999999999999999",
+        "MAX_CONCURRENT_DOWNLOADS='99999999999999999999' is invalid: must be at "
+        "most 1000000; use for example 3",
+        id="concurrency-huge",
+    ),
+    pytest.param(
+        "DOWNLOAD_MAX_ATTEMPTS",
+        "1000001",
+        "DOWNLOAD_MAX_ATTEMPTS='1000001' is invalid: must be at most 1000000; "
+        "use for example 5",
+        id="attempts-huge",
+    ),
+    pytest.param(
+        "MAX_CONCURRENT_DOWNLOADS",
         "three",
         "MAX_CONCURRENT_DOWNLOADS='three' is invalid: not a whole number; "
         "use for example 3",
