@@ -339,6 +339,15 @@ class Scheduler:
                     exc,
                     extra={"worker_id": self.worker_id, "action": "claim"},
                 )
+            except Exception:
+                # Any other fault would end the thread, and no VOD would be
+                # claimed again until a restart.
+                log.warning(
+                    "claiming VODs failed, retrying in %.0fs",
+                    POLL_INTERVAL_S,
+                    exc_info=True,
+                    extra={"worker_id": self.worker_id, "action": "claim"},
+                )
             self._wake.wait(self._sleep_s())
 
     def _sleep_s(self) -> float:
@@ -731,50 +740,66 @@ class Scheduler:
     def _heartbeat(self) -> None:
         last_beat = 0.0
         while not self._stopping.wait(HEARTBEAT_S):
-            if time.monotonic() - last_beat >= WORKER_HEARTBEAT_S:
-                last_beat = time.monotonic()
-                self._beat()
-                self._release_expired_leases()
-            running = self.running()
-            if not running:
-                continue
-            for entry in running:
-                self._sample(entry)
-            self._apply_rates(running)
-            progress = {
-                entry.vod.id: replace(entry.progress, speed_bps=entry.recent_speed())
-                for entry in running
-            }
-            lease_s = self.settings.lease_duration
-            renewed_at = time.monotonic()
             try:
-                held = self.queue.renew(
-                    self.worker_id,
-                    progress,
-                    lease_s=lease_s,
-                    started={entry.vod.id: entry.vod.started_at for entry in running},
-                    demands={entry.vod.id: entry.demand for entry in running},
-                )
-            except (StorageUnavailable, SQLAlchemyError) as exc:
+                last_beat = self._heartbeat_once(last_beat)
+            except Exception:
+                # A fault in one beat must not end the thread: rates, leases
+                # and progress of every running download depend on it.
                 log.warning(
-                    "could not renew leases: %s",
-                    exc,
+                    "heartbeat failed, retrying in %.0fs",
+                    HEARTBEAT_S,
+                    exc_info=True,
                     extra={"worker_id": self.worker_id, "action": "heartbeat"},
                 )
-                self._stop_unrenewable(running)
-                continue
-            for entry in running:
-                if entry.vod.id in held:
-                    entry.lease_until = renewed_at + lease_s
-            for entry in running:
-                if (
-                    entry.vod.id not in held
-                    and entry.thread is not None
-                    and entry.thread.is_alive()
-                ):
-                    if entry.cancelled.is_set():
-                        continue
-                    self._on_lease_lost(entry)
+
+    def _heartbeat_once(self, last_beat: float) -> float:
+        """Renew leases, sample progress and apply rates; return the time of
+        the last worker heartbeat."""
+        if time.monotonic() - last_beat >= WORKER_HEARTBEAT_S:
+            last_beat = time.monotonic()
+            self._beat()
+            self._release_expired_leases()
+        running = self.running()
+        if not running:
+            return last_beat
+        for entry in running:
+            self._sample(entry)
+        self._apply_rates(running)
+        progress = {
+            entry.vod.id: replace(entry.progress, speed_bps=entry.recent_speed())
+            for entry in running
+        }
+        lease_s = self.settings.lease_duration
+        renewed_at = time.monotonic()
+        try:
+            held = self.queue.renew(
+                self.worker_id,
+                progress,
+                lease_s=lease_s,
+                started={entry.vod.id: entry.vod.started_at for entry in running},
+                demands={entry.vod.id: entry.demand for entry in running},
+            )
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            log.warning(
+                "could not renew leases: %s",
+                exc,
+                extra={"worker_id": self.worker_id, "action": "heartbeat"},
+            )
+            self._stop_unrenewable(running)
+            return last_beat
+        for entry in running:
+            if entry.vod.id in held:
+                entry.lease_until = renewed_at + lease_s
+        for entry in running:
+            if (
+                entry.vod.id not in held
+                and entry.thread is not None
+                and entry.thread.is_alive()
+            ):
+                if entry.cancelled.is_set():
+                    continue
+                self._on_lease_lost(entry)
+        return last_beat
 
     def _stop_unrenewable(self, running: list[RunningDownload]) -> None:
         """Stop the downloads whose lease expires before the next renewal.

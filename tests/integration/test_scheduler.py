@@ -387,3 +387,25 @@ def test_download_on_postgres(
     assert vod.state is VodState.DONE
     assert vod.file_path is not None
     assert Path(vod.file_path).read_bytes() == data
+
+
+def test_claim_fault_keeps_scheduler_running(
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = make_service()
+    claim = service.queue.claim
+    calls = []
+
+    def failing_once(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a fault the scheduler does not expect")
+        return claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.queue, "claim", failing_once)
+    add_url(service, "after", media_server.add_file("after.mp4", media(64 * KIB, 2)))
+    vod = wait_for_state(service, "after", FINISHED, timeout_s=30)
+    assert len(calls) >= 2
+    assert vod.state is VodState.DONE
