@@ -170,7 +170,7 @@ class RuntimeConfig:
 
         self.queue.set_kv(
             {
-                KV_PREFIX + name: value
+                KV_PREFIX + name: value.strip()
                 for name, value in changes.items()
                 if value is not None
             }
