@@ -108,9 +108,12 @@ RESIZE_BELOW = 0.25
 # are charged as usual. With the kernel's autotuned buffer the source sends
 # in bursts of 112 to 128 KiB, because Linux offers the window again when
 # half the buffer is free. Three downloads pooled at 500K, 167 KB/s each,
-# then had 5 s windows up to 6.6% off; sized, within 4.7% in 20 runs. Below
+# then had 5 s windows up to 6.6% off; sized, within 2.1% in 3 runs. Below
 # the band a sized buffer did worse on 127.0.0.1 (64K per download +6.9%,
 # against -2.5%), and above it a burst is a small part of a window.
+# NOTE: such a buffer shrinks only as far as its queue's memory (see
+# resize_receive_buffer), and on 127.0.0.1 three downloads joining one at
+# 500K then had a window of +5.6% from 2 s after the join.
 PLAIN_SIZED_RATES = (98_304.0, 262_144.0)
 
 # Seconds after a cut during which the bytes of the window offered before it
@@ -470,7 +473,9 @@ class _MeteredRead:
         if size == self._resized_to:
             return
         room = max(0, self._window_at_cut - self._arrived_since())
-        reached = resize_receive_buffer(self._sock, size, room)
+        reached = resize_receive_buffer(
+            self._sock, size, room, below_queue=self._reads_free
+        )
         self._resized_to = size if reached else None
 
     def _start_cut(self, free: bool = True) -> None:
