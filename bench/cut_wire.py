@@ -93,7 +93,9 @@ def cut_run(server: BenchServer, name: str, kind: str, to: str) -> dict[str, Any
         for (ta, a), (tb, b) in itertools.pairwise(totals):
             if ta <= second <= tb:
                 return a + (b - a) * (second - ta) / (tb - ta)
-        raise ValueError(f"no sample around {second} s")
+        raise ValueError(
+            f"no ss sample around {second} s after the PATCH; raise WATCH_S"
+        )
 
     per_second = [
         round((received_at(s + 1) - received_at(s)) / 1024)

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from vodq.config import Settings, read_environment, settings_from
+from vodq.config import Settings, read_environment, settings_from, variable_name
 from vodq.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -355,10 +355,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        variable = name.strip()
-        # As for PATCH /admin/config: only ASCII names match in any case.
-        if variable.isascii():
-            variable = variable.upper()
+        variable = variable_name(name)
         if variable in body:
             print(
                 f"vodq: {variable} is given twice; give each variable once",

@@ -331,6 +331,17 @@ def read_environment(
     return values
 
 
+def variable_name(name: str) -> str:
+    """Return the variable that ``name`` spells, in any case and with spaces
+    around it.
+
+    Only ASCII names are upper-cased, because str.upper turns some other
+    letters into ASCII ones (a dotless i into I).
+    """
+    name = name.strip()
+    return name.upper() if name.isascii() else name
+
+
 def settings_from(values: Mapping[str, str]) -> Settings:
     """Parse and validate settings; raise ConfigError listing every invalid variable."""
     reader = _Reader(values)

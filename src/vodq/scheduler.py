@@ -759,12 +759,14 @@ class Scheduler:
             last_beat = time.monotonic()
             self._beat()
             self._release_expired_leases()
+
         running = self.running()
         if not running:
             return last_beat
         for entry in running:
             self._sample(entry)
         self._apply_rates(running)
+
         progress = {
             entry.vod.id: replace(entry.progress, speed_bps=entry.recent_speed())
             for entry in running
@@ -772,7 +774,7 @@ class Scheduler:
         lease_s = self.settings.lease_duration
         renewed_at = time.monotonic()
         try:
-            held = self.queue.renew(
+            renewed = self.queue.renew(
                 self.worker_id,
                 progress,
                 lease_s=lease_s,
@@ -787,12 +789,13 @@ class Scheduler:
             )
             self._stop_unrenewable(running)
             return last_beat
+
         for entry in running:
-            if entry.vod.id in held:
+            if entry.vod.id in renewed:
                 entry.lease_until = renewed_at + lease_s
         for entry in running:
             if (
-                entry.vod.id not in held
+                entry.vod.id not in renewed
                 and entry.thread is not None
                 and entry.thread.is_alive()
             ):

@@ -37,6 +37,7 @@ from vodq.api.models import (
     VodPage,
     VodRef,
 )
+from vodq.config import variable_name
 from vodq.errors import (
     InvalidInput,
     InvalidTransition,
@@ -207,11 +208,7 @@ def _config_changes(body: ConfigChanges) -> dict[str, str | None]:
     changes: dict[str, str | None] = {}
     spellings: dict[str, str] = {}
     for name, value in body.items():
-        variable = name.strip()
-        # str.upper maps some other letters to ASCII ones (dotless i to I), so
-        # only ASCII names are matched in any case.
-        if variable.isascii():
-            variable = variable.upper()
+        variable = variable_name(name)
         if variable in spellings:
             # Applying one of them would drop the other unannounced.
             raise InvalidInput(

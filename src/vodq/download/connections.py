@@ -221,16 +221,15 @@ def resize_receive_buffer(
     """Set ``sock``'s receive buffer to ``size`` bytes, or more if needed.
 
     While ``room`` bytes are still on their way, the buffer keeps the memory
-    its queue uses now and room for them. Then it goes to ``size``, below
-    the queue if need be and ``below_queue``: the kernel offers no window
-    until the queue drains below it. Return whether it is ``size`` now.
+    its queue uses now and room for them. Then it goes to ``size``. With
+    ``below_queue`` it may go below the queue's memory, and the kernel then
+    offers no window until the queue drains. Return whether it is ``size``.
 
-    Going below the queue drops a packet now and then, which the server
-    sends again after a timeout. After a large cut that costs less than a
-    buffer that does not shrink. For a plain connection sized from its
-    first read it does not: the stalls made downloads that had no slow
-    source look slow to the pool, which then took seconds longer (8.5 s
-    against 4.4 s in a test) to find the one that was.
+    Going below the queue drops a packet now and then, and the server sends
+    it again after a timeout. After a large cut that costs less than a
+    buffer that hardly shrinks. For a plain connection sized from its first
+    read it costs more: the stalls made downloads look held back by their
+    source, and the pool took 8.5 s instead of 4.4 s to find the slow one.
 
     For a rate change on an open connection. A buffer sized to the old rate
     keeps taking bytes at it after a cut. A plain file's buffer, grown by
@@ -238,11 +237,11 @@ def resize_receive_buffer(
     500K. A packet that finds the buffer full is dropped and sent again by
     the server, after a timeout that doubles while the buffer stays full:
     HLS at 500K stalled for 1.5 s after a cut, before the room. A buffer
-    held at its queue's memory after that shrank little, because the kernel
-    joins arriving segments into the buffer being read, which is freed only
-    when read whole. A download cut from 10M to 64K, from a server with a
-    large send buffer, then dropped packets every second and ran 14% to 92%
-    short over 1.4 KiB segments. The room never makes the buffer larger
+    held at its queue's memory shrinks little, because the kernel joins
+    arriving segments into the buffer being read and frees it only when it
+    is read whole. Cut from 10M to 64K that way, a download from a server
+    with a large send buffer dropped packets every second and ran 14% to
+    92% short. The room never makes the buffer larger
     than it is. Only on Linux, whose SO_MEMINFO gives the queue's memory;
     elsewhere nothing changes.
 
