@@ -63,6 +63,23 @@ class TokenBucket:
         if callback is not None:
             callback()
 
+    def read_cost(self, nbytes: int, read_rate: float | None) -> int:
+        """Return the bytes to charge for ``nbytes`` read while ``read_rate``
+        was in force.
+
+        A read that ended before a cut but is charged after it came at the
+        old rate, so its wait is kept in seconds at that rate, as set_rate
+        does for a debt: none for a read without a limit. Charged whole at
+        the new rate, one 128 KiB read at the moment of a cut to 100K
+        stopped the download's every fragment for 1.3 s.
+        """
+        rate = self._rate
+        if rate is None or (read_rate is not None and read_rate <= rate):
+            return nbytes
+        if read_rate is None:
+            return 0
+        return int(nbytes * rate / read_rate)
+
     def consume(self, nbytes: int, cancelled: threading.Event | None = None) -> None:
         """Take ``nbytes`` tokens, sleeping while the bucket is in debt.
 

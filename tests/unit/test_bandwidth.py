@@ -138,6 +138,27 @@ def test_set_rate_limits_unlimited_bucket() -> None:
     assert elapsed_s < 0.8
 
 
+def test_read_cost_same_rate_is_whole() -> None:
+    assert TokenBucket(1000.0).read_cost(500, 1000.0) == 500
+
+
+def test_read_cost_after_cut_keeps_seconds() -> None:
+    # Read at 1,000 bytes/s, charged after a cut to 250: a quarter.
+    assert TokenBucket(250.0).read_cost(400, 1000.0) == 100
+
+
+def test_read_cost_read_without_limit_is_free() -> None:
+    assert TokenBucket(250.0).read_cost(400, None) == 0
+
+
+def test_read_cost_after_raise_is_whole() -> None:
+    assert TokenBucket(1000.0).read_cost(400, 250.0) == 400
+
+
+def test_read_cost_unlimited_bucket_is_whole() -> None:
+    assert TokenBucket(None).read_cost(400, 250.0) == 400
+
+
 def test_consume_set_cancel_returns_promptly() -> None:
     # Without the cancel, 10000 bytes at 100 bytes per second wait 100 s.
     bucket = TokenBucket(100)

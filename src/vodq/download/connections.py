@@ -19,13 +19,15 @@ whole download and a buffer set here never grows by itself again. Only at
 part of a 5 s window, does a plain connection get a buffer sized to its
 rate, from its first read (``ytdlp.PLAIN_SIZED_RATES``).
 
-A large cut of the rate resizes the buffers of the connections already
-open (``resize_receive_buffer``), plain HTTP included: a buffer sized to
-the old rate keeps taking bytes at it, and one grown by autotuning is
-offered again only in large steps, so the source sends in bursts seconds
-apart. What the connections held at the cut, and what the window they had
-offered brings after it (``offered_window``), came at the old rate, and the
-download reads it free (see ``ytdlp._MeteredRead``).
+A large cut of the rate clamps the windows of the connections already
+open and shrinks their buffers (``resize_receive_buffer``), plain HTTP
+included: a buffer sized to the old rate keeps taking bytes at it, and one
+grown by autotuning is offered again only in large steps, so the source
+sends in bursts seconds apart. What the connections held at the cut, and
+what arrives until their buffers have shrunk, was invited at the old rate,
+and the download reads it free (see ``ytdlp._MeteredRead``). A fragment
+connection opened before a cut and answered after it is cut at its answer
+(``connect_buffer``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import socket
 import struct
 import sys
 import termios
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,11 +68,19 @@ _MEMINFO_BYTES = 9 * 4
 # Offset of tcpi_rcv_wnd in struct tcp_info: the receive window last offered,
 # in bytes. Linux 6.2 and newer fill it, and older kernels return less.
 _TCPI_RCV_WND_OFFSET = 232
+# Offset of the byte of struct tcp_info whose high four bits are the receive
+# window scale (tcpi_rcv_wscale).
+_TCPI_WSCALE_OFFSET = 6
 _TCP_INFO_BYTES = 512
 
 # The receive buffer of the next connection, or None for the kernel's
 # default; set by ``sized_receive_buffers`` for one download at a time.
 _receive_buffer: Callable[[], int | None] | None = None
+# The receive buffer, in bytes, that each open connection got at its connect.
+# A connection missing here was opened with the kernel's autotuned buffer.
+_connect_buffers: weakref.WeakKeyDictionary[socket.socket, int] = (
+    weakref.WeakKeyDictionary()
+)
 # yt-dlp's own, kept at import; None when this yt-dlp lacks it.
 _original_create_connection: Callable[..., socket.socket] | None = getattr(
     ytdlp_urllib, "create_connection", None
@@ -141,12 +152,25 @@ def _create_connection(
     if size is None or "_create_socket_func" in options:
         # Unlimited, or through a SOCKS proxy, which connects on its own.
         return _original_create_connection(address, timeout, source_address, **options)
-    return _original_create_connection(
+    sock = _original_create_connection(
         address,
         timeout,
         source_address,
         _create_socket_func=functools.partial(_connect, size),
     )
+    _connect_buffers[sock] = size
+    return sock
+
+
+def connect_buffer(sock: socket.socket | None) -> int | None:
+    """Return the receive buffer in bytes that ``sock`` got before it
+    connected, or None for the kernel's autotuned one."""
+    return _connect_buffers.get(sock) if sock is not None else None
+
+
+def is_closed(sock: socket.socket | None) -> bool:
+    """Return whether ``sock`` is closed; False for no socket."""
+    return sock is not None and sock.fileno() == -1
 
 
 def _connect(
@@ -215,35 +239,43 @@ def offered_window(sock: socket.socket | None) -> int:
     return int(struct.unpack_from("I", info, _TCPI_RCV_WND_OFFSET)[0])
 
 
+def _offers_no_window(sock: socket.socket) -> bool:
+    """Return whether ``sock`` last offered a window of 0 bytes; False when
+    the kernel does not say (older than Linux 6.2)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    if len(info) < _TCPI_RCV_WND_OFFSET + 4:
+        return False
+    return int(struct.unpack_from("I", info, _TCPI_RCV_WND_OFFSET)[0]) == 0
+
+
 def resize_receive_buffer(
-    sock: socket.socket | None, size: int, room: int = 0, below_queue: bool = True
+    sock: socket.socket | None, size: int, room: int = 0, grow: bool = False
 ) -> bool:
-    """Set ``sock``'s receive buffer to ``size`` bytes, or more if needed.
-
-    While ``room`` bytes are still on their way, the buffer keeps the memory
-    its queue uses now and room for them. Then it goes to ``size``. With
-    ``below_queue`` it may go below the queue's memory, and the kernel then
-    offers no window until the queue drains. Return whether it is ``size``.
-
-    Going below the queue drops a packet now and then, and the server sends
-    it again after a timeout. After a large cut that costs less than a
-    buffer that hardly shrinks. For a plain connection sized from its first
-    read it costs more: the stalls made downloads look held back by their
-    source, and the pool took 8.5 s instead of 4.4 s to find the slow one.
+    """Clamp ``sock``'s receive window to ``size`` bytes from now on, and
+    shrink its buffer as far as the bytes on their way allow. Return whether
+    the buffer has reached its size for that window.
 
     For a rate change on an open connection. A buffer sized to the old rate
     keeps taking bytes at it after a cut. A plain file's buffer, grown by
     autotuning at 10M, made its source send in bursts about 1.5 s apart at
-    500K. A packet that finds the buffer full is dropped and sent again by
-    the server, after a timeout that doubles while the buffer stays full:
-    HLS at 500K stalled for 1.5 s after a cut, before the room. A buffer
-    held at its queue's memory shrinks little, because the kernel joins
-    arriving segments into the buffer being read and frees it only when it
-    is read whole. Cut from 10M to 64K that way, a download from a server
-    with a large send buffer dropped packets every second and ran 14% to
-    92% short. The room never makes the buffer larger
-    than it is. Only on Linux, whose SO_MEMINFO gives the queue's memory;
-    elsewhere nothing changes.
+    500K.
+
+    The window offered from now on is clamped to ``size`` (TCP_WINDOW_CLAMP),
+    and the buffer keeps room for what may still arrive: its queue, ``room``
+    bytes of window offered before the clamp (TCP never takes an offered
+    window back) and one clamped window. A packet that finds the buffer full
+    is dropped, and the server sends it again only after a timeout that
+    doubles while the buffer stays full: a buffer set below its queue at
+    once stalled HLS for 1.5 s after a cut to 500K, and a connection cut
+    from no limit to 100K then sent nothing for 1.3 s after its queue had
+    drained. Without the clamp, a buffer held at its queue offered a new
+    window with every read and hardly shrank.
+
+    Only ``grow`` (the first resize after a cut) may set the buffer above
+    its size: an autotuned buffer offers more window than its memory holds,
+    and what did not fit was dropped. Later calls only lower it, or the
+    queue would grow by a window at each. Only on Linux, whose SO_MEMINFO
+    gives the queue's memory; elsewhere nothing changes.
 
     NOTE: the kernel caps the value at net.core.rmem_max, and a resized
     connection loses autotuning for good. After a cut and a later raise, a
@@ -253,23 +285,42 @@ def resize_receive_buffer(
     """
     if sock is None or not sys.platform.startswith("linux"):
         return True
-    wanted = max(size, MIN_RECEIVE_BUFFER_BYTES)
+    window = max(size, MIN_RECEIVE_BUFFER_BYTES)
     try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, window)
         info = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_BYTES)
         used = int(struct.unpack_from("I", info)[0])
         current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        # A window is offered in units of the window scale, rounded up.
+        granule = window_granule(sock)
+        room = max(room, window + granule)
         # Memory per byte in the queue now (packet overhead), or twice the
         # bytes for an empty queue.
         queued = queued_bytes(sock)
         room_memory = room * used // queued if queued else 2 * room
-        needed = min(used + room_memory, max(used, current))
-        if below_queue and not room:
+        needed = used + room_memory
+        if not grow:
+            needed = min(needed, current)
+        if _offers_no_window(sock):
+            # Nothing may arrive until the buffer offers a window again, so
+            # it can go below its queue at once. Held above the queue, it
+            # would offer all of its room as soon as the read of the queue's
+            # last bytes freed the queue's memory, before the next call.
             needed = 0
-        # Linux doubles the value set and keeps a minimum of its own.
-        value = max(wanted, -(-needed // 2))
-        if 2 * value != current:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, value)
+        # Linux doubles the value set and keeps a minimum of its own. Set
+        # even when unchanged: setting it stops autotuning, which would
+        # raise the clamp again.
+        target = window + granule
+        value = max(target, min(-(-needed // 2), MAX_RECEIVE_BUFFER_BYTES))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, value)
     except (OSError, ValueError):
         # A closed socket: nothing is left to resize.
         return True
-    return value == wanted
+    return value == target
+
+
+def window_granule(sock: socket.socket) -> int:
+    """Return the unit, in bytes, of the windows that ``sock`` offers: 2 to
+    the power of its receive window scale, agreed at connect."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    return 1 << (info[_TCPI_WSCALE_OFFSET] >> 4)

@@ -56,6 +56,8 @@ from vodq.download import DownloadJob, DownloadResult, connections, fragments
 from vodq.download.classify import HttpErrorSeen, classify
 from vodq.download.connections import (
     MAX_RECEIVE_BUFFER_BYTES,
+    connect_buffer,
+    is_closed,
     offered_window,
     queued_bytes,
     receive_buffer_for,
@@ -116,11 +118,11 @@ RESIZE_BELOW = 0.25
 # 500K then had a window of +5.6% from 2 s after the join.
 PLAIN_SIZED_RATES = (98_304.0, 262_144.0)
 
-# Seconds after a cut during which the bytes of the window offered before it
-# are read free. Without a bound, a source slower than the old rate would get
-# the whole window free at its own pace. The benchmark server on 127.0.0.1
-# filled the window within 0.5 s, and a sender with data fills it within
-# about one round trip.
+# Seconds after a cut during which the bytes that arrive before the buffer
+# has shrunk are read free. Without a bound, a source slower than the old
+# rate would get the buffer's room free at its own pace. The benchmark
+# server on 127.0.0.1 filled it within 0.5 s, and a sender with data fills
+# it within about one round trip.
 INVITED_S = 1.0
 
 
@@ -255,10 +257,12 @@ class _Watch:
         """Return the read size in bytes for the rate in force now."""
         return read_block_for(self.bucket.rate if self.bucket else None)
 
-    def charge(self, nbytes: int) -> None:
-        """Charge ``nbytes`` read to the bucket, waiting while it is in debt."""
+    def charge(self, nbytes: int, read_rate: float | None) -> None:
+        """Charge ``nbytes``, read while ``read_rate`` was in force, to the
+        bucket, waiting while it is in debt."""
         if self.bucket is not None:
-            self.bucket.consume(nbytes, self.cancelled)
+            cost = self.bucket.read_cost(nbytes, read_rate)
+            self.bucket.consume(cost, self.cancelled)
 
     def receive_buffer(self) -> int | None:
         """Return the receive buffer in bytes of a fragment connection opened
@@ -290,7 +294,12 @@ class _Watch:
         with self.lock:
             reads = list(self.reads)
         for read in reads:
-            read.follow_rate()
+            if read.closed:
+                # A body that ended without a last empty read, whose object
+                # the garbage collector has not taken yet.
+                self.forget(read)
+            else:
+                read.follow_rate()
 
     def error(self, err: HTTPError) -> None:
         response = err.response
@@ -381,11 +390,12 @@ class _MeteredRead:
     (the rate at its start or last such cut, or any higher rate since) gets a
     receive buffer sized to the new rate (``follow_rate``). The first bytes
     read after that cut are free: the kernel's queue at the cut, then what
-    the window offered before it brings within INVITED_S. Both were sent at
-    the old rate. Charged at the new rate, they took seconds while the network
-    carried nothing: after a cut from 10M to 500K, HLS ran 70% to 80% short
-    for the next 5 s. The smaller buffer stops the queue from growing to the
-    old size, which would be read at the new rate in the same way.
+    arrives until the buffer has its new size, within INVITED_S. Both were
+    invited at the old rate. Charged at the new rate, they took seconds while
+    the network carried nothing: after a cut from 10M to 500K, HLS ran 70% to
+    80% short for the next 5 s. The smaller buffer stops the queue from
+    growing to the old size, which would be read at the new rate in the same
+    way.
     """
 
     def __init__(
@@ -405,6 +415,8 @@ class _MeteredRead:
         # connection had offered then, and the bytes read and charged since.
         self._queued_at_cut: int | None = None
         self._window_at_cut = 0
+        # At most this many bytes that arrive after the cut are read free.
+        self._invited = 0
         self._cut_at = 0.0
         self._read_since = 0
         self._charged_since = 0
@@ -413,8 +425,23 @@ class _MeteredRead:
         # The buffer size, in bytes, that the socket has reached since the
         # last resize; None while the queue still holds it above that.
         self._resized_to: int | None = None
+        # Whether the next resize is the first since the cut, which may grow
+        # the buffer to hold what the connection was offered.
+        self._grow = False
+        if watch.fragmented and self._reference is not None:
+            opened = connect_buffer(sock)
+            wanted = watch.receive_buffer_at(self._reference)
+            if opened is None or opened * RESIZE_BELOW > wanted:
+                # Opened before a cut that came while it waited for its
+                # response, which follow_rate did not reach: its buffer,
+                # sized for the old rate or autotuned, would take a fragment
+                # in bursts of 128 KiB at 100K. The cut counts from now,
+                # before the first read, whose bytes were offered before it.
+                self._start_cut()
+                self.follow_rate()
 
     def __call__(self, amt: int | None = None) -> bytes:
+        read_rate = self._watch.bucket.rate if self._watch.bucket else None
         if amt is None or amt < 0:
             data = self._read(amt)
         else:
@@ -430,19 +457,24 @@ class _MeteredRead:
             if time.monotonic() - self._cut_at > INVITED_S:
                 # Bytes that come later were sent at the source's pace, so
                 # the window stops growing the free part.
-                self._window_at_cut = min(self._window_at_cut, arrived)
-            in_window = min(self._window_at_cut, arrived)
+                self._invited = min(self._invited, arrived)
+            in_window = min(self._invited, arrived)
             due = self._read_since - self._queued_at_cut - in_window
             charge = max(0, due - self._charged_since)
             self._charged_since += charge
         if charge:
-            self._watch.charge(charge)
+            self._watch.charge(charge, read_rate)
         if data:
             self.follow_rate()
         elif amt != 0:
             # The end of the body: nothing is left to resize.
             self._watch.forget(self)
         return data
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed, so that nothing is left to resize."""
+        return is_closed(self._sock)
 
     def follow_rate(self) -> None:
         """Resize the receive buffer to the rate once it falls below
@@ -473,10 +505,12 @@ class _MeteredRead:
         if size == self._resized_to:
             return
         room = max(0, self._window_at_cut - self._arrived_since())
-        reached = resize_receive_buffer(
-            self._sock, size, room, below_queue=self._reads_free
-        )
+        reached = resize_receive_buffer(self._sock, size, room, grow=self._grow)
+        self._grow = False
         self._resized_to = size if reached else None
+        if reached and self._queued_at_cut is not None:
+            # From now on the buffer's size bounds what arrives.
+            self._invited = min(self._invited, self._arrived_since())
 
     def _start_cut(self, free: bool = True) -> None:
         """Record the queue and the offered window at a cut: the buffer
@@ -488,10 +522,15 @@ class _MeteredRead:
         self._reads_free = free
         self._queued_at_cut = queued_bytes(self._sock)
         self._window_at_cut = offered_window(self._sock)
+        # The buffer keeps memory for that window, and the server fills the
+        # memory, not the window: what arrives until the buffer has its
+        # size, or for INVITED_S, was invited before the cut.
+        self._invited = MAX_RECEIVE_BUFFER_BYTES * 2
         self._cut_at = time.monotonic()
         self._read_since = 0
         self._charged_since = 0
         self._resized_to = None
+        self._grow = True
 
     def _arrived_since(self) -> int:
         """Return the bytes that arrived since the cut: read, or queued now."""
