@@ -112,10 +112,8 @@ RESIZE_BELOW = 0.25
 # half the buffer is free. Three downloads pooled at 500K, 167 KB/s each,
 # then had 5 s windows up to 6.6% off; sized, within 2.1% in 3 runs. Below
 # the band a sized buffer did worse on 127.0.0.1 (64K per download +6.9%,
-# against -2.5%), and above it a burst is a small part of a window.
-# NOTE: such a buffer shrinks only as far as its queue's memory (see
-# resize_receive_buffer), and on 127.0.0.1 three downloads joining one at
-# 500K then had a window of +5.6% from 2 s after the join.
+# against -2.5%), and above it a burst is a small part of a window. Its
+# window is clamped as after a cut (see resize_receive_buffer).
 PLAIN_SIZED_RATES = (98_304.0, 262_144.0)
 
 # Seconds after a cut during which the bytes that arrive before the buffer
