@@ -506,7 +506,7 @@ class _MeteredRead:
         reached = resize_receive_buffer(self._sock, size, room, grow=self._grow)
         self._grow = False
         self._resized_to = size if reached else None
-        if reached and self._queued_at_cut is not None:
+        if reached:
             # From now on the buffer's size bounds what arrives.
             self._invited = min(self._invited, self._arrived_since())
 
@@ -522,7 +522,8 @@ class _MeteredRead:
         self._window_at_cut = offered_window(self._sock)
         # The buffer keeps memory for that window, and the server fills the
         # memory, not the window: what arrives until the buffer has its
-        # size, or for INVITED_S, was invited before the cut.
+        # size, or for INVITED_S, was invited before the cut. That is at
+        # most the memory of the largest buffer set here (Linux doubles it).
         self._invited = MAX_RECEIVE_BUFFER_BYTES * 2
         self._cut_at = time.monotonic()
         self._read_since = 0
