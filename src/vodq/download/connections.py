@@ -26,8 +26,8 @@ grown by autotuning is offered again only in large steps, so the source
 sends in bursts seconds apart. What the connections held at the cut, and
 what arrives until their buffers have shrunk, was invited at the old rate,
 and the download reads it free (see ``ytdlp._MeteredRead``). A fragment
-connection opened before a cut and answered after it is cut at its answer
-(``connect_buffer``).
+connection opened before a cut, whose response opens after it, counts as
+cut when its response opens (``connect_buffer``).
 """
 
 from __future__ import annotations

@@ -428,8 +428,8 @@ class _MeteredRead:
         self._grow = False
         if watch.fragmented and self._reference is not None:
             opened = connect_buffer(sock)
-            wanted = watch.receive_buffer_at(self._reference)
-            if opened is None or opened * RESIZE_BELOW > wanted:
+            size = watch.receive_buffer_at(self._reference)
+            if opened is None or opened * RESIZE_BELOW > size:
                 # Opened before a cut that came while it waited for its
                 # response, which follow_rate did not reach: its buffer,
                 # sized for the old rate or autotuned, would take a fragment
