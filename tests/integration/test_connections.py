@@ -586,10 +586,10 @@ def test_fragment_opened_for_higher_rate_clamped_at_response(
 
 
 def test_fragment_opened_at_rate_keeps_buffer(media_server: MediaServer) -> None:
-    wanted = receive_buffer_for(1024 * KIB, 4)
-    _, size = open_fragment(media_server, "kept.ts", 1024 * KIB, wanted)
+    buffer = receive_buffer_for(1024 * KIB, 4)
+    _, size = open_fragment(media_server, "kept.ts", 1024 * KIB, buffer)
     # Linux doubles the value set.
-    assert size == 2 * wanted
+    assert size == 2 * buffer
 
 
 def test_follow_rate_forgets_closed_connection(media_server: MediaServer) -> None:

@@ -221,28 +221,30 @@ def test_config_change_survives_restart(
     assert second.status()["retry_config"]["processing_retry_cooldown"] == "300s"
 
 
+@pytest.mark.parametrize(
+    ("start", "change", "start_bytes", "change_bytes"),
+    [
+        ("64K", "128K", 64 * KIB, 128 * KIB),
+        # 1000K to 999K is below the change a heartbeat applies, but the
+        # operator requested it.
+        ("1000K", "999K", 1000 * KIB, 999 * KIB),
+    ],
+)
 def test_rate_change_applies_to_running_download(
-    make_service: ServiceFactory, media_server: MediaServer
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    start: str,
+    change: str,
+    start_bytes: int,
+    change_bytes: int,
 ) -> None:
-    service = make_service(DOWNLOAD_RATE_LIMIT="64K")
-    add_slow(service, media_server, "live", 2048 * KIB)
-    wait_for(lambda: rates(service) == [64 * KIB], timeout_s=10)
-    service.update_config({"DOWNLOAD_RATE_LIMIT": "128K"})
-    wait_for(lambda: rates(service) == [128 * KIB], timeout_s=5)
+    service = make_service(DOWNLOAD_RATE_LIMIT=start)
+    add_slow(service, media_server, "live", 8192 * KIB)
+    wait_for(lambda: rates(service) == [start_bytes], timeout_s=10)
+
+    service.update_config({"DOWNLOAD_RATE_LIMIT": change})
+    wait_for(lambda: rates(service) == [change_bytes], timeout_s=5)
     service.cancel_vod("live")
-
-
-def test_small_rate_change_applies_to_running_download(
-    make_service: ServiceFactory, media_server: MediaServer
-) -> None:
-    # 1000K to 999K is below the change a heartbeat applies, but the
-    # operator asked for it.
-    service = make_service(DOWNLOAD_RATE_LIMIT="1000K")
-    add_slow(service, media_server, "small", 8192 * KIB)
-    wait_for(lambda: rates(service) == [1000 * KIB], timeout_s=10)
-    service.update_config({"DOWNLOAD_RATE_LIMIT": "999K"})
-    wait_for(lambda: rates(service) == [999 * KIB], timeout_s=5)
-    service.cancel_vod("small")
 
 
 def test_speed_follows_lowered_rate(

@@ -251,9 +251,9 @@ def _offers_no_window(sock: socket.socket) -> bool:
 def resize_receive_buffer(
     sock: socket.socket | None, size: int, room: int = 0, grow: bool = False
 ) -> bool:
-    """Give ``sock`` the receive buffer ``size`` (SO_RCVBUF's value, which
-    Linux doubles), as far as the bytes on their way allow, and clamp its
-    window to that from now on. Return whether the buffer has reached it.
+    """Shrink ``sock``'s receive buffer to ``size`` (SO_RCVBUF's value,
+    which Linux doubles) plus one window unit, as far as the bytes on their
+    way allow, and clamp its window. Return whether the buffer has its size.
 
     For a rate change on an open connection. A buffer sized to the old rate
     keeps taking bytes at it after a cut. A plain file's buffer, grown by
@@ -261,24 +261,26 @@ def resize_receive_buffer(
     500K.
 
     The window offered from now on is clamped to twice ``size``
-    (TCP_WINDOW_CLAMP), what a connection opened with that buffer offers at
-    most; clamped to ``size``, three pooled HLS downloads cut from 10M to
+    (TCP_WINDOW_CLAMP), the most that a connection opened with that buffer
+    offers. Clamped to ``size``, three pooled HLS downloads cut from 10M to
     500K ran 8% to 12% short, because a fragment then carried less than its
-    share. The buffer keeps room for what may still arrive: its queue, ``room``
+    share.
+
+    The buffer keeps room for what may still arrive: its queue, ``room``
     bytes of window offered before the clamp (TCP never takes an offered
-    window back) and one clamped window. A packet that finds the buffer full
-    is dropped, and the server sends it again only after a timeout that
-    doubles while the buffer stays full: a buffer set below its queue at
-    once stalled HLS for 1.5 s after a cut to 500K, and a connection cut
+    window back), or at least ``size`` more. A packet that finds the buffer
+    full is dropped, and the server sends it again only after a timeout
+    that doubles while the buffer stays full. A buffer set below its queue
+    at once stalled HLS for 1.5 s after a cut to 500K, and a connection cut
     from no limit to 100K then sent nothing for 1.3 s after its queue had
     drained. Without the clamp, a buffer held at its queue offered a new
     window with every read and hardly shrank.
 
     Only ``grow`` (the first resize after a cut) may set the buffer above
-    its size: an autotuned buffer offers more window than its memory holds,
-    and what did not fit was dropped. Later calls only lower it, or the
-    queue would grow by a window at each. Only on Linux, whose SO_MEMINFO
-    gives the queue's memory; elsewhere nothing changes.
+    its size, because an autotuned buffer offers more window than its
+    memory holds, and what did not fit was dropped. Later calls only lower
+    it, or the queue would grow by a window at each. Only on Linux, whose
+    SO_MEMINFO gives the queue's memory; elsewhere nothing changes.
 
     NOTE: the kernel caps the value at net.core.rmem_max, and a resized
     connection loses autotuning for good. After a cut and a later raise, a

@@ -430,11 +430,8 @@ class _MeteredRead:
             opened = connect_buffer(sock)
             size = watch.receive_buffer_at(self._reference)
             if opened is None or opened * RESIZE_BELOW > size:
-                # Opened before a cut that came while it waited for its
-                # response, which follow_rate did not reach: its buffer,
-                # sized for the old rate or autotuned, would take a fragment
-                # in bursts of 128 KiB at 100K. The cut counts from now,
-                # before the first read, whose bytes were offered before it.
+                # Opened before a cut that follow_rate did not reach, and
+                # whose old buffer took 128 KiB bursts at 100K: cut it now.
                 self._start_cut()
                 self.follow_rate()
 
