@@ -30,7 +30,8 @@ def _alive(pid: int) -> bool:
     """Whether ``pid`` runs; a zombie counts as gone, its work has ended."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # ProcessLookupError: the process was reaped between open and read.
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
