@@ -58,9 +58,14 @@ RATE_SAMPLES = 4
 MIN_RATE_SPAN_S = 1.0
 # Shortest span of the speed shown in the API, in seconds.
 SPEED_SPAN_S = 0.5
+# A download held back by its source is measured over the last
+# RECENT_SAMPLES heartbeats (about 8 s), whatever its limit. A source that
+# sends 16 KiB bursts about once a second measures within 12% over 8 s, and
+# flapping to an equal share needs 35% (see bandwidth.HEADROOM); over 3 s it
+# measured 20% either way and flapped now and then.
+RECENT_SAMPLES = 9
 # Shortest span over which a download held back by its source must fill
-# SATURATED_SHARE of its limit to get an equal share again, in seconds. The
-# samples of RATE_SAMPLES heartbeats span about 3 s.
+# SATURATED_SHARE of its limit to get an equal share again, in seconds.
 SATURATED_SPAN_S = 2.5
 # Seconds after a download's first progress report before it is measured.
 STARTUP_S = 1.0
@@ -122,9 +127,9 @@ class RunningDownload:
     # the last measurement while the samples under a new limit build up.
     demand: float | None = None
     # (time, bytes_done) at the last heartbeats, whatever the limit, for the
-    # speed shown in the API.
+    # speed shown in the API and the demand of a download held back.
     recent: deque[tuple[float, int]] = field(
-        default_factory=lambda: deque(maxlen=RATE_SAMPLES)
+        default_factory=lambda: deque(maxlen=RECENT_SAMPLES)
     )
 
     def measured_rate(self) -> float | None:
@@ -146,15 +151,22 @@ class RunningDownload:
         """Return the rate this download can use from the pool, measured now.
 
         A download held back by its source is measured over the last
-        heartbeats whatever its limit, which stays above what it receives,
-        and over at least SATURATED_SPAN_S. Over a shorter span a source
-        that sends in bursts can look as fast as its limit, and flapping back
-        to an equal share would leave that share unused.
+        RECENT_SAMPLES heartbeats whatever its limit, which stays above what
+        it receives, and over at least SATURATED_SPAN_S. Over a shorter span
+        a source that sends in bursts can look as fast as its limit, and
+        flapping back to an equal share would leave that share unused. A
+        download found held back under its current limit takes the larger of
+        the two rates, because one second of such a source can show far less
+        than it sends.
         """
-        if self.demand is None:
-            measured = self.measured_rate()
+        longer = _rate_over(self.recent, SATURATED_SPAN_S)
+        if self.demand is not None:
+            measured = longer
         else:
-            measured = _rate_over(self.recent, SATURATED_SPAN_S)
+            measured = self.measured_rate()
+            held_back = demand_of(self.bucket.rate, measured) is not None
+            if held_back and longer is not None and measured is not None:
+                measured = max(measured, longer)
         if measured is None:
             return self.demand
         return demand_of(self.bucket.rate, measured)

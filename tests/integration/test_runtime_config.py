@@ -409,3 +409,20 @@ def test_pool_bursty_slow_source_stays_bounded(tmp_path: Path) -> None:
     # The limit changed at 2.0 s, so its own samples see only the two bursts.
     entry.samples.extend([(2.0, 16 * KIB), (3.0, 48 * KIB)])
     assert entry.next_demand() == pytest.approx(1.5 * 48 * KIB / 3)
+
+
+def test_pool_bursty_source_found_slow_measured_over_longer_span(
+    tmp_path: Path,
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'found.db'}")
+    upgrade(engine)
+    vod, _ = VodQueue(engine).add(vod_id="f", source_url="http://127.0.0.1:1/f.mp4")
+    engine.dispose()
+    entry = RunningDownload(vod=vod, attempt=1, bucket=TokenBucket(160 * 1024.0))
+    # 16 KiB bursts once a second, then none in the second after 3.0 s.
+    for at, done in [(0.0, 0), (1.0, 16 * KIB), (2.0, 32 * KIB), (3.0, 48 * KIB)]:
+        entry.recent.append((at, done))
+    entry.recent.append((4.0, 48 * KIB))
+    # The limit changed at 3.0 s, so its own samples see no burst at all.
+    entry.samples.extend([(3.0, 48 * KIB), (4.0, 48 * KIB)])
+    assert entry.next_demand() == pytest.approx(1.5 * 48 * KIB / 4)
