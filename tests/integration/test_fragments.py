@@ -168,6 +168,20 @@ def test_fragments_fetched_at_once_as_configured(
     assert media_server.max_concurrent("/hls/many/seg") == threads
 
 
+def test_fragments_fetched_at_once_set_by_rate(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    data = [random.Random(120 + i).randbytes(32 * KIB) for i in range(8)]
+    # Each body takes at least a second at the server, so eight fragments
+    # fetched at once would overlap there.
+    url = media_server.add_hls("paced", data, rate=32 * KIB)
+    service = make_service(HLS_CONCURRENT_FRAGMENTS="8", DOWNLOAD_RATE_LIMIT="64K")
+    service.add_vod(NewVod(vod_id="paced", url=url))
+    vod = wait_for_state(service, "paced", FINISHED, timeout_s=30)
+    assert vod.state is VodState.DONE
+    assert media_server.max_concurrent("/hls/paced/seg") == 4
+
+
 # -- resuming what an earlier attempt left ---------------------------------------
 
 

@@ -35,6 +35,10 @@ also gives the partial file's size. When the next attempt starts, a file
 longer than its record (a process killed between an append and its record)
 is cut back to it. A shorter one, or one with no fragment recorded, starts
 again empty, and so does a playlist that yt-dlp would resume wrongly.
+
+``install`` also wraps the fetch of each fragment in a slot of the
+download's ``FragmentSlots`` (slots.py), so that its rate sets how many
+fragments are fetched at once.
 """
 
 from __future__ import annotations
@@ -285,10 +289,23 @@ def _write_ytdl_file(self: FragmentFD, ctx: dict[str, Any]) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _download_fragment(
+    self: FragmentFD, ctx: dict[str, Any], *args: Any, **kwargs: Any
+) -> Any:
+    """Fetch one fragment as yt-dlp does, within a slot of its download."""
+    assert _original_download is not None, "install() checks it"
+    slots = getattr(self.ydl, "vodq_fragment_slots", None)
+    if slots is None:
+        return _original_download(self, ctx, *args, **kwargs)
+    with slots.fetching(int(ctx.get("fragment_index") or 0)):
+        return _original_download(self, ctx, *args, **kwargs)
+
+
 # yt-dlp's own steps, kept at import so that install() can run twice. None
 # when this yt-dlp lacks one (see incompatibility()).
 _original_prepare = getattr(FragmentFD, "_prepare_frag_download", None)
 _original_append = getattr(FragmentFD, "_append_fragment", None)
+_original_download = getattr(FragmentFD, "_download_fragment", None)
 # The name of a fragment's file: "<partial file>-Frag<index>".
 _FRAGMENT_NAME = re.compile(r"-Frag(\d+)$")
 # The keys of yt-dlp's download context that the steps above share with each
@@ -301,6 +318,7 @@ _CONTEXT_KEYS = {
         "complete_frags_downloaded_bytes",
     ),
     "_append_fragment": ("fragment_filename_sanitized", "dest_stream"),
+    "_download_fragment": ("fragment_index",),
 }
 # Text that other yt-dlp steps must contain for the steps above to hold: the
 # fragment file name that _FRAGMENT_NAME reads, and the record's index field
@@ -324,6 +342,7 @@ def incompatibility() -> str | None:
     originals = {
         "_prepare_frag_download": _original_prepare,
         "_append_fragment": _original_append,
+        "_download_fragment": _original_download,
     }
     for name, keys in _CONTEXT_KEYS.items():
         forms = [(f"'{key}'", f'"{key}"') for key in keys]
@@ -331,9 +350,9 @@ def incompatibility() -> str | None:
         if reason is not None:
             return reason
     for name, texts in _REQUIRED_TEXT.items():
-        reason = _missing_text(
-            name, getattr(FragmentFD, name, None), [(text,) for text in texts]
-        )
+        # yt-dlp's own step, also once install() has replaced it.
+        function = originals.get(name, getattr(FragmentFD, name, None))
+        reason = _missing_text(name, function, [(text,) for text in texts])
         if reason is not None:
             return reason
     if "s" not in HlsFD.real_download.__code__.co_varnames:
@@ -380,3 +399,4 @@ def install() -> None:
     FragmentFD._prepare_frag_download = _prepare_frag_download
     FragmentFD._append_fragment = _append_fragment
     FragmentFD._write_ytdl_file = _write_ytdl_file
+    FragmentFD._download_fragment = _download_fragment

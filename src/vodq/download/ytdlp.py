@@ -66,6 +66,7 @@ from vodq.download.connections import (
     socket_of,
 )
 from vodq.download.files import ArchiveLayout, SizeMismatch
+from vodq.download.slots import FragmentSlots
 from vodq.download.validators import (
     Sidecar,
     SourceValidators,
@@ -245,7 +246,9 @@ class _Watch:
         # yt-dlp's reads as they are.
         self.bucket = bucket
         self.cancelled = cancelled
-        self.hls_fragments = hls_fragments
+        self.slots = FragmentSlots(
+            hls_fragments, lambda: self.bucket.rate if self.bucket else None, cancelled
+        )
         # Whether yt-dlp downloads the media as fragments (HLS, DASH).
         self.fragmented = False
         # The metered reads of the responses still referenced.
@@ -267,13 +270,14 @@ class _Watch:
         now, or None for the kernel's (plain HTTP, or no limit)."""
         if not self.fragmented or self.bucket is None:
             return None
-        return receive_buffer_for(self.bucket.rate, self.hls_fragments)
+        rate = self.bucket.rate
+        return receive_buffer_for(rate, self.slots.capacity_at(rate))
 
     def receive_buffer_at(self, rate: float | None) -> int:
         """Return the receive buffer in bytes of one connection of this
         download at ``rate``: a fragment connection's, or the plain file's,
         and the largest for no limit."""
-        connections = self.hls_fragments if self.fragmented else 1
+        connections = self.slots.capacity_at(rate) if self.fragmented else 1
         return receive_buffer_for(rate, connections) or MAX_RECEIVE_BUFFER_BYTES
 
     def track(self, read: _MeteredRead) -> None:
@@ -288,7 +292,9 @@ class _Watch:
 
     def follow_rate(self) -> None:
         """Resize the receive buffers of the open connections that a rate cut
-        left too large; called when the rate changes."""
+        left too large, and let waiting fragments see the new rate; called
+        when the rate changes."""
+        self.slots.wake()
         with self.lock:
             reads = list(self.reads)
         for read in reads:
@@ -348,6 +354,8 @@ class _WatchedYoutubeDL(yt_dlp.YoutubeDL):  # type: ignore[misc]
         self, params: dict[str, Any], watch: _Watch, *, extractors: bool = True
     ) -> None:
         self.vodq_watch = watch
+        # Read by the fragment steps that fragments.install puts in place.
+        self.vodq_fragment_slots = watch.slots
         # Loading the ~1,800 extractors costs about half a second per
         # YoutubeDL (yt-dlp 2026.11, measured on 2 cores); a ready info dict
         # for a direct file or playlist needs none of them.

@@ -1,0 +1,96 @@
+"""How many fragments of one download are fetched at once, set by its rate.
+
+yt-dlp fetches up to HLS_CONCURRENT_FRAGMENTS fragments of an HLS or DASH
+download at once, each on its own connection. Every connection keeps a
+receive buffer of at least twice MIN_RECEIVE_BUFFER_BYTES (the kernel
+doubles it), which a new connection fills at once. At a low rate shared by
+many connections that buffer holds seconds of each one's part, so the bytes
+on the wire stray from the limit as fragments start and end: 16 fragments at
+64K strayed by up to 10% over 5 s windows, 4 fragments by 3%.
+
+``FragmentSlots`` lets a fragment thread fetch only while fewer than
+``capacity()`` fragments are being fetched: one per FRAGMENT_MIN_RATE of the
+rate in force, at least one and at most the configured count. The waiting
+thread with the lowest fragment index goes first, so the file still grows in
+order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+from vodq.download.connections import MIN_RECEIVE_BUFFER_BYTES
+
+# The smallest part of a download's rate, in bytes per second, that one
+# fragment connection is given: its smallest buffer (twice
+# MIN_RECEIVE_BUFFER_BYTES) then holds half a second of it.
+FRAGMENT_MIN_RATE = 4 * MIN_RECEIVE_BUFFER_BYTES
+# How often a waiting fragment thread looks at the rate and its cancel flag
+# again, in seconds; a rate change also wakes it (``wake``).
+WAIT_S = 0.25
+
+
+class FragmentSlots:
+    """The fragments of one download that may be fetched at once."""
+
+    def __init__(
+        self,
+        limit: int,
+        rate: Callable[[], float | None],
+        cancelled: threading.Event | None = None,
+    ) -> None:
+        # The configured count, HLS_CONCURRENT_FRAGMENTS.
+        self.limit = limit
+        self._rate = rate
+        self._cancelled = cancelled
+        self._changed = threading.Condition()
+        self._fetching = 0
+        self._waiting: set[int] = set()
+
+    def capacity(self) -> int:
+        """Return how many fragments may be fetched at once now."""
+        return self.capacity_at(self._rate())
+
+    def capacity_at(self, rate: float | None) -> int:
+        """Return how many fragments may be fetched at once at ``rate`` bytes
+        per second (None: no limit)."""
+        if rate is None:
+            return self.limit
+        return max(1, min(self.limit, int(rate // FRAGMENT_MIN_RATE)))
+
+    @contextlib.contextmanager
+    def fetching(self, index: int) -> Iterator[None]:
+        """Hold a slot while fragment ``index`` is fetched.
+
+        Waits while the slots are taken or a lower fragment waits too. A
+        cancelled download stops waiting, so that its thread sees the cancel
+        in its next read.
+        """
+        with self._changed:
+            self._waiting.add(index)
+            try:
+                while not self._is_cancelled() and (
+                    self._fetching >= self.capacity() or index > min(self._waiting)
+                ):
+                    self._changed.wait(WAIT_S)
+            finally:
+                self._waiting.discard(index)
+            self._fetching += 1
+            # The next lowest waiter may fit now too.
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._fetching -= 1
+                self._changed.notify_all()
+
+    def wake(self) -> None:
+        """Let waiting threads look at a new rate now."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def _is_cancelled(self) -> bool:
+        return self._cancelled is not None and self._cancelled.is_set()

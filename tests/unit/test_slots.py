@@ -1,0 +1,107 @@
+"""FragmentSlots: how many fragments of a download are fetched at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from vodq.download.slots import FRAGMENT_MIN_RATE, FragmentSlots
+
+
+class Rate:
+    """A rate in force that a test changes, in bytes per second."""
+
+    def __init__(self, value: float | None) -> None:
+        self.value = value
+
+    def __call__(self) -> float | None:
+        return self.value
+
+
+def start_fetch(
+    slots: FragmentSlots, index: int, order: list[int], release: threading.Event
+) -> threading.Thread:
+    """Start a thread that takes a slot for ``index``, notes it in ``order``,
+    and holds it until ``release`` is set (10 s at most)."""
+
+    def fetch() -> None:
+        with slots.fetching(index):
+            order.append(index)
+            release.wait(10)
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_count(order: list[int], count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(order) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_slots_capacity_without_limit_is_configured() -> None:
+    assert FragmentSlots(4, Rate(None)).capacity() == 4
+
+
+def test_slots_capacity_one_per_min_rate() -> None:
+    assert FragmentSlots(16, Rate(64 * 1024.0)).capacity() == 64 * 1024 // (
+        FRAGMENT_MIN_RATE
+    )
+
+
+def test_slots_capacity_at_least_one() -> None:
+    assert FragmentSlots(4, Rate(1024.0)).capacity() == 1
+
+
+def test_slots_capacity_at_most_configured() -> None:
+    assert FragmentSlots(4, Rate(10 * 1024 * 1024.0)).capacity() == 4
+
+
+def test_slots_lowest_index_goes_first() -> None:
+    slots = FragmentSlots(4, Rate(float(FRAGMENT_MIN_RATE)))
+    order: list[int] = []
+    first, later = threading.Event(), threading.Event()
+    holder = start_fetch(slots, 0, order, first)
+    wait_count(order, 1)
+    waiters = [start_fetch(slots, index, order, later) for index in (3, 2, 1)]
+    # Let the three reach their wait before the slot frees.
+    time.sleep(0.3)
+    later.set()
+    first.set()
+    for thread in [holder, *waiters]:
+        thread.join(10)
+    assert order == [0, 1, 2, 3]
+
+
+def test_slots_raised_rate_lets_waiting_fetch() -> None:
+    rate = Rate(float(FRAGMENT_MIN_RATE))
+    slots = FragmentSlots(4, rate)
+    order: list[int] = []
+    release = threading.Event()
+    threads = [start_fetch(slots, index, order, release) for index in range(3)]
+    wait_count(order, 1)
+    rate.value = 4.0 * FRAGMENT_MIN_RATE
+    slots.wake()
+    wait_count(order, 3)
+    fetched_at_once = len(order)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert fetched_at_once == 3
+
+
+def test_slots_cancelled_download_stops_waiting() -> None:
+    cancelled = threading.Event()
+    slots = FragmentSlots(4, Rate(1024.0), cancelled)
+    order: list[int] = []
+    release = threading.Event()
+    threads = [start_fetch(slots, index, order, release) for index in range(2)]
+    wait_count(order, 1)
+    cancelled.set()
+    wait_count(order, 2)
+    fetched = len(order)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert fetched == 2
