@@ -95,6 +95,10 @@ class Options:
     mss: int | None = None
     # --cut-to: the rate the cut sets, as vodq reads it.
     cut_to: str = "500K"
+    # --fragments: HLS fragments each download fetches at once.
+    fragments: int = HLS_FRAGMENTS
+    # --pool-downloads: downloads that share a pool in the rate cases.
+    pool_downloads: int = POOL_DOWNLOADS
 
 
 # Files are this many times longer than the measurement needs at the
@@ -250,7 +254,7 @@ def run_vodq(
     variant: str | None = None,
     layout: str = "serve",
 ) -> dict[str, Any]:
-    count = 1 if mode == "per" else POOL_DOWNLOADS
+    count = 1 if mode == "per" else Options.pool_downloads
     names = [f"{tag}-{i}" for i in range(count)]
     urls = urls_for(server, names, kind, rate / count, windows, mode == "slow")
     limit = (
@@ -265,7 +269,7 @@ def run_vodq(
             work,
             variant,
             MAX_CONCURRENT_DOWNLOADS=str(count),
-            HLS_CONCURRENT_FRAGMENTS=str(HLS_FRAGMENTS),
+            HLS_CONCURRENT_FRAGMENTS=str(Options.fragments),
             **limit,
         ) as base_url,
     ):
@@ -277,7 +281,7 @@ def run_vodq(
 def run_cli(
     server: BenchServer, tag: str, rate: int, kind: str, mode: str, windows: int
 ) -> dict[str, Any]:
-    count = 1 if mode == "per" else POOL_DOWNLOADS
+    count = 1 if mode == "per" else Options.pool_downloads
     names = [f"{tag}-{i}" for i in range(count)]
     per_process = rate // count
     urls = urls_for(server, names, kind, per_process, windows, mode == "slow")
@@ -288,7 +292,7 @@ def run_cli(
             for name, url in zip(names, urls, strict=True):
                 args = [YT_DLP, "-q", "--no-progress", "--limit-rate", str(per_process)]
                 if kind == "hls":
-                    args += ["--concurrent-fragments", str(HLS_FRAGMENTS)]
+                    args += ["--concurrent-fragments", str(Options.fragments)]
                 # One output name per process: every playlist's id is "index".
                 args += ["-o", str(work / f"{name}.%(ext)s"), url]
                 procs.append(
@@ -815,6 +819,18 @@ def main() -> int:
         "--write", default="16K", help="bytes per logged server write, such as 2K"
     )
     parser.add_argument(
+        "--fragments",
+        type=int,
+        default=HLS_FRAGMENTS,
+        help="HLS fragments each download fetches at once, in the rate cases",
+    )
+    parser.add_argument(
+        "--pool-downloads",
+        type=int,
+        default=POOL_DOWNLOADS,
+        help="downloads sharing the pool in the rate cases",
+    )
+    parser.add_argument(
         "--no-join",
         action="store_true",
         help="skip the test of downloads joining and leaving the pool",
@@ -849,6 +865,8 @@ def main() -> int:
     Options.write_bytes = parse_size(args.write)
     Options.mss = parse_size(args.mss) or None
     Options.cut_to = args.cut_to
+    Options.fragments = args.fragments
+    Options.pool_downloads = args.pool_downloads
     if args.quick:
         args.windows = 1
         args.repeat = 1

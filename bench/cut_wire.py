@@ -8,8 +8,9 @@ socket has received (``bytes_received`` from ``ss -tin``), every 0.5 s,
 summed over every connection to the server, fragment connections included.
 
 One ``vodq serve`` downloads a plain file or HLS (2 MiB segments, four
-fragments at once) at ``DOWNLOAD_RATE_LIMIT=--from`` (10M unless told; "none"
-for no limit); 4 s after the start a PATCH sets ``--to``. It prints the rate
+fragments at once unless ``--fragments`` says otherwise) at
+``DOWNLOAD_RATE_LIMIT=--from`` (10M unless told; "none" for no limit);
+4 s after the start a PATCH sets ``--to``. It prints the rate
 in each second from 1 s after the PATCH and the deviation of the 5 s windows
 that start 2, 5, 8 and 11 s after it.
 
@@ -59,7 +60,12 @@ def received_by_port(server_port: str) -> dict[str, int]:
 
 
 def cut_run(
-    server: BenchServer, name: str, kind: str, start: str, to: str
+    server: BenchServer,
+    name: str,
+    kind: str,
+    start: str,
+    to: str,
+    fragments: int = HLS_FRAGMENTS,
 ) -> dict[str, Any]:
     server_port = server.base_url.rsplit(":", 1)[1]
     target = parse_size(to)
@@ -70,7 +76,7 @@ def cut_run(
             "serve",
             work,
             MAX_CONCURRENT_DOWNLOADS="1",
-            HLS_CONCURRENT_FRAGMENTS=str(HLS_FRAGMENTS),
+            HLS_CONCURRENT_FRAGMENTS=str(fragments),
             **limit,
         ) as base_url,
     ):
@@ -135,6 +141,9 @@ def main() -> int:
     parser.add_argument("--kind", default="http", help="http or hls")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument(
+        "--fragments", type=int, default=HLS_FRAGMENTS, help="HLS fragments at once"
+    )
+    parser.add_argument(
         "--mss", default="1460", help="the server's TCP_MAXSEG; 0: loopback's"
     )
     parser.add_argument("--name", default="cut_wire", help="results file name")
@@ -147,7 +156,7 @@ def main() -> int:
     with serving(write_bytes=4096, mss=parse_size(args.mss) or None) as server:
         for index in range(args.runs):
             name = f"wire{index}-{args.kind}"
-            run = cut_run(server, name, args.kind, args.start, args.to)
+            run = cut_run(server, name, args.kind, args.start, args.to, args.fragments)
             runs.append(run)
             print(
                 f"  {args.kind} {args.start} -> {args.to}: KiB/s per second "
