@@ -8,7 +8,7 @@ socket has received (``bytes_received`` from ``ss -tin``), every 0.5 s,
 summed over every connection to the server, fragment connections included.
 
 One ``vodq serve`` downloads a plain file or HLS (2 MiB segments, four
-fragments at once unless ``--fragments`` says otherwise) at
+fragments at once unless ``--fragments`` sets another count) at
 ``DOWNLOAD_RATE_LIMIT=--from`` (10M unless told; "none" for no limit);
 4 s after the start a PATCH sets ``--to``. It prints the rate
 in each second from 1 s after the PATCH and the deviation of the 5 s windows

@@ -60,9 +60,9 @@ MIN_RATE_SPAN_S = 1.0
 SPEED_SPAN_S = 0.5
 # A download held back by its source is measured over the last
 # RECENT_SAMPLES heartbeats (about 8 s), whatever its limit. A source that
-# sends 16 KiB bursts about once a second measures within 12% over 8 s, and
-# flapping to an equal share needs 35% (see bandwidth.HEADROOM); over 3 s it
-# measured 20% either way and flapped now and then.
+# sends 16 KiB bursts about once a second measures within 12% over 8 s,
+# below the 35% that flapping to an equal share needs (bandwidth.HEADROOM).
+# Over 3 s it measured 20% either way, and flapped now and then.
 RECENT_SAMPLES = 9
 # Shortest span over which a download held back by its source must fill
 # SATURATED_SHARE of its limit to get an equal share again, in seconds.

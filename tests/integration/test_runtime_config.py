@@ -411,7 +411,7 @@ def test_pool_bursty_slow_source_stays_bounded(tmp_path: Path) -> None:
     assert entry.next_demand() == pytest.approx(1.5 * 48 * KIB / 3)
 
 
-def test_pool_bursty_source_found_slow_measured_over_longer_span(
+def test_pool_slow_source_found_over_longer_span(
     tmp_path: Path,
 ) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'found.db'}")

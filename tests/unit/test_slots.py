@@ -22,7 +22,7 @@ def start_fetch(
     slots: FragmentSlots, index: int, order: list[int], release: threading.Event
 ) -> threading.Thread:
     """Start a thread that takes a slot for ``index``, notes it in ``order``,
-    and holds it until ``release`` is set (10 s at most)."""
+    and keeps it until ``release`` is set (10 s at most)."""
 
     def fetch() -> None:
         with slots.fetching(index):

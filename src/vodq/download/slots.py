@@ -4,9 +4,10 @@ yt-dlp fetches up to HLS_CONCURRENT_FRAGMENTS fragments of an HLS or DASH
 download at once, each on its own connection. Every connection keeps a
 receive buffer of at least twice MIN_RECEIVE_BUFFER_BYTES (the kernel
 doubles it), which a new connection fills at once. At a low rate shared by
-many connections that buffer holds seconds of each one's part, so the bytes
-on the wire stray from the limit as fragments start and end: 16 fragments at
-64K strayed by up to 10% over 5 s windows, 4 fragments by 3%.
+many connections that buffer is seconds of each one's part, so the bytes on
+the wire stray from the limit as fragments start and end. Measured at the
+client, 16 fragments at 64K strayed by up to 10% over 5 s windows, and 4
+fragments by 3%.
 
 ``FragmentSlots`` lets a fragment thread fetch only while fewer than
 ``capacity()`` fragments are being fetched: one per FRAGMENT_MIN_RATE of the
@@ -24,11 +25,11 @@ from collections.abc import Callable, Iterator
 from vodq.download.connections import MIN_RECEIVE_BUFFER_BYTES
 
 # The smallest part of a download's rate, in bytes per second, that one
-# fragment connection is given: its smallest buffer (twice
-# MIN_RECEIVE_BUFFER_BYTES) then holds half a second of it.
+# fragment connection is given. Its smallest buffer (twice
+# MIN_RECEIVE_BUFFER_BYTES) is then half a second of it.
 FRAGMENT_MIN_RATE = 4 * MIN_RECEIVE_BUFFER_BYTES
 # How often a waiting fragment thread looks at the rate and its cancel flag
-# again, in seconds; a rate change also wakes it (``wake``).
+# again, in seconds. A rate change also wakes it (``wake``).
 WAIT_S = 0.25
 
 
@@ -65,8 +66,8 @@ class FragmentSlots:
         """Hold a slot while fragment ``index`` is fetched.
 
         Waits while the slots are taken or a lower fragment waits too. A
-        cancelled download stops waiting, so that its thread sees the cancel
-        in its next read.
+        cancelled download stops waiting, so that its thread reaches the
+        progress report that raises the cancel.
         """
         with self._changed:
             self._waiting.add(index)
