@@ -6,6 +6,7 @@ import threading
 import time
 
 from vodq.download.slots import FRAGMENT_MIN_RATE, FragmentSlots
+from vodq.errors import DownloadCancelled
 
 
 class Rate:
@@ -19,15 +20,25 @@ class Rate:
 
 
 def start_fetch(
-    slots: FragmentSlots, index: int, order: list[int], release: threading.Event
+    slots: FragmentSlots,
+    index: int,
+    order: list[int],
+    release: threading.Event,
+    refused: list[int] | None = None,
 ) -> threading.Thread:
     """Start a thread that takes a slot for ``index``, notes it in ``order``,
-    and keeps it until ``release`` is set (10 s at most)."""
+    and keeps it until ``release`` is set (10 s at most). A cancelled wait
+    is noted in ``refused``."""
+    if refused is None:
+        refused = []
 
     def fetch() -> None:
-        with slots.fetching(index):
-            order.append(index)
-            release.wait(10)
+        try:
+            with slots.fetching(index):
+                order.append(index)
+                release.wait(10)
+        except DownloadCancelled:
+            refused.append(index)
 
     thread = threading.Thread(target=fetch, daemon=True)
     thread.start()
@@ -95,13 +106,14 @@ def test_slots_cancelled_download_stops_waiting() -> None:
     cancelled = threading.Event()
     slots = FragmentSlots(4, Rate(1024.0), cancelled)
     order: list[int] = []
+    refused: list[int] = []
     release = threading.Event()
-    threads = [start_fetch(slots, index, order, release) for index in range(2)]
+    threads = [start_fetch(slots, index, order, release, refused) for index in range(2)]
     wait_count(order, 1)
     cancelled.set()
-    wait_count(order, 2)
-    fetched = len(order)
+    wait_count(refused, 1)
     release.set()
     for thread in threads:
         thread.join(10)
-    assert fetched == 2
+    assert refused == [1]
+    assert order == [0]

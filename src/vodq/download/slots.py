@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from vodq.download.connections import MIN_RECEIVE_BUFFER_BYTES
+from vodq.errors import DownloadCancelled
 
 # The smallest part of a download's rate, in bytes per second, that one
 # fragment connection is given. Its smallest buffer (twice
@@ -65,16 +66,16 @@ class FragmentSlots:
     def fetching(self, index: int) -> Iterator[None]:
         """Hold a slot while fragment ``index`` is fetched.
 
-        Waits while the slots are taken or a lower fragment waits too. A
-        cancelled download stops waiting, so that its thread reaches the
-        progress report that raises the cancel.
+        Waits while the slots are taken or a lower fragment waits too.
+        Raises DownloadCancelled once the download is cancelled, so that a
+        waiting thread opens no connection.
         """
         with self._changed:
             self._waiting.add(index)
             try:
-                while not self._is_cancelled() and (
-                    self._fetching >= self.capacity() or index > min(self._waiting)
-                ):
+                while self._fetching >= self.capacity() or index > min(self._waiting):
+                    if self._is_cancelled():
+                        raise DownloadCancelled("download cancelled")
                     self._changed.wait(WAIT_S)
             finally:
                 self._waiting.discard(index)
