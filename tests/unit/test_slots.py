@@ -24,13 +24,13 @@ def start_fetch(
     index: int,
     order: list[int],
     release: threading.Event,
-    refused: list[int] | None = None,
+    stopped: list[int] | None = None,
 ) -> threading.Thread:
     """Start a thread that takes a slot for ``index``, notes it in ``order``,
     and keeps it until ``release`` is set (10 s at most). A cancelled wait
-    is noted in ``refused``."""
-    if refused is None:
-        refused = []
+    is noted in ``stopped``."""
+    if stopped is None:
+        stopped = []
 
     def fetch() -> None:
         try:
@@ -38,7 +38,7 @@ def start_fetch(
                 order.append(index)
                 release.wait(10)
         except DownloadCancelled:
-            refused.append(index)
+            stopped.append(index)
 
     thread = threading.Thread(target=fetch, daemon=True)
     thread.start()
@@ -106,14 +106,14 @@ def test_slots_cancelled_download_stops_waiting() -> None:
     cancelled = threading.Event()
     slots = FragmentSlots(4, Rate(1024.0), cancelled)
     order: list[int] = []
-    refused: list[int] = []
+    stopped: list[int] = []
     release = threading.Event()
-    threads = [start_fetch(slots, index, order, release, refused) for index in range(2)]
+    threads = [start_fetch(slots, index, order, release, stopped) for index in range(2)]
     wait_count(order, 1)
     cancelled.set()
-    wait_count(refused, 1)
+    wait_count(stopped, 1)
     release.set()
     for thread in threads:
         thread.join(10)
-    assert refused == [1]
+    assert stopped == [1]
     assert order == [0]
