@@ -4,8 +4,10 @@ The scheduler thread decides what runs. It claims VODs whenever a slot is
 free and it is woken: by a download that ends, by an API call that adds or
 re-prioritises a VOD, or by a timer every ``POLL_INTERVAL_S`` that picks up
 changes made with SQL behind the service's back and leases that expired.
-Each claimed VOD downloads on a thread of its own. A heartbeat thread renews
-the leases and writes progress to the database once per ``HEARTBEAT_S``.
+Each claimed VOD downloads on a thread of its own. A heartbeat thread
+measures the downloads and applies the rate limits every ``RATE_TICK_S``,
+and renews the leases and writes progress to the database once per
+``HEARTBEAT_S``.
 """
 
 from __future__ import annotations
@@ -49,28 +51,39 @@ T = TypeVar("T")
 POLL_INTERVAL_S = 1.0
 # How often leases are renewed and progress written, in seconds.
 HEARTBEAT_S = 1.0
+# How often the downloads are measured and the rate limits applied, in
+# seconds. A pooled source that sends a tenth of its share was found within
+# 1.5 to 2.5 s of its first bytes at one tick a second, and the first 5 s
+# window from 2 s fell up to 5.6% short; a half-second tick finds it sooner.
+RATE_TICK_S = 0.5
 # How often last_process_run is written to the kv table, in seconds.
 LAST_RUN_WRITE_S = 5.0
-# A download's received rate is measured over the last heartbeats since its
-# limit last changed: at most RATE_SAMPLES of them, spanning at least
-# MIN_RATE_SPAN_S seconds.
-RATE_SAMPLES = 4
-MIN_RATE_SPAN_S = 1.0
+# A download's received rate is measured over the last ticks since its
+# limit last changed: at most RATE_SAMPLES of them (3 s), spanning at least
+# MIN_RATE_SPAN_S seconds. Samples are taken at the progress reports' times,
+# and a source that sends 16 KiB about once a second reports 0.96 s apart.
+RATE_SAMPLES = 7
+MIN_RATE_SPAN_S = 0.9
 # Shortest span of the speed shown in the API, in seconds.
 SPEED_SPAN_S = 0.5
 # A download held back by its source is measured over the last
-# RECENT_SAMPLES heartbeats (about 8 s), whatever its limit. A source that
+# RECENT_SAMPLES ticks (about 8 s), whatever its limit. A source that
 # sends 16 KiB bursts about once a second measures within 12% over 8 s,
 # below the 35% that flapping to an equal share needs (bandwidth.HEADROOM).
 # Over 3 s it measured 20% either way, and flapped now and then.
-RECENT_SAMPLES = 9
+RECENT_SAMPLES = 17
 # Shortest span over which a download held back by its source must fill
 # SATURATED_SHARE of its limit to get an equal share again, in seconds.
 SATURATED_SPAN_S = 2.5
-# Seconds after a download's first progress report before it is measured.
-STARTUP_S = 1.0
+# Seconds without a progress report after which a download is sampled at
+# the tick's time rather than skipped.
+QUIET_S = 1.0
+# Seconds after a download's first progress report before it is measured,
+# so that a connection still starting is not taken for a slow source. At
+# 1 s a pooled slow source was found only after the first 5 s window began.
+STARTUP_S = 0.5
 # Smallest relative change of a download's pool share that is applied, so
-# that a share measured a little differently each heartbeat stays put.
+# that a share measured a little differently each tick stays put.
 MIN_RATE_CHANGE = 0.01
 
 
@@ -117,16 +130,16 @@ class RunningDownload:
     # When the first and the last progress report arrived (time.monotonic()).
     first_progress_at: float | None = None
     progress_at: float = 0.0
-    # (progress_at, bytes_done) at the heartbeats since the limit changed. The
-    # report's own time, not the heartbeat's, so that bytes arriving in read
-    # blocks do not make the rate jump between heartbeats.
+    # (progress_at, bytes_done) at the ticks since the limit changed. The
+    # report's own time, not the tick's, so that bytes arriving in read
+    # blocks do not make the rate jump between ticks.
     samples: deque[tuple[float, int]] = field(
         default_factory=lambda: deque(maxlen=RATE_SAMPLES)
     )
     # The rate it can use from the pool (None: as much as it gets), kept from
     # the last measurement while the samples under a new limit build up.
     demand: float | None = None
-    # (time, bytes_done) at the last heartbeats, whatever the limit, for the
+    # (time, bytes_done) at the last ticks, whatever the limit, for the
     # speed shown in the API and the demand of a download held back.
     recent: deque[tuple[float, int]] = field(
         default_factory=lambda: deque(maxlen=RECENT_SAMPLES)
@@ -137,21 +150,21 @@ class RunningDownload:
         return _rate_over(self.samples, MIN_RATE_SPAN_S)
 
     def recent_speed(self) -> int | None:
-        """Return the bytes per second received over the last few heartbeats.
+        """Return the bytes per second received over the last second or so.
 
         yt-dlp's own figure for a plain HTTP download averages since the
         download started, so it lags a new limit by minutes on a long VOD.
         """
-        # Over the last two samples, about one heartbeat, so that the figure
+        # Over the last three samples, about one second, so that the figure
         # follows a rate change within a second or two.
-        rate = _rate_over(deque(list(self.recent)[-2:]), SPEED_SPAN_S)
+        rate = _rate_over(deque(list(self.recent)[-3:]), SPEED_SPAN_S)
         return self.progress.speed_bps if rate is None else round(rate)
 
     def next_demand(self) -> float | None:
         """Return the rate this download can use from the pool, measured now.
 
         A download held back by its source is measured over the last
-        RECENT_SAMPLES heartbeats whatever its limit, which stays above what
+        RECENT_SAMPLES ticks whatever its limit, which stays above what
         it receives, and over at least SATURATED_SPAN_S. Over a shorter span
         a source that sends in bursts can look as fast as its limit, and
         flapping back to an equal share would leave that share unused. A
@@ -751,12 +764,27 @@ class Scheduler:
 
     def _heartbeat(self) -> None:
         last_beat = 0.0
-        while not self._stopping.wait(HEARTBEAT_S):
+        last_renewal = 0.0
+        while not self._stopping.wait(RATE_TICK_S):
+            # A fault in one step must not end the thread: rates, leases and
+            # progress of every running download depend on it.
+            try:
+                self._measure()
+            except Exception:
+                log.warning(
+                    "measuring the downloads failed, retrying in %.1fs",
+                    RATE_TICK_S,
+                    exc_info=True,
+                    extra={"worker_id": self.worker_id, "action": "rates"},
+                )
+            # Half a tick early, so that the renewal keeps to HEARTBEAT_S
+            # and does not slip by a tick each time.
+            if time.monotonic() - last_renewal < HEARTBEAT_S - RATE_TICK_S / 2:
+                continue
+            last_renewal = time.monotonic()
             try:
                 last_beat = self._heartbeat_once(last_beat)
             except Exception:
-                # A fault in one beat must not end the thread: rates, leases
-                # and progress of every running download depend on it.
                 log.warning(
                     "heartbeat failed, retrying in %.0fs",
                     HEARTBEAT_S,
@@ -764,9 +792,18 @@ class Scheduler:
                     extra={"worker_id": self.worker_id, "action": "heartbeat"},
                 )
 
+    def _measure(self) -> None:
+        """Sample the running downloads' progress and apply the rates."""
+        running = self.running()
+        if not running:
+            return
+        for entry in running:
+            self._sample(entry)
+        self._apply_rates(running)
+
     def _heartbeat_once(self, last_beat: float) -> float:
-        """Renew leases, sample progress and apply rates; return the time of
-        the last worker heartbeat."""
+        """Renew leases and write progress; return the time of the last
+        worker heartbeat."""
         if time.monotonic() - last_beat >= WORKER_HEARTBEAT_S:
             last_beat = time.monotonic()
             self._beat()
@@ -775,9 +812,6 @@ class Scheduler:
         running = self.running()
         if not running:
             return last_beat
-        for entry in running:
-            self._sample(entry)
-        self._apply_rates(running)
 
         progress = {
             entry.vod.id: replace(entry.progress, speed_bps=entry.recent_speed())
@@ -862,11 +896,15 @@ class Scheduler:
         if done <= 0 or first is None or time.monotonic() - first < STARTUP_S:
             return
         # At the report's time while reports arrive. A download with no report
-        # since the last sample is sampled now, so that a paused source
-        # measures as slow.
+        # for QUIET_S is sampled now, so that a paused source measures as
+        # slow. Sampled sooner, a source that sends a burst a second measured
+        # 25% below its rate at a tick just before a burst.
         at = entry.progress_at
         if entry.recent and at <= entry.recent[-1][0]:
-            at = time.monotonic()
+            now = time.monotonic()
+            if now - at < QUIET_S:
+                return
+            at = now
         entry.recent.append((at, done))
         entry.samples.append((at, done))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ from vodq.api.app import create_app
 from vodq.bandwidth import MIN_DEMAND, TokenBucket
 from vodq.db.engine import make_engine
 from vodq.db.migrate import upgrade
-from vodq.models import VodState
+from vodq.models import Progress, VodState
 from vodq.queue import VodQueue
-from vodq.scheduler import RunningDownload
+from vodq.scheduler import QUIET_S, RunningDownload, Scheduler
 from vodq.service import NewVod, Service
 
 KIB = 1024
@@ -426,3 +427,38 @@ def test_pool_slow_source_found_over_longer_span(
     # The limit changed at 3.0 s, so its own samples see no burst at all.
     entry.samples.extend([(3.0, 48 * KIB), (4.0, 48 * KIB)])
     assert entry.next_demand() == pytest.approx(1.5 * 48 * KIB / 4)
+
+
+def _reported(tmp_path: Path, seconds_ago: float) -> RunningDownload:
+    """Return a download sampled at its last report, ``seconds_ago``."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'quiet.db'}")
+    upgrade(engine)
+    vod, _ = VodQueue(engine).add(vod_id="q", source_url="http://127.0.0.1:1/q.mp4")
+    engine.dispose()
+    entry = RunningDownload(vod=vod, attempt=1, bucket=TokenBucket(160 * 1024.0))
+    now = time.monotonic()
+    entry.first_progress_at = now - 10.0
+    entry.progress_at = now - seconds_ago
+    entry.progress = Progress(48 * KIB, None, None)
+    entry.recent.append((entry.progress_at, 48 * KIB))
+    return entry
+
+
+def test_sample_skips_tick_without_report(tmp_path: Path) -> None:
+    # A tick between two bursts of a source that sends one a second: sampled
+    # at the tick's time, the rate would read low until the next burst.
+    entry = _reported(tmp_path, seconds_ago=QUIET_S / 2)
+
+    Scheduler._sample(entry)
+
+    assert len(entry.recent) == 1
+
+
+def test_sample_takes_quiet_download_at_tick_time(tmp_path: Path) -> None:
+    # A paused source must measure as slow.
+    entry = _reported(tmp_path, seconds_ago=QUIET_S + 0.5)
+    before = time.monotonic()
+
+    Scheduler._sample(entry)
+
+    assert entry.recent[-1][0] >= before
