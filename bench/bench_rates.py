@@ -4,7 +4,9 @@ The cases are each configured rate (500K, 2M, 10M), each source (a plain
 HTTP file and an HLS stream) and each mode: one download under
 DOWNLOAD_RATE_LIMIT ("per"), three sharing DOWNLOAD_TOTAL_RATE_LIMIT
 ("pool"), and, over HTTP, three sharing it while the first one's source
-sends only a tenth of its equal part ("slow"). In each case one ``vodq
+sends only a tenth of its equal part ("slow"), or sends as fast as its
+share allows and drops to a tenth of it after 5 s ("drop"). In each case
+one ``vodq
 serve`` downloads, the pooled modes also run on a cluster of one ``vodq
 api`` and two ``vodq worker`` on PostgreSQL ("vodq cluster"), and then the
 yt-dlp command line downloads the same files with ``--limit-rate``. The
@@ -66,6 +68,10 @@ POOL_DOWNLOADS = 3
 # In the "slow" mode, the first pooled download's source sends this share of
 # its equal part of the pool, so the pool must move the rest to the others.
 SLOW_SHARE = 0.1
+# In the "drop" mode, the first pooled download's source drops to SLOW_SHARE
+# of its equal part this many seconds after its request: 3 s into the first
+# window, so that the second window starts 2 s after the drop.
+DROP_AFTER_S = 5.0
 # HLS fragments fetched at once, by vodq and by the command line alike.
 HLS_FRAGMENTS = 4
 # HLS segments are 2 MiB by default, 2 s of an 8 Mbit/s stream, so that each
@@ -216,6 +222,7 @@ def urls_for(
     per_stream_bps: float,
     windows: int,
     slow_first: bool = False,
+    drop_first: bool = False,
 ) -> list[str]:
     seconds = SKIP_S + windows * WINDOW_S + 5
     size = int(per_stream_bps * seconds * SIZE_FACTOR)
@@ -223,6 +230,9 @@ def urls_for(
         urls = [server.gen_url(name, size) for name in names]
         if slow_first:
             urls[0] = server.gen_url(names[0], size, rate=per_stream_bps * SLOW_SHARE)
+        if drop_first:
+            change = (DROP_AFTER_S, per_stream_bps * SLOW_SHARE)
+            urls[0] = server.gen_url(names[0], size, change=change)
         return urls
     segment = segment_bytes(per_stream_bps * len(names))
     segments = max(4, -(-size // segment))
@@ -256,7 +266,9 @@ def run_vodq(
 ) -> dict[str, Any]:
     count = 1 if mode == "per" else Options.pool_downloads
     names = [f"{tag}-{i}" for i in range(count)]
-    urls = urls_for(server, names, kind, rate / count, windows, mode == "slow")
+    urls = urls_for(
+        server, names, kind, rate / count, windows, mode == "slow", mode == "drop"
+    )
     limit = (
         {"DOWNLOAD_RATE_LIMIT": str(rate)}
         if mode == "per"
@@ -284,7 +296,9 @@ def run_cli(
     count = 1 if mode == "per" else Options.pool_downloads
     names = [f"{tag}-{i}" for i in range(count)]
     per_process = rate // count
-    urls = urls_for(server, names, kind, per_process, windows, mode == "slow")
+    urls = urls_for(
+        server, names, kind, per_process, windows, mode == "slow", mode == "drop"
+    )
     with workdir("rates-cli") as work:
         procs = []
         log = (work / "yt-dlp.log").open("ab")
@@ -327,7 +341,7 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
             for label in rates:
                 for kind in args.kinds.split(","):
                     for mode in args.modes.split(","):
-                        if mode == "slow" and kind != "http":
+                        if mode in ("slow", "drop") and kind != "http":
                             continue
                         for client in clients:
                             if client == "vodq cluster" and mode == "per":
@@ -793,7 +807,9 @@ def main() -> int:
     parser.add_argument("--rates", default=",".join(RATES), help="e.g. 500K,2M")
     parser.add_argument("--kinds", default="http,hls", help="sources: http, hls")
     parser.add_argument(
-        "--modes", default="per,pool,slow", help="modes: per, pool, slow (HTTP only)"
+        "--modes",
+        default="per,pool,slow",
+        help="modes: per, pool, and slow and drop (HTTP only)",
     )
     parser.add_argument(
         "--variant",

@@ -15,6 +15,9 @@ URLs (all under the server's base URL):
 * ``/disk/<name>/<file>``: ``<file>`` from the folder given to the server.
 
 A ``rate`` query parameter (bytes per second) throttles a generated file.
+With ``after`` (seconds) and ``then`` (bytes per second) the file is sent
+at ``rate`` (or at once) for ``after`` seconds and at ``then`` from there,
+like a source that slows down midway.
 """
 
 from __future__ import annotations
@@ -162,7 +165,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     ) -> None:
         if match := _GEN.fullmatch(path):
             rate = float(query["rate"][0]) if "rate" in query else None
-            self._send_generated(record, int(match.group(1)), head, rate)
+            change = None
+            if "after" in query and "then" in query:
+                change = (float(query["after"][0]), float(query["then"][0]))
+            self._send_generated(record, int(match.group(1)), head, rate, change)
         elif match := _HLS.fullmatch(path):
             seg_bytes, count = int(match.group(1)), int(match.group(2))
             if match.group(5) is None:
@@ -231,7 +237,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return start, stop
 
     def _send_generated(
-        self, record: Request, size: int, head: bool, rate: float | None
+        self,
+        record: Request,
+        size: int,
+        head: bool,
+        rate: float | None,
+        change: tuple[float, float] | None = None,
     ) -> None:
         span = self._range(record, size)
         if span is None or head:
@@ -249,6 +260,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             sent += n
             record.bytes_sent += n
             bench.log.add(n, record.key)
+            if change is not None and time.monotonic() - started >= change[0]:
+                # From here on at the new rate, counted from this moment.
+                rate, change = change[1], None
+                started, sent = time.monotonic(), 0
             if rate is not None:
                 ahead = sent / rate - (time.monotonic() - started)
                 if ahead > 0:
@@ -323,8 +338,18 @@ class BenchServer:
 
     # -- URLs ---------------------------------------------------------------
 
-    def gen_url(self, name: str, size: int, rate: float | None = None) -> str:
-        query = f"?rate={rate:.0f}" if rate is not None else ""
+    def gen_url(
+        self,
+        name: str,
+        size: int,
+        rate: float | None = None,
+        change: tuple[float, float] | None = None,
+    ) -> str:
+        """Return the URL of a generated file; ``change`` is (after, then)."""
+        params = {} if rate is None else {"rate": f"{rate:.0f}"}
+        if change is not None:
+            params.update(after=f"{change[0]:g}", then=f"{change[1]:.0f}")
+        query = "?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else ""
         return f"{self.base_url}/gen/{size}/{name}.mp4{query}"
 
     def hls_url(self, name: str, segment_bytes: int, segments: int) -> str:
