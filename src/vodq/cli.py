@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -220,6 +221,18 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     host = args.host or settings.http_host
     port = args.port or settings.http_port
+    # Bound before the scheduler starts: a second vodq serve on a port in use
+    # would otherwise claim VODs for a moment and stop them again.
+    try:
+        listener = _listen(host, port)
+    except OSError as exc:
+        print(
+            f"vodq: cannot listen on {host}:{port}: {exc.strerror or exc}. Stop "
+            "the process that uses it (perhaps another vodq serve), or choose "
+            "a free port with HTTP_ADDR or --port, for example --port 8081",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.no_migrate:
         app = create_app(service, manage_lifecycle=False)
         service.start(migrate=False)
@@ -237,10 +250,23 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,
         proxy_headers=False,
     )
-    _server_class()(config).run()
+    _server_class()(config).run(sockets=[listener])
     if args.no_migrate:
         service.stop()
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Return a socket bound to ``host``:``port``, as uvicorn would bind it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 def _server_class() -> type:

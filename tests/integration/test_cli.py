@@ -94,6 +94,19 @@ def test_serve_rejects_invalid_environment(
     assert message in stderr.decode()
 
 
+def test_serve_port_in_use_exits_before_scheduler(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        process = start_serve(tmp_path, port, stderr=subprocess.PIPE)
+        _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in stderr.decode()
+    assert "scheduler started" not in stderr.decode()
+
+
 def test_serve_sigterm_stops_cleanly(tmp_path: Path, media_server: MediaServer) -> None:
     port = free_port()
     process = start_serve(tmp_path, port)
