@@ -9,6 +9,7 @@ bypass its wake-ups or its auth.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -226,10 +227,20 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         listener = _listen(host, port)
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            advice = (
+                "Stop the process that uses it (perhaps another vodq serve), or "
+                "choose a free port with HTTP_ADDR or --port, for example "
+                f"--port {port + 1 if port < 65535 else 8080}"
+            )
+        else:
+            advice = (
+                "Choose an address of this machine with HTTP_ADDR or --host, for "
+                "example --host 127.0.0.1 (this machine only) or --host 0.0.0.0 "
+                "(every interface)"
+            )
         print(
-            f"vodq: cannot listen on {host}:{port}: {exc.strerror or exc}. Stop "
-            "the process that uses it (perhaps another vodq serve), or choose "
-            "a free port with HTTP_ADDR or --port, for example --port 8081",
+            f"vodq: cannot listen on {host}:{port}: {exc.strerror or exc}. {advice}",
             file=sys.stderr,
         )
         return EXIT_USAGE

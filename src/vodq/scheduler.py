@@ -72,13 +72,6 @@ SPEED_SPAN_S = 0.5
 # below the 35% that flapping to an equal share needs (bandwidth.HEADROOM).
 # Over 3 s it measured 20% either way, and flapped now and then.
 RECENT_SAMPLES = 17
-# A download held back by its source is also measured over its last
-# SHORT_SPAN_S seconds of samples, and the lower of the two rates counts.
-# Over 8 s alone, a source that dropped to a tenth of its share still read
-# above its new limit for seconds, from the bytes it sent before, and got
-# an equal share back; the others took a stopped source's share only after
-# about 7 s. Burst noise over 3 s stays within 20%, below the headroom.
-SHORT_SPAN_S = 3.0
 # Shortest span over which a download held back by its source must fill
 # SATURATED_SHARE of its limit to get an equal share again, in seconds.
 SATURATED_SPAN_S = 2.5
@@ -177,14 +170,9 @@ class RunningDownload:
         flapping back to an equal share would leave that share unused. A
         download found held back under its current limit takes the larger of
         the two rates, because one second of such a source can show far less
-        than it sends. The rate over the last 3 s counts when it is lower, so
-        that a source that slows down or stops gives its share up within
-        seconds.
+        than it sends.
         """
         longer = _rate_over(self.recent, SATURATED_SPAN_S)
-        shorter = _rate_over(_tail(self.recent, SHORT_SPAN_S), SATURATED_SPAN_S)
-        if longer is not None and shorter is not None:
-            longer = min(longer, shorter)
         if self.demand is not None:
             measured = longer
         else:
@@ -200,19 +188,6 @@ class RunningDownload:
         """Set the download's limit and start measuring it afresh."""
         self.bucket.set_rate(rate)
         self.samples.clear()
-
-
-def _tail(samples: deque[tuple[float, int]], span_s: float) -> deque[tuple[float, int]]:
-    """Return the last of ``samples`` that span ``span_s`` seconds, or all.
-
-    By time, not by count: a tick without a report adds no sample, so a
-    source that reports once a second has one sample a second.
-    """
-    copied = list(samples)
-    start = max(0, len(copied) - 1)
-    while start > 0 and copied[-1][0] - copied[start][0] < span_s:
-        start -= 1
-    return deque(copied[start:])
 
 
 def _rate_over(samples: deque[tuple[float, int]], min_span_s: float) -> float | None:

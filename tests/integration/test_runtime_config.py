@@ -420,31 +420,13 @@ def test_pool_slow_source_found_over_longer_span(
     vod, _ = VodQueue(engine).add(vod_id="f", source_url="http://127.0.0.1:1/f.mp4")
     engine.dispose()
     entry = RunningDownload(vod=vod, attempt=1, bucket=TokenBucket(160 * 1024.0))
-    # 32 KiB bursts once a second, then none in the second after 3.0 s.
-    for at, done in [(0.0, 0), (1.0, 32 * KIB), (2.0, 64 * KIB), (3.0, 96 * KIB)]:
+    # 16 KiB bursts once a second, then none in the second after 3.0 s.
+    for at, done in [(0.0, 0), (1.0, 16 * KIB), (2.0, 32 * KIB), (3.0, 48 * KIB)]:
         entry.recent.append((at, done))
-    entry.recent.append((4.0, 96 * KIB))
-    # The limit changed at 3.0 s, so its own samples see no burst at all. The
-    # last 3 s (64 KiB) read lower than the last 4 s (96 KiB) and count.
-    entry.samples.extend([(3.0, 96 * KIB), (4.0, 96 * KIB)])
-    assert entry.next_demand() == pytest.approx(1.5 * 64 * KIB / 3)
-
-
-def test_pool_stopped_source_measured_over_short_span(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'stopped.db'}")
-    upgrade(engine)
-    vod, _ = VodQueue(engine).add(vod_id="s", source_url="http://127.0.0.1:1/s.mp4")
-    engine.dispose()
-    rate = 160 * 1024.0
-    entry = RunningDownload(vod=vod, attempt=1, bucket=TokenBucket(rate))
-    entry.demand = rate
-    # 160 KiB/s for 6 s, then nothing for 3 s, sampled every half second.
-    for tick in range(13):
-        entry.recent.append((tick * 0.5, int(tick * 0.5 * rate)))
-    for tick in range(1, 7):
-        entry.recent.append((6.0 + tick * 0.5, int(6.0 * rate)))
-
-    assert entry.next_demand() == MIN_DEMAND
+    entry.recent.append((4.0, 48 * KIB))
+    # The limit changed at 3.0 s, so its own samples see no burst at all.
+    entry.samples.extend([(3.0, 48 * KIB), (4.0, 48 * KIB)])
+    assert entry.next_demand() == pytest.approx(1.5 * 48 * KIB / 4)
 
 
 def _reported(tmp_path: Path, seconds_ago: float) -> RunningDownload:
