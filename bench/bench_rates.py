@@ -105,6 +105,9 @@ class Options:
     fragments: int = HLS_FRAGMENTS
     # --pool-downloads: downloads that share a pool in the rate cases.
     pool_downloads: int = POOL_DOWNLOADS
+    # --slow-sources: how many of them send a tenth of their share in the
+    # "slow" mode, the first ones.
+    slow_sources: int = 1
 
 
 # Files are this many times longer than the measurement needs at the
@@ -229,7 +232,9 @@ def urls_for(
     if kind == "http":
         urls = [server.gen_url(name, size) for name in names]
         if slow_first:
-            urls[0] = server.gen_url(names[0], size, rate=per_stream_bps * SLOW_SHARE)
+            slow_rate = per_stream_bps * SLOW_SHARE
+            for index in range(min(Options.slow_sources, len(names))):
+                urls[index] = server.gen_url(names[index], size, rate=slow_rate)
         if drop_first:
             change = (DROP_AFTER_S, per_stream_bps * SLOW_SHARE)
             urls[0] = server.gen_url(names[0], size, change=change)
@@ -847,6 +852,12 @@ def main() -> int:
         help="downloads sharing the pool in the rate cases",
     )
     parser.add_argument(
+        "--slow-sources",
+        type=int,
+        default=1,
+        help='sources that send a tenth of their share in the "slow" mode',
+    )
+    parser.add_argument(
         "--no-join",
         action="store_true",
         help="skip the test of downloads joining and leaving the pool",
@@ -883,6 +894,7 @@ def main() -> int:
     Options.cut_to = args.cut_to
     Options.fragments = args.fragments
     Options.pool_downloads = args.pool_downloads
+    Options.slow_sources = args.slow_sources
     if args.quick:
         args.windows = 1
         args.repeat = 1

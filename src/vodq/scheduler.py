@@ -75,6 +75,20 @@ RECENT_SAMPLES = 17
 # Shortest span over which a download held back by its source must fill
 # SATURATED_SHARE of its limit to get an equal share again, in seconds.
 SATURATED_SPAN_S = 2.5
+# A download that received less than FAR_BELOW_SHARE of its limit over at
+# least FAR_BELOW_SPAN_S seconds is held back by its source before the
+# MIN_RATE_SPAN_S of samples are in, and a raise keeps its samples. With
+# three slow sources among five, one whose samples spanned 0.5 s when the
+# others were found slow got their share on top of its own, and was found
+# 2.7 to 3 s after its first bytes: the first window fell 6.9% to 8.9%
+# short. A download at its limit reads below half of it over 0.25 s only
+# in a stall, and then loses part of its share for a tick or two. Over so
+# short a span a source that sends a burst every 0.4 s read half its rate,
+# so such a reading counts FAR_BELOW_MARGIN times; taken as it was, the
+# limit fell below what the source sent and it flapped to an equal share.
+FAR_BELOW_SHARE = 0.5
+FAR_BELOW_SPAN_S = 0.25
+FAR_BELOW_MARGIN = 2.0
 # Seconds without a progress report after which a download is sampled at
 # the tick's time rather than skipped.
 QUIET_S = 1.0
@@ -177,6 +191,9 @@ class RunningDownload:
             measured = longer
         else:
             measured = self.measured_rate()
+            if measured is None:
+                quick = self._far_below()
+                measured = None if quick is None else quick * FAR_BELOW_MARGIN
             held_back = demand_of(self.bucket.rate, measured) is not None
             if held_back and longer is not None and measured is not None:
                 measured = max(measured, longer)
@@ -185,9 +202,27 @@ class RunningDownload:
         return demand_of(self.bucket.rate, measured)
 
     def limit_to(self, rate: float | None) -> None:
-        """Set the download's limit and start measuring it afresh."""
+        """Set the download's limit and start measuring it afresh.
+
+        A raise keeps the samples of a download far below its old limit:
+        held back by its source under the old limit, it is held back under
+        the new one too.
+        """
+        old = self.bucket.rate
+        keep = rate is not None and old is not None and rate > old
+        keep = keep and self._far_below() is not None
         self.bucket.set_rate(rate)
-        self.samples.clear()
+        if not keep:
+            self.samples.clear()
+
+    def _far_below(self) -> float | None:
+        """Return the rate received since the limit changed when it is below
+        FAR_BELOW_SHARE of the limit over FAR_BELOW_SPAN_S or more, else None."""
+        limit = self.bucket.rate
+        received = _rate_over(self.samples, FAR_BELOW_SPAN_S)
+        if limit is None or received is None or received >= FAR_BELOW_SHARE * limit:
+            return None
+        return received
 
 
 def _rate_over(samples: deque[tuple[float, int]], min_span_s: float) -> float | None:

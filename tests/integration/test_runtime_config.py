@@ -429,6 +429,59 @@ def test_pool_slow_source_found_over_longer_span(
     assert entry.next_demand() == pytest.approx(1.5 * 48 * KIB / 4)
 
 
+def _limited(tmp_path: Path, rate: float) -> RunningDownload:
+    engine = make_engine(f"sqlite:///{tmp_path / 'raise.db'}")
+    upgrade(engine)
+    vod, _ = VodQueue(engine).add(vod_id="r", source_url="http://127.0.0.1:1/r.mp4")
+    engine.dispose()
+    return RunningDownload(vod=vod, attempt=1, bucket=TokenBucket(rate))
+
+
+def test_pool_slow_source_found_before_full_span(tmp_path: Path) -> None:
+    # 16 KiB in 0.4 s under a limit of 400 KiB/s, too short a span for the
+    # usual measurement but far below the limit; counted twice, since so
+    # short a span can show half of what a bursty source sends.
+    entry = _limited(tmp_path, 400 * KIB)
+    entry.samples.extend([(0.0, 0), (0.4, 16 * KIB)])
+
+    assert entry.next_demand() == pytest.approx(1.5 * 2 * 16 * KIB / 0.4)
+
+
+def test_pool_fast_download_not_judged_on_short_span(tmp_path: Path) -> None:
+    entry = _limited(tmp_path, 400 * KIB)
+    entry.samples.extend([(0.0, 0), (0.4, 150 * KIB)])
+
+    assert entry.next_demand() is None
+
+
+def test_limit_raise_keeps_samples_of_slow_source(tmp_path: Path) -> None:
+    # 8 KiB/s under a limit of 100 KiB/s: held back by its source.
+    entry = _limited(tmp_path, 100 * KIB)
+    entry.samples.extend([(0.0, 0), (0.5, 4 * KIB)])
+
+    entry.limit_to(200 * KIB)
+
+    assert len(entry.samples) == 2
+
+
+def test_limit_raise_clears_samples_at_old_limit(tmp_path: Path) -> None:
+    entry = _limited(tmp_path, 100 * KIB)
+    entry.samples.extend([(0.0, 0), (0.5, 50 * KIB)])
+
+    entry.limit_to(200 * KIB)
+
+    assert not entry.samples
+
+
+def test_limit_cut_clears_samples(tmp_path: Path) -> None:
+    entry = _limited(tmp_path, 100 * KIB)
+    entry.samples.extend([(0.0, 0), (0.5, 4 * KIB)])
+
+    entry.limit_to(50 * KIB)
+
+    assert not entry.samples
+
+
 def _reported(tmp_path: Path, seconds_ago: float) -> RunningDownload:
     """Return a download sampled at its last report, ``seconds_ago``."""
     engine = make_engine(f"sqlite:///{tmp_path / 'quiet.db'}")
