@@ -52,9 +52,9 @@ POLL_INTERVAL_S = 1.0
 # How often leases are renewed and progress written, in seconds.
 HEARTBEAT_S = 1.0
 # How often the downloads are measured and the rate limits applied, in
-# seconds. A pooled source that sends a tenth of its share was found within
-# 1.5 to 2.5 s of its first bytes at one tick a second, and the first 5 s
-# window from 2 s fell up to 5.6% short; a half-second tick finds it sooner.
+# seconds. At one tick a second, a pooled source that sends a tenth of its
+# share was found 1.5 to 2.5 s after its first bytes. The first 5 s window
+# from 2 s then fell up to 5.6% short.
 RATE_TICK_S = 0.5
 # How often last_process_run is written to the kv table, in seconds.
 LAST_RUN_WRITE_S = 5.0
@@ -78,10 +78,10 @@ SATURATED_SPAN_S = 2.5
 # A download that received less than FAR_BELOW_SHARE of its limit over at
 # least FAR_BELOW_SPAN_S seconds is held back by its source before the
 # MIN_RATE_SPAN_S of samples are in, and a raise keeps its samples. With
-# three slow sources among five, one whose samples spanned 0.5 s when the
-# others were found slow got their share on top of its own, and was found
-# 2.7 to 3 s after its first bytes: the first window fell 6.9% to 8.9%
-# short. A download at its limit reads below half of it over 0.25 s only
+# three slow sources among five, one whose samples spanned 0.5 s got the
+# share of the two found before it. The raise cleared its samples, so it
+# was found 2.7 to 3 s after its first bytes, and the first window fell
+# 6.9% to 8.9% short. A download at its limit reads below half of it over 0.25 s only
 # in a stall, and then loses part of its share for a tick or two. Over so
 # short a span a source that sends a burst every 0.4 s read half its rate,
 # so such a reading counts FAR_BELOW_MARGIN times; taken as it was, the
