@@ -188,7 +188,10 @@ class RunningDownload:
         """
         longer = _rate_over(self.recent, SATURATED_SPAN_S)
         if self.demand is not None:
-            measured = longer
+            # Until the longer span is in, the rate under the current limit:
+            # a demand from a doubled short reading is three times what the
+            # source sends, and would hold that share for 2.5 s.
+            measured = longer if longer is not None else self.measured_rate()
         else:
             measured = self.measured_rate()
             if measured is None:

@@ -447,6 +447,16 @@ def test_pool_slow_source_found_before_full_span(tmp_path: Path) -> None:
     assert entry.next_demand() == pytest.approx(1.5 * 2 * 16 * KIB / 0.4)
 
 
+def test_pool_quick_demand_refined_before_long_span(tmp_path: Path) -> None:
+    # Found on a short span with a limit of 120 KiB/s; a second later it
+    # has received 40 KiB/s under that limit, and no 2.5 s span is in yet.
+    entry = _limited(tmp_path, 120 * KIB)
+    entry.demand = 120 * KIB
+    entry.samples.extend([(0.0, 0), (1.0, 40 * KIB)])
+
+    assert entry.next_demand() == pytest.approx(1.5 * 40 * KIB)
+
+
 def test_pool_fast_download_not_judged_on_short_span(tmp_path: Path) -> None:
     entry = _limited(tmp_path, 400 * KIB)
     entry.samples.extend([(0.0, 0), (0.4, 150 * KIB)])
