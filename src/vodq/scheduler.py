@@ -81,11 +81,12 @@ SATURATED_SPAN_S = 2.5
 # three slow sources among five, one whose samples spanned 0.5 s got the
 # share of the two found before it. The raise cleared its samples, so it
 # was found 2.7 to 3 s after its first bytes, and the first window fell
-# 6.9% to 8.9% short. A download at its limit reads below half of it over 0.25 s only
-# in a stall, and then loses part of its share for a tick or two. Over so
-# short a span a source that sends a burst every 0.4 s read half its rate,
-# so such a reading counts FAR_BELOW_MARGIN times. Taken as it was, the
-# limit fell below what the source sent, and it flapped to an equal share.
+# 6.9% to 8.9% short. A download at its limit reads below half of it over
+# 0.25 s only in a stall, and then loses part of its share for a tick or
+# two. Over so short a span a source that sends a burst every 0.4 s read
+# half its rate, so such a reading counts FAR_BELOW_MARGIN times. Taken as
+# it was, the limit fell below what the source sent, and it flapped to an
+# equal share.
 FAR_BELOW_SHARE = 0.5
 FAR_BELOW_SPAN_S = 0.25
 FAR_BELOW_MARGIN = 2.0
