@@ -105,8 +105,8 @@ class Options:
     fragments: int = HLS_FRAGMENTS
     # --pool-downloads: downloads that share a pool in the rate cases.
     pool_downloads: int = POOL_DOWNLOADS
-    # --slow-sources: how many of them send a tenth of their share in the
-    # "slow" mode, the first ones.
+    # --slow-sources: how many of them, from the first, send a tenth of their
+    # share in the "slow" mode.
     slow_sources: int = 1
 
 
@@ -814,7 +814,7 @@ def main() -> int:
     parser.add_argument(
         "--modes",
         default="per,pool,slow",
-        help="modes: per, pool, and slow and drop (HTTP only)",
+        help="modes: per, pool, slow and drop (the last two HTTP only)",
     )
     parser.add_argument(
         "--variant",

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 BLOCK_BYTES = 1024 * 1024
 # Bytes per logged write of a generated body by default, which is the
@@ -349,7 +349,7 @@ class BenchServer:
         params = {} if rate is None else {"rate": f"{rate:.0f}"}
         if change is not None:
             params.update(after=f"{change[0]:g}", then=f"{change[1]:.0f}")
-        query = "?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else ""
+        query = f"?{urlencode(params)}" if params else ""
         return f"{self.base_url}/gen/{size}/{name}.mp4{query}"
 
     def hls_url(self, name: str, segment_bytes: int, segments: int) -> str:

@@ -121,6 +121,8 @@ SATURATED_SHARE = 0.9
 # held back by its source: 1.5 times 0.9 leaves a 35% margin for a slow
 # source's uneven rate. A source that gets 35% faster fills the limit,
 # counts as saturated again and gets its equal share back.
+# NOTE: the headroom goes unused while the source stays slow, so the pool's
+# sum falls short by up to half of what such sources receive.
 HEADROOM = 1.5
 # Smallest limit the pool gives a download held back by its source, in bytes
 # per second.

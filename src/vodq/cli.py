@@ -222,16 +222,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     host = args.host or settings.http_host
     port = args.port or settings.http_port
-    # Bound before the scheduler starts: a second vodq serve on a port in use
-    # would otherwise claim VODs for a moment and stop them again.
+    # Bound before the scheduler starts, because a second vodq serve on a port
+    # in use would otherwise claim VODs for a moment and stop them again.
     try:
         listener = _listen(host, port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
+            other = port + 1 if port < 65535 else port - 1
             advice = (
                 "Stop the process that uses it (perhaps another vodq serve), or "
                 "choose a free port with HTTP_ADDR or --port, for example "
-                f"--port {port + 1 if port < 65535 else 8080}"
+                f"--port {other}"
             )
         else:
             advice = (

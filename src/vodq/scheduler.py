@@ -58,10 +58,10 @@ HEARTBEAT_S = 1.0
 RATE_TICK_S = 0.5
 # How often last_process_run is written to the kv table, in seconds.
 LAST_RUN_WRITE_S = 5.0
-# A download's received rate is measured over the last ticks since its
-# limit last changed: at most RATE_SAMPLES of them (3 s), spanning at least
-# MIN_RATE_SPAN_S seconds. Samples are taken at the progress reports' times,
-# and a source that sends 16 KiB about once a second reports 0.96 s apart.
+# A download's received rate is measured over the ticks since its limit
+# last changed: at most RATE_SAMPLES of them (3 s), spanning at least
+# MIN_RATE_SPAN_S seconds. The span is below 1 s because samples carry the
+# report times, and a source that sends 16 KiB a second reports 0.96 s apart.
 RATE_SAMPLES = 7
 MIN_RATE_SPAN_S = 0.9
 # Shortest span of the speed shown in the API, in seconds.
@@ -71,22 +71,22 @@ SPEED_SPAN_S = 0.5
 # sends 16 KiB bursts about once a second measures within 12% over 8 s,
 # below the 35% that flapping to an equal share needs (bandwidth.HEADROOM).
 # Over 3 s it measured 20% either way, and flapped now and then.
+# NOTE: a source that sends a burst every 2 s or more can still read 25%
+# off over 8 s, so it may flap between a small share and an equal one.
 RECENT_SAMPLES = 17
 # Shortest span over which a download held back by its source must fill
 # SATURATED_SHARE of its limit to get an equal share again, in seconds.
 SATURATED_SPAN_S = 2.5
 # A download that received less than FAR_BELOW_SHARE of its limit over at
-# least FAR_BELOW_SPAN_S seconds is held back by its source before the
-# MIN_RATE_SPAN_S of samples are in, and a raise keeps its samples. With
-# three slow sources among five, one whose samples spanned 0.5 s got the
-# share of the two found before it. The raise cleared its samples, so it
-# was found 2.7 to 3 s after its first bytes, and the first window fell
-# 6.9% to 8.9% short. A download at its limit reads below half of it over
-# 0.25 s only in a stall, and then loses part of its share for a tick or
-# two. Over so short a span a source that sends a burst every 0.4 s read
-# half its rate, so such a reading counts FAR_BELOW_MARGIN times. Taken as
-# it was, the limit fell below what the source sent, and it flapped to an
-# equal share.
+# least FAR_BELOW_SPAN_S seconds counts as held back before MIN_RATE_SPAN_S
+# of samples are in, and a raise keeps its samples. Without this, three slow
+# sources among five left the first window at 2M up to 8.9% short, because
+# a raise cleared the last one's samples and it was found 3 s late. A
+# download at its limit reads that low only in a stall, and then loses part
+# of its share for a tick or two. Over 0.25 s a source that sends a burst
+# every 0.4 s read half its rate, so the reading counts FAR_BELOW_MARGIN
+# times. Taken as it was, it set a limit below what the source sent, and
+# the download flapped.
 FAR_BELOW_SHARE = 0.5
 FAR_BELOW_SPAN_S = 0.25
 FAR_BELOW_MARGIN = 2.0
@@ -189,15 +189,18 @@ class RunningDownload:
         """
         longer = _rate_over(self.recent, SATURATED_SPAN_S)
         if self.demand is not None:
-            # Until the longer span is in, the rate under the current limit:
-            # a demand from a doubled short reading is three times what the
-            # source sends, and would hold that share for 2.5 s.
-            measured = longer if longer is not None else self.measured_rate()
+            # Until the longer span is in, the rate under the current limit
+            # counts. A demand from a doubled short reading is three times
+            # what the source sends, and would hold that share for 2.5 s.
+            measured = longer
+            if measured is None:
+                measured = self.measured_rate()
         else:
             measured = self.measured_rate()
             if measured is None:
                 quick = self._far_below()
-                measured = None if quick is None else quick * FAR_BELOW_MARGIN
+                if quick is not None:
+                    measured = quick * FAR_BELOW_MARGIN
             held_back = demand_of(self.bucket.rate, measured) is not None
             if held_back and longer is not None and measured is not None:
                 measured = max(measured, longer)
@@ -208,13 +211,13 @@ class RunningDownload:
     def limit_to(self, rate: float | None) -> None:
         """Set the download's limit and start measuring it afresh.
 
-        A raise keeps the samples of a download far below its old limit:
-        held back by its source under the old limit, it is held back under
-        the new one too.
+        A raise keeps the samples of a download far below its old limit,
+        because a source too slow for the old limit is too slow for the new
+        one as well.
         """
         old = self.bucket.rate
-        keep = rate is not None and old is not None and rate > old
-        keep = keep and self._far_below() is not None
+        raised = rate is not None and old is not None and rate > old
+        keep = raised and self._far_below() is not None
         self.bucket.set_rate(rate)
         if not keep:
             self.samples.clear()
@@ -805,8 +808,8 @@ class Scheduler:
         last_beat = 0.0
         last_renewal = 0.0
         while not self._stopping.wait(RATE_TICK_S):
-            # A fault in one step must not end the thread: rates, leases and
-            # progress of every running download depend on it.
+            # A fault in one step must not end the thread, because the rates,
+            # leases and progress of every running download depend on it.
             try:
                 self._measure()
             except Exception:

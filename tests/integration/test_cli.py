@@ -94,7 +94,7 @@ def test_serve_rejects_invalid_environment(
     assert message in stderr.decode()
 
 
-def test_serve_port_in_use_exits_before_scheduler(tmp_path: Path) -> None:
+def test_serve_port_in_use_exits_early(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

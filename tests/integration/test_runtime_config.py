@@ -437,19 +437,19 @@ def _limited(tmp_path: Path, rate: float) -> RunningDownload:
     return RunningDownload(vod=vod, attempt=1, bucket=TokenBucket(rate))
 
 
-def test_pool_slow_source_found_before_full_span(tmp_path: Path) -> None:
-    # 16 KiB in 0.4 s under a limit of 400 KiB/s, too short a span for the
-    # usual measurement but far below the limit; counted twice, since so
-    # short a span can show half of what a bursty source sends.
+def test_demand_short_span_far_below(tmp_path: Path) -> None:
+    # 16 KiB in 0.4 s under a limit of 400 KiB/s: too short a span for the
+    # usual measurement, but far below the limit. The reading counts twice,
+    # because so short a span can show half of what a bursty source sends.
     entry = _limited(tmp_path, 400 * KIB)
     entry.samples.extend([(0.0, 0), (0.4, 16 * KIB)])
 
     assert entry.next_demand() == pytest.approx(1.5 * 2 * 16 * KIB / 0.4)
 
 
-def test_pool_quick_demand_refined_before_long_span(tmp_path: Path) -> None:
-    # Found on a short span with a limit of 120 KiB/s; a second later it
-    # has received 40 KiB/s under that limit, and no 2.5 s span is in yet.
+def test_demand_quick_refined_early(tmp_path: Path) -> None:
+    # Found on a short span with a limit of 120 KiB/s. A second later it has
+    # received 40 KiB/s under that limit, before any 2.5 s span is in.
     entry = _limited(tmp_path, 120 * KIB)
     entry.demand = 120 * KIB
     entry.samples.extend([(0.0, 0), (1.0, 40 * KIB)])
@@ -457,7 +457,7 @@ def test_pool_quick_demand_refined_before_long_span(tmp_path: Path) -> None:
     assert entry.next_demand() == pytest.approx(1.5 * 40 * KIB)
 
 
-def test_pool_fast_download_not_judged_on_short_span(tmp_path: Path) -> None:
+def test_demand_short_span_fast_source(tmp_path: Path) -> None:
     entry = _limited(tmp_path, 400 * KIB)
     entry.samples.extend([(0.0, 0), (0.4, 150 * KIB)])
 
@@ -508,7 +508,7 @@ def _reported(tmp_path: Path, seconds_ago: float) -> RunningDownload:
 
 
 def test_sample_skips_tick_without_report(tmp_path: Path) -> None:
-    # A tick between two bursts of a source that sends one a second: sampled
+    # A tick between two bursts of a source that sends one a second. Sampled
     # at the tick's time, the rate would read low until the next burst.
     entry = _reported(tmp_path, seconds_ago=QUIET_S / 2)
 
@@ -517,7 +517,7 @@ def test_sample_skips_tick_without_report(tmp_path: Path) -> None:
     assert len(entry.recent) == 1
 
 
-def test_sample_takes_quiet_download_at_tick_time(tmp_path: Path) -> None:
+def test_sample_quiet_download_at_tick(tmp_path: Path) -> None:
     # A paused source must measure as slow.
     entry = _reported(tmp_path, seconds_ago=QUIET_S + 0.5)
     before = time.monotonic()

@@ -405,8 +405,8 @@ def test_claim_fault_keeps_scheduler_running(
         return claim(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(service.queue, "claim", failing_once)
-    # The fault first, then the VOD: a claim already running when the patch
-    # was applied could otherwise take the VOD without the patched call.
+    # The fault first, then the VOD, because a claim already running when the
+    # patch was applied could otherwise take the VOD without the patched call.
     wait_for(lambda: len(calls) >= 1, timeout_s=10)
     add_url(service, "after", media_server.add_file("after.mp4", media(64 * KIB, 2)))
     vod = wait_for_state(service, "after", FINISHED, timeout_s=30)
