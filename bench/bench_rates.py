@@ -108,6 +108,11 @@ class Options:
     # --slow-sources: how many of them, from the first, send a tenth of their
     # share in the "slow" mode.
     slow_sources: int = 1
+    # --slow-share: the share of its equal part that a slow source sends.
+    slow_share: float = SLOW_SHARE
+    # --burst: seconds between a slow source's bursts, or None for an even
+    # rate.
+    burst_s: float | None = None
 
 
 # Files are this many times longer than the measurement needs at the
@@ -232,9 +237,11 @@ def urls_for(
     if kind == "http":
         urls = [server.gen_url(name, size) for name in names]
         if slow_first:
-            slow_rate = per_stream_bps * SLOW_SHARE
+            slow_rate = per_stream_bps * Options.slow_share
             for index in range(min(Options.slow_sources, len(names))):
-                urls[index] = server.gen_url(names[index], size, rate=slow_rate)
+                urls[index] = server.gen_url(
+                    names[index], size, rate=slow_rate, burst=Options.burst_s
+                )
         if drop_first:
             change = (DROP_AFTER_S, per_stream_bps * SLOW_SHARE)
             urls[0] = server.gen_url(names[0], size, change=change)
@@ -858,6 +865,18 @@ def main() -> int:
         help='sources that send a tenth of their share in the "slow" mode',
     )
     parser.add_argument(
+        "--slow-share",
+        type=float,
+        default=SLOW_SHARE,
+        help="the share of its equal part that a slow source sends, such as 0.6",
+    )
+    parser.add_argument(
+        "--burst",
+        type=float,
+        default=None,
+        help="seconds between a slow source's bursts, such as 2 (default: even)",
+    )
+    parser.add_argument(
         "--no-join",
         action="store_true",
         help="skip the test of downloads joining and leaving the pool",
@@ -895,6 +914,8 @@ def main() -> int:
     Options.fragments = args.fragments
     Options.pool_downloads = args.pool_downloads
     Options.slow_sources = args.slow_sources
+    Options.slow_share = args.slow_share
+    Options.burst_s = args.burst
     if args.quick:
         args.windows = 1
         args.repeat = 1

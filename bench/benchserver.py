@@ -17,7 +17,8 @@ URLs (all under the server's base URL):
 A ``rate`` query parameter (bytes per second) throttles a generated file.
 With ``after`` (seconds) and ``then`` (bytes per second) the file is sent
 at ``rate`` (or at once) for ``after`` seconds and at ``then`` from there,
-like a source that slows down midway.
+like a source that slows down midway. With ``burst`` (seconds) the file is
+sent at ``rate`` on average, but ``burst`` seconds' worth at a time.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             change = None
             if "after" in query and "then" in query:
                 change = (float(query["after"][0]), float(query["then"][0]))
-            self._send_generated(record, int(match.group(1)), head, rate, change)
+            burst = float(query["burst"][0]) if "burst" in query else None
+            self._send_generated(record, int(match.group(1)), head, rate, change, burst)
         elif match := _HLS.fullmatch(path):
             seg_bytes, count = int(match.group(1)), int(match.group(2))
             if match.group(5) is None:
@@ -243,6 +245,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         head: bool,
         rate: float | None,
         change: tuple[float, float] | None = None,
+        burst: float | None = None,
     ) -> None:
         span = self._range(record, size)
         if span is None or head:
@@ -265,7 +268,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 rate, change = change[1], None
                 started, sent = time.monotonic(), 0
             if rate is not None:
-                ahead = sent / rate - (time.monotonic() - started)
+                due = sent / rate
+                if burst is not None:
+                    # The next burst is due when this one's bytes are sent.
+                    due = sent // (rate * burst) * burst
+                ahead = due - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
 
@@ -344,9 +351,12 @@ class BenchServer:
         size: int,
         rate: float | None = None,
         change: tuple[float, float] | None = None,
+        burst: float | None = None,
     ) -> str:
         """Return the URL of a generated file; ``change`` is (after, then)."""
         params = {} if rate is None else {"rate": f"{rate:.0f}"}
+        if burst is not None:
+            params["burst"] = f"{burst:g}"
         if change is not None:
             params.update(after=f"{change[0]:g}", then=f"{change[1]:.0f}")
         query = f"?{urlencode(params)}" if params else ""

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from vodq.bandwidth import TokenBucket, demand_of, fair_shares
+from vodq.bandwidth import SpareTokens, TokenBucket, demand_of, fair_shares
 from vodq.config import Settings
 from vodq.download import Downloader, DownloadJob, DownloadResult
 from vodq.errors import (
@@ -295,6 +295,9 @@ class Scheduler:
         # The pool demands of the cluster's downloads at the last read, by row id.
         self._demands: dict[int, float | None] = {}
         self._rates_lock = threading.Lock()
+        # What this worker's pooled downloads leave of its part of the pool,
+        # which the others may read on top of their shares.
+        self._spare = SpareTokens()
 
     @property
     def settings(self) -> Settings:
@@ -530,7 +533,11 @@ class Scheduler:
         entry = RunningDownload(
             vod=vod,
             attempt=vod.attempts + 1,
-            bucket=TokenBucket(self._download_rate(extra_local=1)),
+            bucket=TokenBucket(
+                self._download_rate(extra_local=1),
+                spare=self._spare,
+                ceiling=self._ceiling(),
+            ),
             lease_until=lease_until,
         )
         thread = threading.Thread(
@@ -928,6 +935,10 @@ class Scheduler:
         share = total / max(1, self._count_active(len(self.running())) + extra_local)
         return share if per_download is None else min(per_download, share)
 
+    def _ceiling(self) -> float | None:
+        """Return the most a pooled download may read by borrowing, in bytes/s."""
+        return self.settings.download_rate_limit
+
     @staticmethod
     def _sample(entry: RunningDownload) -> None:
         done = entry.progress.bytes_done
@@ -1026,7 +1037,9 @@ class Scheduler:
         # another worker all apply rates. They run one at a time, so that each
         # reads the demands and samples that the previous one wrote.
         with self._rates_lock:
+            ceiling = self._ceiling()
             for entry, rate in zip(running, self._rates(running), strict=True):
+                entry.bucket.set_ceiling(ceiling)
                 old = entry.bucket.rate
                 if old is None or rate is None or exact:
                     changed = old != rate
@@ -1034,6 +1047,14 @@ class Scheduler:
                     changed = abs(rate - old) > MIN_RATE_CHANGE * old
                 if changed:
                     entry.limit_to(rate)
+
+            # The worker's part of the pool is the sum of the limits in force.
+            limits = [entry.bucket.rate for entry in running]
+            pooled = self.settings.download_total_rate_limit is not None
+            if pooled and None not in limits:
+                self._spare.set_rate(sum(rate or 0.0 for rate in limits))
+            else:
+                self._spare.set_rate(None)
 
     def _release_dead_leases(self) -> None:
         """Queue again the VODs whose leases belong to processes known to be dead.

@@ -312,6 +312,41 @@ def test_pool_gives_slow_source_share_to_others(
         service.cancel_vod(f"fair{index}")
 
 
+def test_pool_lends_unused_share_to_busy_download(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    service = make_service(
+        MAX_CONCURRENT_DOWNLOADS="2", DOWNLOAD_TOTAL_RATE_LIMIT="200K"
+    )
+    for index in range(2):
+        add_slow(service, media_server, f"lend{index}", 8192 * KIB)
+    # Sent at 60K, lend0 keeps a limit of about 90K (bandwidth.HEADROOM), and
+    # lend1 about 110K. The 30K that lend0 leaves go to lend1 as well.
+    media_server.set_rate("/files/lend0.mp4", 60 * KIB)
+    assert service.scheduler is not None
+    scheduler = service.scheduler
+    try:
+        wait_for(
+            lambda: one_held_back(
+                rates(service), count=2, below=100 * KIB, above=100 * KIB
+            ),
+            timeout_s=15,
+        )
+    except AssertionError:
+        raise AssertionError(f"limits in force: {rates(service)}") from None
+    busy = next(e for e in scheduler.running() if e.vod.vod_id == "lend1")
+    limit = busy.bucket.rate or 0.0
+
+    started, before = time.monotonic(), busy.progress.bytes_done
+    time.sleep(3.0)
+    received = busy.progress.bytes_done - before
+    rate = received / (time.monotonic() - started)
+
+    assert rate > 1.12 * limit, f"{rate:.0f} B/s under a limit of {limit:.0f}"
+    for index in range(2):
+        service.cancel_vod(f"lend{index}")
+
+
 def test_pool_gives_paused_source_share_to_others(
     make_service: ServiceFactory, media_server: MediaServer
 ) -> None:

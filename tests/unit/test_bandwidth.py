@@ -7,6 +7,7 @@ are.
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 
@@ -15,6 +16,7 @@ import pytest
 from vodq.bandwidth import (
     BURST_S,
     MIN_DEMAND,
+    SpareTokens,
     TokenBucket,
     demand_of,
     fair_shares,
@@ -205,6 +207,104 @@ def test_token_bucket_shared_by_threads() -> None:
 
     assert elapsed_s >= 0.2
     assert elapsed_s < 1.0
+
+
+def _pool(rate: float, count: int, **kwargs: float) -> list[TokenBucket]:
+    """Return ``count`` buckets at ``rate`` each, lending through one store."""
+    spare = SpareTokens()
+    spare.set_rate(rate * count)
+    return [TokenBucket(rate, spare=spare, **kwargs) for _ in range(count)]
+
+
+def _consume_together(buckets: list[TokenBucket], total: int) -> float:
+    """Read ``total`` bytes through each bucket at once; return the seconds."""
+    threads = [
+        threading.Thread(target=_consume_in_chunks, args=(bucket, total, 500))
+        for bucket in buckets
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5.0)
+    return time.monotonic() - started
+
+
+def test_spare_tokens_lent_to_busy_download() -> None:
+    # The idle bucket's 10000 bytes/s go to the busy one: 8000 bytes take
+    # about 0.4 s at 20000 bytes/s, not 0.8 s at its own rate.
+    busy, _idle = _pool(10_000, 2)
+
+    elapsed_s = _consume_in_chunks(busy, 8000, 500)
+
+    assert elapsed_s >= 0.25
+    assert elapsed_s < 0.65
+
+
+def test_spare_tokens_keep_pool_when_all_busy() -> None:
+    # Two busy buckets at 10000 bytes/s each: 9000 bytes each take about
+    # 0.9 s, as without lending.
+    elapsed_s = _consume_together(_pool(10_000, 2), 9000)
+
+    assert elapsed_s >= 0.7
+    assert elapsed_s < 1.5
+
+
+def test_spare_tokens_borrowing_stops_at_ceiling() -> None:
+    # The ceiling of 12500 bytes/s bounds the busy one: 7500 bytes take
+    # about 0.6 s, not 0.375 s at the whole pool.
+    busy, _idle = _pool(10_000, 2, ceiling=12_500)
+
+    elapsed_s = _consume_in_chunks(busy, 7500, 500)
+
+    assert elapsed_s >= 0.5
+    assert elapsed_s < 0.9
+
+
+def test_spare_tokens_without_rate_lend_nothing() -> None:
+    busy, _idle = _pool(10_000, 2)
+    assert busy.spare is not None
+    busy.spare.set_rate(None)
+
+    elapsed_s = _consume_in_chunks(busy, 6000, 500)
+
+    assert elapsed_s >= 0.45
+
+
+def test_spare_tokens_not_borrowed_while_borrowing_off() -> None:
+    busy, _idle = _pool(10_000, 2)
+    busy.borrowing = False
+
+    elapsed_s = _consume_in_chunks(busy, 6000, 500)
+
+    assert elapsed_s >= 0.45
+
+
+def test_spare_tokens_debt_is_bounded() -> None:
+    # A burst far beyond the pool leaves a debt of one store, so that the
+    # lending resumes soon after.
+    spare = SpareTokens()
+    spare.set_rate(10_000)
+    spare.charge(10**9)
+
+    time.sleep(0.25)
+
+    assert spare.has_tokens()
+
+
+def test_spare_tokens_shared_with_child_process() -> None:
+    # A download process sees the worker's store, not a copy of it.
+    spare = SpareTokens()
+    spare.set_rate(1000)
+    child = multiprocessing.get_context("forkserver").Process(
+        target=spare.set_rate, args=(2500,)
+    )
+
+    child.start()
+    child.join(timeout=30)
+
+    assert child.exitcode == 0
+    assert spare.rate == 2500
 
 
 def test_fair_shares_equal_without_demands() -> None:

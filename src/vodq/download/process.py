@@ -25,11 +25,12 @@ yt-dlp once at start-up. A new attempt then costs a fork, not the 0.35 s
 that importing yt-dlp takes (yt-dlp 2026.11 on 2 cores), and the children
 share those pages with the fork server.
 
-The pipe carries small tuples. From the service: ``("rate", bytes_per_s)``
-and ``("cancel",)``. From the child: ``("log", record)``, ``("progress",
-bytes_done, bytes_total, speed_bps)``, then exactly one of ``("done", path,
-size)``, ``("failed", message, error_class, retryable, retry_after_s)``,
-``("cancelled",)`` or ``("crashed", description)``.
+The pipe carries small tuples. From the service: ``("rate", bytes_per_s,
+ceiling_bytes_per_s)`` and ``("cancel",)``. From the child: ``("log",
+record)``, ``("progress", bytes_done, bytes_total, speed_bps)``, then exactly
+one of ``("done", path, size)``, ``("failed", message, error_class,
+retryable, retry_after_s)``, ``("cancelled",)`` or ``("crashed",
+description)``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
-from vodq.bandwidth import TokenBucket
+from vodq.bandwidth import SpareTokens, TokenBucket
 from vodq.download import Downloader, DownloadJob, DownloadResult
 from vodq.errors import DownloadCancelled, DownloadFailed
 from vodq.models import Progress
@@ -160,12 +161,16 @@ class ProcessDownloader:
         level = logging.getLogger().getEffectiveLevel()
         # Read once: the rate may change while the child starts, and the
         # watch loop sends any rate that differs from the one the child has.
-        start_rate = bucket.rate
+        start_limits = (bucket.rate, bucket.ceiling)
         child = _context.Process(
             target=child_main,
             args=(theirs, self.engine, job),
             kwargs={
-                "rate": start_rate,
+                "rate": start_limits[0],
+                "ceiling": start_limits[1],
+                # Shared memory: the child borrows what the worker's other
+                # downloads leave of the pool.
+                "spare": bucket.spare,
                 "log_level": level,
                 "orphan_after_s": self.orphan_after_s,
             },
@@ -196,7 +201,7 @@ class ProcessDownloader:
                 on_progress=on_progress,
                 cancelled=cancelled,
                 bucket=bucket,
-                sent_rate=start_rate,
+                sent=start_limits,
             )
         finally:
             _kill_group(child)
@@ -213,7 +218,7 @@ class ProcessDownloader:
         on_progress: Callable[[Progress], None],
         cancelled: threading.Event,
         bucket: TokenBucket,
-        sent_rate: float | None,
+        sent: tuple[float | None, float | None],
     ) -> _Outcome:
         """Relay messages until the child reports a result, dies or is killed."""
         last_bytes = -1
@@ -256,9 +261,10 @@ class ProcessDownloader:
                 return _Outcome(killed_for="cancel")
 
             rate = bucket.rate
-            if rate != sent_rate:
-                sent_rate = rate
-                _send(conn, ("rate", rate))
+            limits = (rate, bucket.ceiling)
+            if limits != sent:
+                sent = limits
+                _send(conn, ("rate", *limits))
             if now - last_alive >= ALIVE_INTERVAL_S:
                 last_alive = now
                 _send(conn, ("alive",))
@@ -425,6 +431,8 @@ def child_main(
     rate: float | None,
     log_level: int,
     orphan_after_s: float,
+    ceiling: float | None = None,
+    spare: SpareTokens | None = None,
 ) -> None:
     """Run one attempt in this child process and report it through ``conn``."""
     os.setsid()
@@ -433,7 +441,7 @@ def child_main(
     root.handlers[:] = [_PipeHandler(outbox)]
     root.setLevel(log_level)
     cancelled = threading.Event()
-    bucket = TokenBucket(rate)
+    bucket = TokenBucket(rate, spare=spare, ceiling=ceiling)
     threading.Thread(
         target=_listen,
         args=(conn, outbox, cancelled, bucket, orphan_after_s),
@@ -503,10 +511,10 @@ def _listen(
     The service side writes at least every ALIVE_INTERVAL_S, so silence for
     ``orphan_after_s`` means it is paused or wedged, and is treated like its
     death. After HOLD_AFTER_S of silence the download already reads at
-    HELD_RATE, because other workers stop counting it in the bandwidth pool
-    once its lease goes unrenewed for STALE_LEASE_S, and give its share to
-    their own downloads. The first message after the silence restores the
-    rate.
+    HELD_RATE and borrows nothing, because other workers stop counting it in
+    the bandwidth pool once its lease goes unrenewed for STALE_LEASE_S, and
+    give its share to their own downloads. The first message after the
+    silence restores the rate.
     """
     hold_after_s = min(HOLD_AFTER_S, orphan_after_s / 2)
     holding = False
@@ -520,6 +528,7 @@ def _listen(
                     break
                 holding = True
                 rate_before_hold = bucket.rate
+                bucket.borrowing = False
                 bucket.set_rate(HELD_RATE)
                 continue
             message = conn.recv()
@@ -528,8 +537,10 @@ def _listen(
         if holding:
             holding = False
             bucket.set_rate(rate_before_hold)
+            bucket.borrowing = True
         if message[0] == "rate":
             bucket.set_rate(message[1])
+            bucket.set_ceiling(message[2])
         elif message[0] == "cancel":
             cancelled.set()
 
