@@ -64,7 +64,7 @@ class TokenBucket:
 
     @property
     def ceiling(self) -> float | None:
-        """The most this download may read by borrowing, in bytes per second."""
+        """The highest rate this download may reach by borrowing, in bytes/s."""
         return None if self._ceiling is None else self._ceiling.rate
 
     def set_ceiling(self, ceiling: float | None) -> None:
@@ -189,9 +189,9 @@ class SpareTokens:
     """The tokens of a worker's part of the pool that its downloads left unused.
 
     Refilled at the sum of the worker's pool shares and charged for every
-    byte that its pooled downloads read, so it holds tokens only while they
-    read less than that sum: when a source sends less than its share, or not
-    at the moment. A download that used up its own share may read on while
+    byte that its pooled downloads read, so it has tokens only while they
+    read less than that sum: when a source sends less than its share, or
+    nothing at the moment. A download that used up its own share may read on while
     tokens are here (``TokenBucket.consume``). Without it, the share that a
     slow or bursty source left unused went unused: the pool's sum fell 7%
     to 21% short.
@@ -227,7 +227,7 @@ class SpareTokens:
             self._clamp()
 
     def has_tokens(self) -> bool:
-        """Return whether the downloads read less than the pool of late."""
+        """Return whether the store has tokens to lend."""
         with self._state.get_lock():
             self._refill()
             return bool(self._state[2] >= 0 and self._state[0] > 0)
@@ -258,8 +258,10 @@ SATURATED_SHARE = 0.9
 # held back by its source: 1.5 times 0.9 leaves a 35% margin for a slow
 # source's uneven rate. A source that gets 35% faster fills the limit,
 # counts as saturated again and gets its equal share back.
-# NOTE: the headroom goes unused while the source stays slow, so the pool's
-# sum falls short by up to half of what such sources receive.
+# The worker's other downloads borrow what the source leaves of its limit
+# (SpareTokens).
+# NOTE: a worker lends to none other, so on a cluster a slow source alone on
+# its worker leaves the headroom unused.
 HEADROOM = 1.5
 # Smallest limit the pool gives a download held back by its source, in bytes
 # per second.

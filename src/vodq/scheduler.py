@@ -71,8 +71,10 @@ SPEED_SPAN_S = 0.5
 # sends 16 KiB bursts about once a second measures within 12% over 8 s,
 # below the 35% that flapping to an equal share needs (bandwidth.HEADROOM).
 # Over 3 s it measured 20% either way, and flapped now and then.
-# NOTE: a source that sends a burst every 2 s or more can still read 25%
-# off over 8 s, so it may flap between a small share and an equal one.
+# A source that sends a burst every 2 s or more can still read 25% off
+# over 8 s, so it may flap between a small share and an equal one. The
+# worker's other downloads borrow what it leaves meanwhile
+# (bandwidth.SpareTokens).
 RECENT_SAMPLES = 17
 # Shortest span over which a download held back by its source must fill
 # SATURATED_SHARE of its limit to get an equal share again, in seconds.
@@ -936,7 +938,7 @@ class Scheduler:
         return share if per_download is None else min(per_download, share)
 
     def _ceiling(self) -> float | None:
-        """Return the most a pooled download may read by borrowing, in bytes/s."""
+        """Return the highest rate a pooled download may reach by borrowing (B/s)."""
         return self.settings.download_rate_limit
 
     @staticmethod

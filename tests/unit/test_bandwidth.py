@@ -293,7 +293,7 @@ def test_spare_tokens_debt_is_bounded() -> None:
 
 
 def test_spare_tokens_shared_with_child_process() -> None:
-    # A download process sees the worker's store, not a copy of it.
+    # A download process shares the worker's store, not a copy of it.
     spare = SpareTokens()
     spare.set_rate(1000)
     child = multiprocessing.get_context("forkserver").Process(
