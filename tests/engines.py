@@ -102,7 +102,8 @@ class CrashingDownloader:
 
 @dataclass(frozen=True)
 class RateEngine:
-    """Reports the rate of its token bucket to ``rate_file`` until cancelled."""
+    """Reports the rate of its token bucket to ``rate_file`` until cancelled,
+    and its ceiling and the rate of its spare tokens to files beside it."""
 
     rate_file: Path
     read_block_bytes: int = 131_072
@@ -128,8 +129,16 @@ class RateDownloader:
         while time.monotonic() < deadline and not cancelled.is_set():
             step += 1
             on_progress(Progress(step, None, None))
-            staged = self.rate_file.with_suffix(".tmp")
-            staged.write_text(repr(bucket.rate))
-            staged.replace(self.rate_file)
+            spare = bucket.spare.rate if bucket.spare is not None else None
+            _report(self.rate_file, bucket.rate)
+            _report(self.rate_file.with_suffix(".ceiling"), bucket.ceiling)
+            _report(self.rate_file.with_suffix(".spare"), spare)
             time.sleep(0.02)
         raise DownloadCancelled("download cancelled")
+
+
+def _report(path: Path, value: float | None) -> None:
+    """Replace ``path`` with ``repr(value)`` in one step, for a reader polling it."""
+    staged = path.with_suffix(path.suffix + ".tmp")
+    staged.write_text(repr(value))
+    staged.replace(path)

@@ -18,7 +18,7 @@ import pytest
 from conftest import wait_for
 from engines import CrashingEngine, HangingEngine, RateEngine
 from mediaserver import CHUNK_SIZE, MediaServer
-from vodq.bandwidth import TokenBucket
+from vodq.bandwidth import SpareTokens, TokenBucket
 from vodq.download import DownloadJob, process
 from vodq.download.process import ProcessDownloader
 from vodq.download.ytdlp import YtDlpEngine
@@ -223,6 +223,31 @@ def test_process_rate_change_reaches_the_child(tmp_path: Path) -> None:
     thread.join(timeout=20)
 
 
+def test_process_ceiling_and_spare_reach_the_child(tmp_path: Path) -> None:
+    rate_file = tmp_path / "rate"
+    ceiling_file, spare_file = (
+        rate_file.with_suffix(s) for s in (".ceiling", ".spare")
+    )
+    downloader = ProcessDownloader(RateEngine(rate_file), stall_timeout_s=60)
+    spare = SpareTokens()
+    spare.set_rate(3000.0)
+    bucket = TokenBucket(1000.0, spare=spare, ceiling=2000.0)
+    cancelled = threading.Event()
+    thread, _errors = _run_in_thread(downloader, _job(), cancelled, bucket)
+    wait_for(lambda: ceiling_file.exists() and spare_file.exists())
+    first_ceiling, first_spare = ceiling_file.read_text(), spare_file.read_text()
+
+    bucket.set_ceiling(2500.0)
+    spare.set_rate(4000.0)
+
+    wait_for(lambda: ceiling_file.read_text() == "2500.0", timeout_s=10)
+    wait_for(lambda: spare_file.read_text() == "4000.0", timeout_s=10)
+    cancelled.set()
+    thread.join(timeout=20)
+    assert first_ceiling == "2000.0"
+    assert first_spare == "3000.0"
+
+
 class _ChangingBucket(TokenBucket):
     """A bucket whose rate changes right after its first read."""
 
@@ -263,7 +288,7 @@ _SERVICE_SCRIPT = textwrap.dedent(
     import sys, threading
     from pathlib import Path
     from engines import HangingEngine
-    from vodq.bandwidth import TokenBucket
+    from vodq.bandwidth import SpareTokens, TokenBucket
     from vodq.download import DownloadJob
     from vodq.download.process import ProcessDownloader
 
@@ -334,7 +359,8 @@ def test_process_paused_service_stops_its_downloads(tmp_path: Path) -> None:
 
 
 def _listen_reporting(conn: Connection, report: Connection) -> None:
-    """Run a child's listener on ``conn``; send its bucket's rate to ``report``."""
+    """Run a child's listener on ``conn``; send its bucket's rate and whether
+    it may borrow to ``report``."""
     # A group of its own, which the listener kills when the service goes.
     os.setpgid(0, 0)
     bucket = TokenBucket(1000.0)
@@ -345,7 +371,7 @@ def _listen_reporting(conn: Connection, report: Connection) -> None:
     )
     listener.start()
     for _ in range(100):
-        report.send(bucket.rate)
+        report.send((bucket.rate, bucket.borrowing))
         time.sleep(0.1)
 
 
@@ -356,7 +382,7 @@ def test_process_silent_service_holds_download() -> None:
     child = context.Process(target=_listen_reporting, args=(child_end, report_out))
     child.start()
 
-    def latest_rate() -> float | None:
+    def latest_rate() -> tuple[float | None, bool] | None:
         """Return the last rate the child reported, after it reported twice."""
         time.sleep(0.25)
         rate = None
@@ -373,5 +399,9 @@ def test_process_silent_service_holds_download() -> None:
     finally:
         child.kill()
         child.join(timeout=5)
-    assert held == process.HELD_RATE
-    assert restored == 1000.0
+    assert held is not None
+    assert restored is not None
+    assert held[0] == process.HELD_RATE
+    assert not held[1], "a held download borrowed"
+    assert restored[0] == 1000.0
+    assert restored[1], "the restored download may not borrow"
