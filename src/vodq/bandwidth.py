@@ -22,14 +22,9 @@ BURST_S = 0.25
 # Maximum single sleep of a throttled read, in seconds, so that a new rate
 # shortens or lengthens a wait already running.
 WAIT_SLICE_S = 0.1
-# Largest burst of a pooled download that may borrow, and largest store of
-# a worker's unused pool tokens, both in seconds of their rates. After a
-# pause of every source the two add up: at most 4% of a 5 s window. With
-# BURST_S for the download the pool's windows reached +5.9%. A pooled
-# download needs less catch-up after a stall, because meanwhile the others
-# borrow what it leaves. Borrowers look every BORROW_POLL_S, so the store
-# fills for a fifth of its size between looks.
-POOLED_BURST_S = 0.1
+# Largest store of a worker's unused pool tokens, in seconds of its part of
+# the pool. Borrowers look every BORROW_POLL_S, so the store fills for a
+# fifth of its size between looks.
 SPARE_BURST_S = 0.1
 BORROW_POLL_S = 0.02
 
@@ -101,7 +96,7 @@ class TokenBucket:
             if rate is None:
                 self._tokens = 0.0
             else:
-                self._tokens = min(self._tokens, rate * self._burst_s())
+                self._tokens = min(self._tokens, rate * BURST_S)
                 if self._tokens < 0 and previous is not None and rate < previous:
                     self._tokens *= rate / previous
         callback = self.on_change
@@ -186,14 +181,7 @@ class TokenBucket:
         if self._rate is None:
             self._tokens = 0.0
             return
-        cap = self._rate * self._burst_s()
-        self._tokens = min(cap, self._tokens + elapsed * self._rate)
-
-    def _burst_s(self) -> float:
-        spare = self.spare
-        if spare is not None and self.borrowing and spare.rate is not None:
-            return POOLED_BURST_S
-        return BURST_S
+        self._tokens = min(self._rate * BURST_S, self._tokens + elapsed * self._rate)
 
 
 class SpareTokens:
@@ -258,8 +246,11 @@ class SpareTokens:
         # sources all paused 0.3 s every 2 s 5.9% over in a window. Beyond
         # that, a debt is written off: bytes read at a rate before a cut
         # must not stop the lending for long.
+        # NOTE: the bursts themselves still add up after such a pause; a
+        # download's burst bounded to 0.1 s made the pool's downloads fall
+        # behind their limits after each stall of a loaded machine.
         rate = max(0.0, self._state[2])
-        debt = rate * (POOLED_BURST_S + SPARE_BURST_S)
+        debt = rate * (BURST_S + SPARE_BURST_S)
         self._state[0] = min(rate * SPARE_BURST_S, max(-debt, self._state[0]))
 
 
