@@ -246,9 +246,10 @@ class SpareTokens:
         # sources all paused 0.3 s every 2 s 5.9% over in a window. Beyond
         # that, a debt is written off: bytes read at a rate before a cut
         # must not stop the lending for long.
-        # NOTE: the bursts themselves still add up after such a pause; a
-        # download's burst bounded to 0.1 s made the pool's downloads fall
-        # behind their limits after each stall of a loaded machine.
+        # NOTE: the bursts themselves still add up after such a pause. A
+        # download's burst bounded to 0.1 s avoided that, but then the
+        # downloads fell behind their limits after each stall of a loaded
+        # machine.
         rate = max(0.0, self._state[2])
         debt = rate * (BURST_S + SPARE_BURST_S)
         self._state[0] = min(rate * SPARE_BURST_S, max(-debt, self._state[0]))
