@@ -188,12 +188,12 @@ class SpareTokens:
     """The tokens of a worker's part of the pool that its downloads left unused.
 
     Refilled at the sum of the worker's pool shares and charged for every
-    byte that its pooled downloads read, so it has tokens only while they
-    read less than that sum: when a source sends less than its share, or
-    nothing at the moment. A download that used up its own share may read on while
-    tokens are here (``TokenBucket.consume``). Without it, the share that a
-    slow or bursty source left unused went unused: the pool's sum fell 7%
-    to 21% short.
+    byte that its pooled downloads read. So it has tokens only while they
+    read less than that sum, as when a source sends less than its share.
+    A download that used up its own share may read on while tokens are
+    here (``TokenBucket.consume``). Without it, the share that a slow or
+    bursty source left unused went unused: the pool's sum fell 7% to 21%
+    short.
 
     The state lives in shared memory, so that the download processes of a
     worker share it: passed to each child when it starts.
