@@ -270,7 +270,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if rate is not None:
                 due = sent / rate
                 if burst is not None:
-                    # The next burst is due when this one's bytes are sent.
+                    # Each burst of rate * burst bytes goes out at once,
+                    # and the next one burst seconds after it.
                     due = sent // (rate * burst) * burst
                 ahead = due - (time.monotonic() - started)
                 if ahead > 0:

@@ -102,8 +102,8 @@ class CrashingDownloader:
 
 @dataclass(frozen=True)
 class RateEngine:
-    """Reports the rate of its token bucket to ``rate_file`` until cancelled,
-    and its ceiling and the rate of its spare tokens to files beside it."""
+    """An engine that writes its bucket's rate to ``rate_file`` until
+    cancelled, and the bucket's ceiling and its store's rate beside it."""
 
     rate_file: Path
     read_block_bytes: int = 131_072

@@ -240,16 +240,12 @@ class SpareTokens:
         self._clamp()
 
     def _clamp(self) -> None:
-        # A debt is kept up to what the downloads' own bursts and the store
-        # can add after a pause, so that those bytes are paid back before
-        # the next loan. Forgiven beyond 0.1 s, they left a pool whose
-        # sources all paused 0.3 s every 2 s 5.9% over in a window. Beyond
-        # that, a debt is written off: bytes read at a rate before a cut
-        # must not stop the lending for long.
-        # NOTE: the bursts themselves still add up after such a pause. A
-        # download's burst bounded to 0.1 s avoided that, but then the
-        # downloads fell behind their limits after each stall of a loaded
-        # machine.
+        # A debt up to the bursts that the downloads and the store add after
+        # a pause is paid back before the next loan. A larger one is written
+        # off, so that bytes read before a cut do not stop lending for long.
+        # NOTE: the bursts still add up after a pause of every source (up to
+        # +5% in a 5 s window). Smaller bursts let downloads fall behind
+        # their limits after each stall of a loaded machine.
         rate = max(0.0, self._state[2])
         debt = rate * (BURST_S + SPARE_BURST_S)
         self._state[0] = min(rate * SPARE_BURST_S, max(-debt, self._state[0]))
