@@ -113,6 +113,8 @@ class Options:
     # --burst: seconds between a slow source's bursts, or None for an even
     # rate.
     burst_s: float | None = None
+    # --per-worker: download slots of each worker on the cluster.
+    per_worker: int = 2
 
 
 # Files are this many times longer than the measurement needs at the
@@ -484,8 +486,9 @@ def vodq_layout(
     """Start vodq as ``layout`` with ``overrides``; yield the API's base URL.
 
     "serve" is one ``vodq serve`` on SQLite. "cluster" is one ``vodq api`` and
-    two ``vodq worker`` on PostgreSQL, two download slots each, so that three
-    downloads run on both workers and share the pool through the database.
+    two ``vodq worker`` on PostgreSQL, two download slots each unless
+    --per-worker says otherwise, so that three downloads run on both workers
+    and share the pool through the database.
     """
     with contextlib.ExitStack() as stack:
         if layout == "serve":
@@ -497,7 +500,12 @@ def vodq_layout(
             )
         else:
             dsn = stack.enter_context(postgres_database())
-            env = vodq_env(work, DB_DSN=dsn, MAX_DOWNLOADS_PER_WORKER="2", **overrides)
+            env = vodq_env(
+                work,
+                DB_DSN=dsn,
+                MAX_DOWNLOADS_PER_WORKER=str(Options.per_worker),
+                **overrides,
+            )
             proc = stack.enter_context(
                 vodq_process(
                     "api", env, work / "api.log", port=free_port(), variant=variant
@@ -877,6 +885,13 @@ def main() -> int:
         help="seconds between a slow source's bursts, such as 2 (default: even)",
     )
     parser.add_argument(
+        "--per-worker",
+        type=int,
+        default=Options.per_worker,
+        help="download slots of each cluster worker; 1 with two downloads puts "
+        "a slow source alone on its worker",
+    )
+    parser.add_argument(
         "--no-join",
         action="store_true",
         help="skip the test of downloads joining and leaving the pool",
@@ -916,6 +931,7 @@ def main() -> int:
     Options.slow_sources = args.slow_sources
     Options.slow_share = args.slow_share
     Options.burst_s = args.burst
+    Options.per_worker = args.per_worker
     if args.quick:
         args.windows = 1
         args.repeat = 1

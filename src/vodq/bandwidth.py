@@ -261,10 +261,17 @@ SATURATED_SHARE = 0.9
 # source's uneven rate. A source that gets 35% faster fills the limit,
 # counts as saturated again and gets its equal share back.
 # The worker's other downloads borrow what the source leaves of its limit
-# (SpareTokens).
-# NOTE: a worker lends to none other, so on a cluster a slow source alone on
-# its worker leaves the headroom unused.
+# (SpareTokens); a worker with none that could tells the others a smaller
+# demand (lent_demand).
 HEADROOM = 1.5
+# A download held back by its source, on a worker where no download borrows
+# its headroom, is counted by the other workers at this multiple of what it
+# received, over its longer span or its last second, whichever is more.
+# The 5% covers an even source's rate that reads low; at 10%, a source at
+# 60% of its share left a pool of two 3% short. A source that speeds up
+# shows in its last second at the next tick (0.5 s), and the other workers
+# count more at their next tick.
+LENT_MARGIN = 1.05
 # Smallest limit the pool gives a download held back by its source, in bytes
 # per second.
 MIN_DEMAND = 16_384.0
@@ -280,6 +287,23 @@ def demand_of(limit: float | None, measured: float | None) -> float | None:
         return None
     # Never 0, so that a source that paused can show it sends again.
     return max(MIN_DEMAND, measured * HEADROOM)
+
+
+def lent_demand(demand: float | None, last_second: float | None) -> float | None:
+    """Return the demand other workers count for a download no neighbour borrows from.
+
+    ``demand`` is the download's own (``demand_of``) and ``last_second`` what
+    it received over about the last second, both in bytes per second. The
+    download keeps its own demand as its limit, so that a source that speeds
+    up can show it; the other workers take all of that headroom but
+    LENT_MARGIN of what it receives.
+    """
+    if demand is None:
+        return None
+    received = demand / HEADROOM
+    if last_second is not None:
+        received = max(received, last_second)
+    return min(demand, max(MIN_DEMAND, received * LENT_MARGIN))
 
 
 def fair_shares(total: float, demands: Sequence[float | None]) -> list[float]:

@@ -666,6 +666,30 @@ class VodQueue:
                     held.add(row_id)
         return held
 
+    def publish_demands(
+        self,
+        owner: str,
+        demands: Mapping[int, float | None],
+        *,
+        started: Mapping[int, datetime | None] | None = None,
+    ) -> None:
+        """Record the pool demands of ``owner``'s downloads between renewals.
+
+        The other workers read them at their next tick instead of after the
+        next renewal, up to a second later. A download ``owner`` no longer
+        holds is left alone.
+        """
+        if not demands:
+            return
+        with self._write() as conn:
+            for row_id, demand in demands.items():
+                claimed_at = started.get(row_id) if started is not None else None
+                conn.execute(
+                    self._owned(row_id, owner, claimed_at).values(
+                        rate_demand_bps=None if demand is None else int(demand)
+                    )
+                )
+
     def finish(
         self,
         row_id: int,

@@ -27,7 +27,13 @@ from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from vodq.bandwidth import SpareTokens, TokenBucket, demand_of, fair_shares
+from vodq.bandwidth import (
+    SpareTokens,
+    TokenBucket,
+    demand_of,
+    fair_shares,
+    lent_demand,
+)
 from vodq.config import Settings
 from vodq.download import Downloader, DownloadJob, DownloadResult
 from vodq.errors import (
@@ -102,6 +108,10 @@ STARTUP_S = 0.5
 # Smallest relative change of a download's pool share that is applied, so
 # that a share measured a little differently each tick stays put.
 MIN_RATE_CHANGE = 0.01
+# Smallest relative change of a download's demand written to the database
+# between renewals, so that other workers learn of a slow source, or of one
+# that sped up, at their next tick without a write at every tick.
+MIN_DEMAND_CHANGE = 0.05
 
 
 def _pid_alive(pid: int) -> bool:
@@ -156,6 +166,11 @@ class RunningDownload:
     # The rate it can use from the pool (None: as much as it gets), kept from
     # the last measurement while the samples under a new limit build up.
     demand: float | None = None
+    # The demand the other workers count (bandwidth.lent_demand), and the
+    # one they last read from the database (written: whether there is one).
+    published: float | None = None
+    written_demand: float | None = None
+    written: bool = False
     # (time, bytes_done) at the last ticks, whatever the limit, for the
     # speed shown in the API and the demand of a download held back.
     recent: deque[tuple[float, int]] = field(
@@ -172,10 +187,23 @@ class RunningDownload:
         yt-dlp's own figure for a plain HTTP download averages since the
         download started, so it lags a new limit by minutes on a long VOD.
         """
-        # Over the last three samples, about one second, so that the figure
-        # follows a rate change within a second or two.
-        rate = _rate_over(deque(list(self.recent)[-3:]), SPEED_SPAN_S)
+        rate = self.last_second()
         return self.progress.speed_bps if rate is None else round(rate)
+
+    def last_second(self) -> float | None:
+        """Return the bytes per second received over about the last second."""
+        # Over the last three samples, so that the figure follows a rate
+        # change within a second or two.
+        return _rate_over(deque(list(self.recent)[-3:]), SPEED_SPAN_S)
+
+    def demand_moved(self) -> bool:
+        """Tell whether the other workers count a demand far from ``published``."""
+        old, new = self.written_demand, self.published
+        if not self.written or (old is None) != (new is None):
+            return True
+        if old is None or new is None:
+            return False
+        return abs(new - old) > MIN_DEMAND_CHANGE * old
 
     def next_demand(self) -> float | None:
         """Return the rate this download can use from the pool, measured now.
@@ -851,6 +879,7 @@ class Scheduler:
         for entry in running:
             self._sample(entry)
         self._apply_rates(running)
+        self._publish_demands(running)
 
     def _heartbeat_once(self, last_beat: float) -> float:
         """Renew leases and write progress; return the time of the last
@@ -876,7 +905,7 @@ class Scheduler:
                 progress,
                 lease_s=lease_s,
                 started={entry.vod.id: entry.vod.started_at for entry in running},
-                demands={entry.vod.id: entry.demand for entry in running},
+                demands={entry.vod.id: entry.published for entry in running},
             )
         except (StorageUnavailable, SQLAlchemyError) as exc:
             log.warning(
@@ -890,6 +919,7 @@ class Scheduler:
         for entry in running:
             if entry.vod.id in renewed:
                 entry.lease_until = renewed_at + lease_s
+                entry.written_demand, entry.written = entry.published, True
         for entry in running:
             if (
                 entry.vod.id not in renewed
@@ -974,9 +1004,11 @@ class Scheduler:
 
         With a pool, every worker splits it max-min fairly over the demands
         of all downloads with a live lease, its own measured now and the
-        others' as their workers last renewed them. A download whose source
+        others' as their workers last wrote them. A download whose source
         sends less than its limit keeps half as much again as it receives,
-        and the others, on any worker, share the rest equally.
+        and the others, on any worker, share the rest equally. Where no
+        download on its worker borrows that headroom, the other workers
+        count it at 5% more than it receives, and take the rest.
         """
         settings = self.settings
         per_download = settings.download_rate_limit
@@ -986,6 +1018,13 @@ class Scheduler:
 
         for entry in running:
             entry.demand = entry.next_demand()
+        borrower = self._borrower_here(running)
+        for entry in running:
+            entry.published = (
+                entry.demand
+                if borrower
+                else lent_demand(entry.demand, entry.last_second())
+            )
         own = {entry.vod.id for entry in running}
         others = [
             demand
@@ -1002,6 +1041,49 @@ class Scheduler:
         if per_download is None:
             return list(shares)
         return [min(share, per_download) for share in shares]
+
+    def _borrower_here(self, running: list[RunningDownload]) -> bool:
+        """Tell whether a download here can borrow what its neighbours leave.
+
+        One that wants more than its share and is below DOWNLOAD_RATE_LIMIT
+        reads from the worker's SpareTokens. Without one, the other workers
+        count this worker's slow sources at what they receive (``_rates``).
+        """
+        ceiling = self._ceiling()
+        return any(
+            entry.demand is None
+            and (
+                ceiling is None
+                or entry.bucket.rate is None
+                or entry.bucket.rate < ceiling * (1 - MIN_RATE_CHANGE)
+            )
+            for entry in running
+        )
+
+    def _publish_demands(self, running: list[RunningDownload]) -> None:
+        """Write the demands that moved since the other workers last read them.
+
+        Only while another worker runs pooled downloads: alone, the worker
+        keeps to its renewals.
+        """
+        own = {entry.vod.id for entry in running}
+        if self.settings.download_total_rate_limit is None or own >= set(self._demands):
+            return
+
+        moved = [entry for entry in running if entry.demand_moved()]
+        if not moved:
+            return
+        try:
+            self.queue.publish_demands(
+                self.worker_id,
+                {entry.vod.id: entry.published for entry in moved},
+                started={entry.vod.id: entry.vod.started_at for entry in moved},
+            )
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            log.debug("could not write the pool's demands: %s", exc)
+            return
+        for entry in moved:
+            entry.written_demand, entry.written = entry.published, True
 
     def _cluster_demands(self) -> dict[int, float | None]:
         """Return every live download's demand; the last read if the database fails."""

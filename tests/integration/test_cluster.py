@@ -127,18 +127,22 @@ def test_pool_moves_slow_share_across_workers(
         "DOWNLOAD_TOTAL_RATE_LIMIT": "300K",
     }
     workers = [make_service(WORKER_ID=f"pool{index}", **env) for index in range(2)]
+    # The server sends one of them at 20K, a fifth of its equal share. The
+    # rate is set with the file: set later, a download that starts at once
+    # can take megabytes into its socket buffers at full speed first.
     for index in range(3):
-        url = media_server.add_file(f"x{index}.mp4", random.randbytes(4096 * KIB))
+        rate = 20 * KIB if index == 0 else None
+        url = media_server.add_file(
+            f"x{index}.mp4", random.randbytes(4096 * KIB), rate=rate
+        )
         workers[0].add_vod(NewVod(vod_id=f"x{index}", url=url))
-    # The server sends one of them at 20K, a fifth of its equal share.
-    media_server.set_rate("/files/x0.mp4", 20 * KIB)
 
     def shared_out() -> bool:
         # Each worker applies its split at its own heartbeat, a second at
         # most after the other, so the sum is checked once both have.
         limits = pool_limits(*workers)
         return one_held_back(limits, count=3, below=40 * KIB, above=120 * KIB) and sum(
-            limits
+            pool_counted(*workers)
         ) == pytest.approx(300 * KIB, rel=0.02)
 
     try:
@@ -149,6 +153,42 @@ def test_pool_moves_slow_share_across_workers(
     assert per_worker == [1, 2]
     for index in range(3):
         workers[0].cancel_vod(f"x{index}")
+
+
+def test_pool_lends_lone_slow_share_to_other_worker(
+    postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    # One download per worker: no download beside the slow one can borrow
+    # the headroom its limit keeps.
+    env = {
+        "DB_DSN": postgres_dsn,
+        "MAX_CONCURRENT_DOWNLOADS": "2",
+        "MAX_DOWNLOADS_PER_WORKER": "1",
+        "DOWNLOAD_TOTAL_RATE_LIMIT": "300K",
+    }
+    workers = [make_service(WORKER_ID=f"lend{index}", **env) for index in range(2)]
+    slow_url = media_server.add_file(
+        "lone.mp4", random.randbytes(4096 * KIB), rate=60 * KIB
+    )
+    fast_url = media_server.add_file("busy.mp4", random.randbytes(16384 * KIB))
+    workers[0].add_vod(NewVod(vod_id="lone", url=slow_url))
+    workers[0].add_vod(NewVod(vod_id="busy", url=fast_url))
+
+    # The slow one keeps 90K as its limit. Counted at that, it would leave
+    # the fast one 210K; counted at 5% over its 60K, about 237K.
+    def lent() -> bool:
+        return one_held_back(
+            pool_limits(*workers), count=2, below=100 * KIB, above=222 * KIB
+        )
+
+    try:
+        wait_for(lent, timeout_s=20)
+    except AssertionError:
+        raise AssertionError(f"limits in force: {pool_limits(*workers)}") from None
+    per_worker = [len(pool_limits(worker)) for worker in workers]
+    assert per_worker == [1, 1]
+    for vod_id in ("lone", "busy"):
+        workers[0].cancel_vod(vod_id)
 
 
 def test_config_change_reaches_worker_by_notify(
@@ -201,3 +241,15 @@ def test_expired_lease_released_without_free_slot(
     assert status["active_downloads"] == 1
     assert status["pending"] == 1
     worker.cancel_vod("busy")
+
+
+def pool_counted(*workers: Service) -> list[float]:
+    """Return what the pool counts for each running download: a download held
+    back by its source at the demand the other workers read, any other at its
+    limit."""
+    return [
+        entry.bucket.rate or 0.0 if entry.published is None else entry.published
+        for worker in workers
+        if worker.scheduler is not None
+        for entry in worker.scheduler.running()
+    ]

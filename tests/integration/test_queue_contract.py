@@ -214,6 +214,24 @@ def test_claim_clears_earlier_demand(queue: VodQueue, clock: Clock) -> None:
     assert queue.active_demands() == {vod.id: None}
 
 
+def test_publish_demands_seen_before_renewal(queue: VodQueue) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    queue.renew("w1", {vod.id: Progress(1, None, None)}, lease_s=LEASE_S)
+    queue.publish_demands("w1", {vod.id: 30_000.0})
+    assert queue.active_demands() == {vod.id: 30_000.0}
+
+
+def test_publish_demands_by_other_owner_changes_nothing(queue: VodQueue) -> None:
+    add(queue, "a")
+    (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)
+    queue.renew(
+        "w1", {vod.id: Progress(1, None, None)}, lease_s=LEASE_S, demands={vod.id: 5.0}
+    )
+    queue.publish_demands("w2", {vod.id: None})
+    assert queue.active_demands() == {vod.id: 5.0}
+
+
 def test_renew_by_other_owner_holds_nothing(queue: VodQueue) -> None:
     add(queue, "a")
     (vod,) = queue.claim("w1", wanted=1, limit=1, lease_s=LEASE_S)

@@ -46,8 +46,16 @@ def rates(service: Service) -> list[float | None]:
     )
 
 
-def add_slow(service: Service, server: MediaServer, vod_id: str, size: int) -> None:
-    url = server.add_file(f"{vod_id}.mp4", random.randbytes(size))
+def add_slow(
+    service: Service,
+    server: MediaServer,
+    vod_id: str,
+    size: int,
+    rate: float | None = None,
+) -> None:
+    # A rate set after the VOD is queued can come too late: a download that
+    # starts at once takes megabytes into its socket buffers at full speed.
+    url = server.add_file(f"{vod_id}.mp4", random.randbytes(size), rate=rate)
     service.add_vod(NewVod(vod_id=vod_id, url=url))
 
 
@@ -291,10 +299,10 @@ def test_pool_gives_slow_source_share_to_others(
     service = make_service(
         MAX_CONCURRENT_DOWNLOADS="3", DOWNLOAD_TOTAL_RATE_LIMIT="300K"
     )
-    for index in range(3):
-        add_slow(service, media_server, f"fair{index}", 4096 * KIB)
     # The server sends one of them at 20K, a fifth of its equal share.
-    media_server.set_rate("/files/fair0.mp4", 20 * KIB)
+    for index in range(3):
+        rate = 20 * KIB if index == 0 else None
+        add_slow(service, media_server, f"fair{index}", 4096 * KIB, rate)
 
     def shared_out() -> bool:
         # A share that moved by 1% or less waits for a later heartbeat
@@ -318,11 +326,11 @@ def test_pool_lends_unused_share_to_busy_download(
     service = make_service(
         MAX_CONCURRENT_DOWNLOADS="2", DOWNLOAD_TOTAL_RATE_LIMIT="200K"
     )
-    for index in range(2):
-        add_slow(service, media_server, f"lend{index}", 8192 * KIB)
     # Sent at 60K, lend0 keeps a limit of about 90K (bandwidth.HEADROOM), and
     # lend1 about 110K. The 30K that lend0 leaves go to lend1 as well.
-    media_server.set_rate("/files/lend0.mp4", 60 * KIB)
+    for index in range(2):
+        rate = 60 * KIB if index == 0 else None
+        add_slow(service, media_server, f"lend{index}", 8192 * KIB, rate)
     assert service.scheduler is not None
     scheduler = service.scheduler
     try:

@@ -15,11 +15,13 @@ import pytest
 
 from vodq.bandwidth import (
     BURST_S,
+    LENT_MARGIN,
     MIN_DEMAND,
     SpareTokens,
     TokenBucket,
     demand_of,
     fair_shares,
+    lent_demand,
 )
 
 
@@ -353,3 +355,24 @@ def test_demand_of_slow_source_keeps_headroom() -> None:
 
 def test_demand_of_paused_source_keeps_floor() -> None:
     assert demand_of(100_000.0, 0.0) == MIN_DEMAND
+
+
+def test_lent_demand_counts_margin_over_received() -> None:
+    # A demand of 60K stands for 40K received.
+    assert lent_demand(60_000.0, None) == pytest.approx(40_000.0 * LENT_MARGIN)
+
+
+def test_lent_demand_follows_faster_last_second() -> None:
+    assert lent_demand(60_000.0, 50_000.0) == pytest.approx(50_000.0 * LENT_MARGIN)
+
+
+def test_lent_demand_never_above_demand() -> None:
+    assert lent_demand(60_000.0, 90_000.0) == 60_000.0
+
+
+def test_lent_demand_saturated_download_unbounded() -> None:
+    assert lent_demand(None, 10_000.0) is None
+
+
+def test_lent_demand_paused_source_keeps_floor() -> None:
+    assert lent_demand(MIN_DEMAND, 0.0) == MIN_DEMAND
