@@ -261,13 +261,13 @@ SATURATED_SHARE = 0.9
 # source's uneven rate. A source that gets 35% faster fills the limit,
 # counts as saturated again and gets its equal share back.
 # The worker's other downloads borrow what the source leaves of its limit
-# (SpareTokens); a worker with none that could tells the others a smaller
+# (SpareTokens). A worker where none could gives the others a smaller
 # demand (lent_demand).
 HEADROOM = 1.5
 # A download held back by its source, on a worker where no download borrows
 # its headroom, is counted by the other workers at this multiple of what it
 # received, over its longer span or its last second, whichever is more.
-# The 5% covers an even source's rate that reads low; at 10%, a source at
+# The 5% covers an even source's rate that reads low. At 10%, a source at
 # 60% of its share left a pool of two 3% short. A source that speeds up
 # shows in its last second at the next tick (0.5 s), and the other workers
 # count more at their next tick.
@@ -295,8 +295,8 @@ def lent_demand(demand: float | None, last_second: float | None) -> float | None
     ``demand`` is the download's own (``demand_of``) and ``last_second`` what
     it received over about the last second, both in bytes per second. The
     download keeps its own demand as its limit, so that a source that speeds
-    up can show it; the other workers take all of that headroom but
-    LENT_MARGIN of what it receives.
+    up can show it. The other workers take that headroom, all but
+    LENT_MARGIN of what the download receives.
     """
     if demand is None:
         return None

@@ -1047,7 +1047,8 @@ class Scheduler:
 
         One that wants more than its share and is below DOWNLOAD_RATE_LIMIT
         reads from the worker's SpareTokens. Without one, the other workers
-        count this worker's slow sources at what they receive (``_rates``).
+        count this worker's slow sources at 5% over what they receive
+        (``_rates``).
         """
         ceiling = self._ceiling()
         return any(
