@@ -271,6 +271,8 @@ HEADROOM = 1.5
 # 60% of its share left a pool of two 3% short. A source that speeds up
 # shows in its last second at the next tick (0.5 s), and the other workers
 # count more at their next tick.
+# NOTE: until then such a download can read up to its own limit, so the
+# pool can run over by that headroom for about a second.
 LENT_MARGIN = 1.05
 # Smallest limit the pool gives a download held back by its source, in bytes
 # per second.

@@ -676,8 +676,8 @@ class VodQueue:
         """Record the pool demands of ``owner``'s downloads between renewals.
 
         The other workers read them at their next tick instead of after the
-        next renewal, up to a second later. A download ``owner`` no longer
-        holds is left alone.
+        next renewal, up to a second later. A download whose lease ``owner``
+        lost is left alone.
         """
         if not demands:
             return

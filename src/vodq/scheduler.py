@@ -109,8 +109,8 @@ STARTUP_S = 0.5
 # that a share measured a little differently each tick stays put.
 MIN_RATE_CHANGE = 0.01
 # Smallest relative change of a download's demand written to the database
-# between renewals, so that other workers learn of a slow source, or of one
-# that sped up, at their next tick without a write at every tick.
+# between renewals. Other workers then see a source slow down or speed up at
+# their next tick, without a write at every tick.
 MIN_DEMAND_CHANGE = 0.05
 
 
