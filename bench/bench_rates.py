@@ -888,8 +888,8 @@ def main() -> int:
         "--per-worker",
         type=int,
         default=Options.per_worker,
-        help="download slots of each cluster worker; 1 with two downloads puts "
-        "a slow source alone on its worker",
+        help="download slots of each cluster worker. With 1 and two downloads, "
+        "a slow source runs alone on its worker",
     )
     parser.add_argument(
         "--no-join",

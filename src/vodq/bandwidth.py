@@ -261,8 +261,8 @@ SATURATED_SHARE = 0.9
 # source's uneven rate. A source that gets 35% faster fills the limit,
 # counts as saturated again and gets its equal share back.
 # The worker's other downloads borrow what the source leaves of its limit
-# (SpareTokens). A worker where none could gives the others a smaller
-# demand (lent_demand).
+# (SpareTokens). Where none of them can, the worker gives the other workers
+# a smaller demand (lent_demand).
 HEADROOM = 1.5
 # A download held back by its source, on a worker where no download borrows
 # its headroom, is counted by the other workers at this multiple of what it

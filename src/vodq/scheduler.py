@@ -167,7 +167,7 @@ class RunningDownload:
     # the last measurement while the samples under a new limit build up.
     demand: float | None = None
     # The demand the other workers count (bandwidth.lent_demand), and the
-    # one they last read from the database (written: whether there is one).
+    # last one written to the database, if any was (``written``).
     published: float | None = None
     written_demand: float | None = None
     written: bool = False
@@ -197,13 +197,22 @@ class RunningDownload:
         return _rate_over(deque(list(self.recent)[-3:]), SPEED_SPAN_S)
 
     def demand_moved(self) -> bool:
-        """Tell whether the other workers count a demand far from ``published``."""
+        """Return whether ``published`` moved from the demand last written.
+
+        A move to or from None counts, and otherwise one of more than
+        MIN_DEMAND_CHANGE.
+        """
         old, new = self.written_demand, self.published
         if not self.written or (old is None) != (new is None):
             return True
         if old is None or new is None:
             return False
         return abs(new - old) > MIN_DEMAND_CHANGE * old
+
+    def mark_written(self) -> None:
+        """Record that the database now has ``published`` as the demand."""
+        self.written_demand = self.published
+        self.written = True
 
     def next_demand(self) -> float | None:
         """Return the rate this download can use from the pool, measured now.
@@ -919,7 +928,7 @@ class Scheduler:
         for entry in running:
             if entry.vod.id in renewed:
                 entry.lease_until = renewed_at + lease_s
-                entry.written_demand, entry.written = entry.published, True
+                entry.mark_written()
         for entry in running:
             if (
                 entry.vod.id not in renewed
@@ -1018,13 +1027,12 @@ class Scheduler:
 
         for entry in running:
             entry.demand = entry.next_demand()
-        borrower = self._borrower_here(running)
+        borrower = self._has_borrower(running)
         for entry in running:
-            entry.published = (
-                entry.demand
-                if borrower
-                else lent_demand(entry.demand, entry.last_second())
-            )
+            if borrower:
+                entry.published = entry.demand
+            else:
+                entry.published = lent_demand(entry.demand, entry.last_second())
         own = {entry.vod.id for entry in running}
         others = [
             demand
@@ -1042,8 +1050,8 @@ class Scheduler:
             return list(shares)
         return [min(share, per_download) for share in shares]
 
-    def _borrower_here(self, running: list[RunningDownload]) -> bool:
-        """Tell whether a download here can borrow what its neighbours leave.
+    def _has_borrower(self, running: list[RunningDownload]) -> bool:
+        """Return whether a download here can borrow what its neighbours leave.
 
         One that wants more than its share and is below DOWNLOAD_RATE_LIMIT
         reads from the worker's SpareTokens. Without one, the other workers
@@ -1062,10 +1070,10 @@ class Scheduler:
         )
 
     def _publish_demands(self, running: list[RunningDownload]) -> None:
-        """Write the demands that moved since the other workers last read them.
+        """Write the demands that moved since the last write to the database.
 
-        Only while another worker runs pooled downloads: alone, the worker
-        keeps to its renewals.
+        Only while another worker runs pooled downloads. A worker alone
+        writes them with its renewals only.
         """
         own = {entry.vod.id for entry in running}
         if self.settings.download_total_rate_limit is None or own >= set(self._demands):
@@ -1081,10 +1089,17 @@ class Scheduler:
                 started={entry.vod.id: entry.vod.started_at for entry in moved},
             )
         except (StorageUnavailable, SQLAlchemyError) as exc:
-            log.debug("could not write the pool's demands: %s", exc)
+            # The next tick or renewal writes them, so a failure is not a
+            # warning at every tick of an outage.
+            log.debug(
+                "failed to write the pool demands of %d downloads: %s",
+                len(moved),
+                exc,
+                extra={"worker_id": self.worker_id, "action": "rates"},
+            )
             return
         for entry in moved:
-            entry.written_demand, entry.written = entry.published, True
+            entry.mark_written()
 
     def _cluster_demands(self) -> dict[int, float | None]:
         """Return every live download's demand; the last read if the database fails."""

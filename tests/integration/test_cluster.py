@@ -128,8 +128,8 @@ def test_pool_moves_slow_share_across_workers(
     }
     workers = [make_service(WORKER_ID=f"pool{index}", **env) for index in range(2)]
     # The server sends one of them at 20K, a fifth of its equal share. The
-    # rate is set with the file: set later, a download that starts at once
-    # can take megabytes into its socket buffers at full speed first.
+    # rate is set with the file, because a download that starts before a
+    # later set_rate can take megabytes into its socket buffers at full speed.
     for index in range(3):
         rate = 20 * KIB if index == 0 else None
         url = media_server.add_file(
@@ -155,7 +155,7 @@ def test_pool_moves_slow_share_across_workers(
         workers[0].cancel_vod(f"x{index}")
 
 
-def test_pool_lends_lone_slow_share_to_other_worker(
+def test_pool_lends_lone_headroom_across_workers(
     postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
     # One download per worker: no download beside the slow one can borrow
@@ -175,7 +175,7 @@ def test_pool_lends_lone_slow_share_to_other_worker(
     workers[0].add_vod(NewVod(vod_id="busy", url=fast_url))
 
     # The slow one keeps 90K as its limit. Counted at that, it would leave
-    # the fast one 210K; counted at 5% over its 60K, about 237K.
+    # the fast one 210K. Counted at 5% over its 60K, it leaves about 237K.
     def lent() -> bool:
         return one_held_back(
             pool_limits(*workers), count=2, below=100 * KIB, above=222 * KIB
@@ -247,9 +247,13 @@ def pool_counted(*workers: Service) -> list[float]:
     """Return what the pool counts for each running download: a download held
     back by its source at the demand the other workers read, any other at its
     limit."""
-    return [
-        entry.bucket.rate or 0.0 if entry.published is None else entry.published
-        for worker in workers
-        if worker.scheduler is not None
-        for entry in worker.scheduler.running()
-    ]
+    counted = []
+    for worker in workers:
+        if worker.scheduler is None:
+            continue
+        for entry in worker.scheduler.running():
+            if entry.published is None:
+                counted.append(entry.bucket.rate or 0.0)
+            else:
+                counted.append(entry.published)
+    return counted

@@ -59,6 +59,22 @@ def add_slow(
     service.add_vod(NewVod(vod_id=vod_id, url=url))
 
 
+def add_one_slow(
+    service: Service,
+    server: MediaServer,
+    prefix: str,
+    *,
+    count: int,
+    size: int,
+    rate: float,
+) -> None:
+    """Queue VODs ``prefix0`` to ``prefix{count - 1}``, the first one's file
+    sent at ``rate`` bytes per second and the others at full speed."""
+    for index in range(count):
+        first_rate = rate if index == 0 else None
+        add_slow(service, server, f"{prefix}{index}", size, first_rate)
+
+
 def test_patch_config_changes_value_in_force(make_service: ServiceFactory) -> None:
     service = make_service(run_worker=False, MAX_CONCURRENT_DOWNLOADS="2")
     response = call(service, "PATCH", "/admin/config", {"MAX_CONCURRENT_DOWNLOADS": 5})
@@ -300,9 +316,7 @@ def test_pool_gives_slow_source_share_to_others(
         MAX_CONCURRENT_DOWNLOADS="3", DOWNLOAD_TOTAL_RATE_LIMIT="300K"
     )
     # The server sends one of them at 20K, a fifth of its equal share.
-    for index in range(3):
-        rate = 20 * KIB if index == 0 else None
-        add_slow(service, media_server, f"fair{index}", 4096 * KIB, rate)
+    add_one_slow(service, media_server, "fair", count=3, size=4096 * KIB, rate=20 * KIB)
 
     def shared_out() -> bool:
         # A share that moved by 1% or less waits for a later heartbeat
@@ -328,9 +342,7 @@ def test_pool_lends_unused_share_to_busy_download(
     )
     # Sent at 60K, lend0 keeps a limit of about 90K (bandwidth.HEADROOM), and
     # lend1 about 110K. The 30K that lend0 leaves go to lend1 as well.
-    for index in range(2):
-        rate = 60 * KIB if index == 0 else None
-        add_slow(service, media_server, f"lend{index}", 8192 * KIB, rate)
+    add_one_slow(service, media_server, "lend", count=2, size=8192 * KIB, rate=60 * KIB)
     assert service.scheduler is not None
     scheduler = service.scheduler
     try:
