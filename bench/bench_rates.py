@@ -24,11 +24,15 @@ to settle at the new value: in one ``vodq serve`` on SQLite, and in a
 cluster of one ``vodq api`` and two ``vodq worker`` on PostgreSQL. With
 ``--cut``, a fourth part lowers the limit of running downloads (HTTP, and
 HLS with 2 and 8 MiB segments) from 10M to 500K and measures the 5-second
-windows that start at and after the PATCH.
+windows that start at and after the PATCH. With ``--pause``, a fifth part
+holds every source still for 3 s while downloads run, one under
+DOWNLOAD_RATE_LIMIT or three pooled, and measures the 5-second windows that
+slide from the resume, for vodq and the command line.
 
     python bench/bench_rates.py            # every case, then the PATCH test
     python bench/bench_rates.py --quick    # 2M only, one window, one change
     python bench/bench_rates.py --only-cut --patch-repeat 2 --name rates_cut
+    python bench/bench_rates.py --only-pause --repeat 2 --name rates_pause
 """
 
 from __future__ import annotations
@@ -304,6 +308,24 @@ def run_vodq(
         return run_plan(server, names, kind, windows, rate)
 
 
+def bench_server() -> contextlib.AbstractContextManager[BenchServer]:
+    """Return the benchmark server with the run's socket and logging options."""
+    return serving(
+        sndbuf=Options.server_sndbuf,
+        write_bytes=Options.write_bytes,
+        mss=Options.mss,
+    )
+
+
+def cli_command(name: str, url: str, limit: int, kind: str, work: Path) -> list[str]:
+    """Return the yt-dlp command line that downloads ``url`` at ``limit`` bytes/s."""
+    args = [YT_DLP, "-q", "--no-progress", "--limit-rate", str(limit)]
+    if kind == "hls":
+        args += ["--concurrent-fragments", str(Options.fragments)]
+    # One output name per process: every playlist's id is "index".
+    return [*args, "-o", str(work / f"{name}.%(ext)s"), url]
+
+
 def run_cli(
     server: BenchServer, tag: str, rate: int, kind: str, mode: str, windows: int
 ) -> dict[str, Any]:
@@ -318,11 +340,7 @@ def run_cli(
         log = (work / "yt-dlp.log").open("ab")
         try:
             for name, url in zip(names, urls, strict=True):
-                args = [YT_DLP, "-q", "--no-progress", "--limit-rate", str(per_process)]
-                if kind == "hls":
-                    args += ["--concurrent-fragments", str(Options.fragments)]
-                # One output name per process: every playlist's id is "index".
-                args += ["-o", str(work / f"{name}.%(ext)s"), url]
+                args = cli_command(name, url, per_process, kind, work)
                 procs.append(
                     subprocess.Popen(
                         args, cwd=work, stdout=log, stderr=subprocess.STDOUT
@@ -345,11 +363,7 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         clients.insert(1, "vodq variant")
     if not args.no_cluster:
         clients.insert(1, "vodq cluster")
-    with serving(
-        sndbuf=Options.server_sndbuf,
-        write_bytes=Options.write_bytes,
-        mss=Options.mss,
-    ) as server:
+    with bench_server() as server:
         index = 0
         for _repeat in range(args.repeat):
             for label in rates:
@@ -586,11 +600,7 @@ def patch_case(
 def patch_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     steps = ["3M"] if args.quick else ["3M", "9M"]
     runs = []
-    with serving(
-        sndbuf=Options.server_sndbuf,
-        write_bytes=Options.write_bytes,
-        mss=Options.mss,
-    ) as server:
+    with bench_server() as server:
         for layout in args.patch_layouts.split(","):
             for index in range(1 if args.quick else args.patch_repeat):
                 run = patch_case(server, f"p{layout}{index}", steps, layout)
@@ -672,11 +682,7 @@ def join_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = []
     rates = ["2M"] if args.quick else args.rates.split(",")
     layouts = ["serve"] if args.no_cluster else ["serve", "cluster"]
-    with serving(
-        sndbuf=Options.server_sndbuf,
-        write_bytes=Options.write_bytes,
-        mss=Options.mss,
-    ) as server:
+    with bench_server() as server:
         for label in rates:
             for layout in layouts:
                 run = join_case(server, f"j{layout}{label}", parse_size(label), layout)
@@ -755,11 +761,7 @@ def cut_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     if parse_size(Options.cut_to) >= 128 * K:
         layouts.append(("DOWNLOAD_TOTAL_RATE_LIMIT", POOL_DOWNLOADS))
     runs = []
-    with serving(
-        sndbuf=Options.server_sndbuf,
-        write_bytes=Options.write_bytes,
-        mss=Options.mss,
-    ) as server:
+    with bench_server() as server:
         for segment in (0, 2 * M, 8 * M):
             for variable, count in layouts:
                 for index in range(args.patch_repeat):
@@ -776,6 +778,118 @@ def cut_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                         flush=True,
                     )
                     server.reset()
+    return runs
+
+
+# -- every source pausing at once -----------------------------------------------------
+
+# Seconds from the transfer's start to the pause, how long every source holds
+# still, and how long the transfer is followed after it.
+PAUSE_AT_S = 9.0
+PAUSE_S = 3.0
+AFTER_PAUSE_S = 10.5
+# Step, in seconds, between the starts of the sliding windows measured from
+# the resume.
+SLIDE_S = 0.05
+
+
+def pause_case(
+    server: BenchServer, tag: str, rate: int, kind: str, mode: str, client: str
+) -> dict[str, Any]:
+    """Downloads under ``rate`` whose sources all pause PAUSE_S, then resume.
+
+    The windows slide from the first byte after the resume over the next
+    5 s, so the first holds whatever burst the resume brings: the tokens a
+    client kept and the receive buffers it refills.
+    """
+    count = 1 if mode == "per" else Options.pool_downloads
+    names = [f"{tag}-{i}" for i in range(count)]
+    windows = int((PAUSE_AT_S + PAUSE_S + AFTER_PAUSE_S) // WINDOW_S) + 1
+    with contextlib.ExitStack() as stack:
+        if client == "yt-dlp":
+            per_process = rate // count
+            urls = urls_for(server, names, kind, per_process, windows)
+            work = stack.enter_context(workdir("pause-cli"))
+            log = stack.enter_context((work / "yt-dlp.log").open("ab"))
+            for name, url in zip(names, urls, strict=True):
+                args = cli_command(name, url, per_process, kind, work)
+                proc = subprocess.Popen(
+                    args, cwd=work, stdout=log, stderr=subprocess.STDOUT
+                )
+                stack.callback(stop_process, proc, timeout_s=5)
+        else:
+            urls = urls_for(server, names, kind, rate / count, windows)
+            limit = (
+                "DOWNLOAD_RATE_LIMIT" if mode == "per" else "DOWNLOAD_TOTAL_RATE_LIMIT"
+            )
+            base_url = stack.enter_context(
+                vodq_layout(
+                    "serve",
+                    stack.enter_context(workdir("pause")),
+                    MAX_CONCURRENT_DOWNLOADS=str(count),
+                    HLS_CONCURRENT_FRAGMENTS=str(Options.fragments),
+                    **{limit: str(rate)},
+                )
+            )
+            for name, url in zip(names, urls, strict=True):
+                api(base_url, "POST", "/admin/vods", {"vod_id": name, "url": url})
+        t0 = transfer_start(server, names, kind)
+        time.sleep(max(0.0, t0 + PAUSE_AT_S - time.monotonic()))
+        paused = time.monotonic()
+        server.pause(PAUSE_S)
+        time.sleep(AFTER_PAUSE_S)
+    samples = stream_samples(server, names, t0 - 1)
+    # The server stamps a write when it leaves the pause, which may come a
+    # moment before pause() returns here.
+    first = min(t for t, _ in samples if t > paused + PAUSE_S / 2)
+    starts = [first + index * SLIDE_S for index in range(int(WINDOW_S / SLIDE_S) + 1)]
+    deviations = []
+    for begin in starts:
+        sent = sum(n for t, n in samples if begin <= t < begin + WINDOW_S)
+        deviations.append((sent / WINDOW_S - rate) / rate * 100)
+    before = [
+        (r - rate) / rate * 100
+        for _, r in window_rates(samples, t0 + SKIP_S, WINDOW_S, paused)
+    ]
+    return {
+        "rate": rate,
+        "kind": kind,
+        "mode": mode,
+        "client": client,
+        "before_pause_dev_pct": [round(d, 2) for d in before],
+        "from_resume_dev_pct": round(deviations[0], 2),
+        "sliding_max_dev_pct": round(max(deviations), 2),
+        "sliding_min_dev_pct": round(min(deviations), 2),
+        "timeline_kib_s": [
+            round(r / K)
+            for _, r in window_rates(samples, first - 1.0, 0.25, first + 3.0)
+        ],
+    }
+
+
+def pause_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    runs = []
+    rate = parse_size(args.pause_rate)
+    clients = ["vodq"] if args.no_cli else ["vodq", "yt-dlp"]
+    with bench_server() as server:
+        index = 0
+        for _repeat in range(args.repeat):
+            for kind in args.kinds.split(","):
+                for mode in ("per", "pool"):
+                    for client in clients:
+                        index += 1
+                        run = pause_case(server, f"p{index}", rate, kind, mode, client)
+                        runs.append(run)
+                        print(
+                            f"  pause {PAUSE_S:g} s, {args.pause_rate} {kind:4} "
+                            f"{mode:4} {client:6}: from the resume "
+                            f"{run['from_resume_dev_pct']:+.1f}%, sliding "
+                            f"{run['sliding_min_dev_pct']:+.1f}% to "
+                            f"{run['sliding_max_dev_pct']:+.1f}%; before "
+                            f"{run['before_pause_dev_pct']}",
+                            flush=True,
+                        )
+                        server.reset()
     return runs
 
 
@@ -917,6 +1031,17 @@ def main() -> int:
     )
     parser.add_argument("--only-cut", action="store_true", help="run only the cuts")
     parser.add_argument(
+        "--pause",
+        action="store_true",
+        help=f"also pause every source {PAUSE_S:g} s while downloads run",
+    )
+    parser.add_argument(
+        "--only-pause", action="store_true", help="run only the pause cases"
+    )
+    parser.add_argument(
+        "--pause-rate", default="1M", help="the limit in the pause cases"
+    )
+    parser.add_argument(
         "--cut-to", default="500K", help="the rate the cut sets, such as 64K"
     )
     args = parser.parse_args()
@@ -937,6 +1062,8 @@ def main() -> int:
         args.repeat = 1
     if args.only_cut:
         args.cut = args.only_patch = args.no_patch = True
+    if args.only_pause:
+        args.pause = args.only_patch = args.no_patch = args.no_join = True
 
     print("rate cases (deviation of each 5 s window from the target, at the server)")
     rows = [] if args.only_patch else rate_cases(args)
@@ -946,6 +1073,7 @@ def main() -> int:
     joins = [] if args.no_join or args.only_patch else join_cases(args)
     runs = [] if args.no_patch else patch_cases(args)
     cuts = cut_cases(args) if args.cut else []
+    pauses = pause_cases(args) if args.pause else []
     patch_rows = []
     for layout in args.patch_layouts.split(","):
         patch_rows += patch_summary(
@@ -963,6 +1091,7 @@ def main() -> int:
             "patch_runs": runs,
             "join_runs": joins,
             "cut_runs": cuts,
+            "pause_runs": pauses,
         },
     )
     return 0

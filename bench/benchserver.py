@@ -19,6 +19,8 @@ With ``after`` (seconds) and ``then`` (bytes per second) the file is sent
 at ``rate`` (or at once) for ``after`` seconds and at ``then`` from there,
 like a source that slows down midway. With ``burst`` (seconds) the file is
 sent at ``rate`` on average, but ``burst`` seconds' worth at a time.
+``BenchServer.pause`` holds every generated body still for a while, as if
+all sources paused at once.
 """
 
 from __future__ import annotations
@@ -256,6 +258,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
         sent = 0
         while offset < stop:
+            if not bench.flowing.is_set():
+                paused = time.monotonic()
+                bench.flowing.wait()
+                # A throttled body goes on at its rate from the resume.
+                started += time.monotonic() - paused
             at = offset % BLOCK_BYTES
             n = min(bench.write_bytes, stop - offset, BLOCK_BYTES - at)
             self.connection.sendall(block[at : at + n])
@@ -315,6 +322,10 @@ class BenchServer:
         self.write_bytes = write_bytes
         self.block_view = memoryview(generated_block())
         self.log = SendLog()
+        # Cleared while every generated body is held still, as if all sources
+        # paused at once (``pause``).
+        self.flowing = threading.Event()
+        self.flowing.set()
         self._lock = threading.Lock()
         self._requests: list[Request] = []
         self._arrived = threading.Condition(self._lock)
@@ -343,6 +354,14 @@ class BenchServer:
         self._httpd.server_close()
         if self._thread is not None:
             self._thread.join(5)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every generated body still for ``seconds``, then resume them."""
+        self.flowing.clear()
+        try:
+            time.sleep(seconds)
+        finally:
+            self.flowing.set()
 
     # -- URLs ---------------------------------------------------------------
 

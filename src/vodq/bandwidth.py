@@ -103,6 +103,23 @@ class TokenBucket:
         if callback is not None:
             callback()
 
+    def forfeit(self, seconds: float) -> None:
+        """Drop the tokens that accrued over the last ``seconds``, in which
+        the download's source sent nothing.
+
+        They were left unused by the source, not by a stall of this side
+        (which a burst of BURST_S makes up for), so spending them at the
+        source's resume would only add a burst on the network. Tokens left
+        before those seconds are kept, and so is a debt. The worker's spare
+        store drops its tokens too (``SpareTokens.forfeit``).
+        """
+        with self._lock:
+            self._refill()
+            if self._rate is not None and self._tokens > 0:
+                self._tokens = max(0.0, self._tokens - self._rate * seconds)
+        if self.spare is not None:
+            self.spare.forfeit()
+
     def read_cost(self, nbytes: int, read_rate: float | None) -> int:
         """Return the bytes to charge for ``nbytes`` read while ``read_rate``
         was in force.
@@ -225,6 +242,19 @@ class SpareTokens:
             self._state[0] -= nbytes
             self._clamp()
 
+    def forfeit(self) -> None:
+        """Drop the tokens stored, when a download's source resumes after a
+        stall.
+
+        The store fills only while the worker's downloads read less than
+        their shares and none borrows, as when every source paused. Lent at
+        the resume, its tokens added to the burst of the receive queues'
+        refill.
+        """
+        with self._state.get_lock():
+            self._refill()
+            self._state[0] = min(0.0, self._state[0])
+
     def has_tokens(self) -> bool:
         """Return whether the store has tokens to lend."""
         with self._state.get_lock():
@@ -243,9 +273,10 @@ class SpareTokens:
         # A debt up to the bursts that the downloads and the store add after
         # a pause is paid back before the next loan. A larger one is written
         # off, so that bytes read before a cut do not stop lending for long.
-        # NOTE: the bursts still add up after a pause of every source (up to
-        # +5% in a 5 s window). Smaller bursts let downloads fall behind
-        # their limits after each stall of a loaded machine.
+        # NOTE: the bursts still add up after a pause of every source shorter
+        # than a second, which forfeit() leaves alone (up to +10% in a 5 s
+        # window). Smaller bursts let downloads fall behind their limits
+        # after each stall of a loaded machine.
         rate = max(0.0, self._state[2])
         debt = rate * (BURST_S + SPARE_BURST_S)
         self._state[0] = min(rate * SPARE_BURST_S, max(-debt, self._state[0]))

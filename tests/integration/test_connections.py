@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +26,7 @@ from vodq.download.connections import (
     socket_of,
 )
 from vodq.download.files import ArchiveLayout
-from vodq.download.ytdlp import YtDlpDownloader, _Watch, _WatchedYoutubeDL
+from vodq.download.ytdlp import STALL_S, YtDlpDownloader, _Watch, _WatchedYoutubeDL
 
 KIB = 1024
 
@@ -540,6 +542,26 @@ def test_plain_connection_below_band_keeps_buffer(media_server: MediaServer) -> 
     assert end >= first
 
 
+@contextlib.contextmanager
+def open_response(
+    watch: _Watch, url: str, connect_size: int | None
+) -> Iterator[tuple[Any, socket.socket]]:
+    """Open ``url`` through yt-dlp with ``watch``, its connection's receive
+    buffer ``connect_size`` (None: the kernel's); yield the response and
+    its socket, and close them afterwards."""
+    with (
+        sized_receive_buffers(lambda: connect_size),
+        _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl,
+    ):
+        response = ydl.urlopen(url)
+        try:
+            sock = socket_of(response)
+            assert sock is not None
+            yield response, sock
+        finally:
+            response.close()
+
+
 def open_fragment(
     media_server: MediaServer, name: str, rate: float, connect_size: int | None
 ) -> tuple[int, int]:
@@ -551,18 +573,9 @@ def open_fragment(
     url = media_server.add_file(name, random.Random(name).randbytes(256 * KIB))
     _, watch = recording_watch(rate)
     watch.fragmented = True
-    with (
-        sized_receive_buffers(lambda: connect_size),
-        _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl,
-    ):
-        response = ydl.urlopen(url)
-        try:
-            sock = socket_of(response)
-            assert sock is not None
-            clamp = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)
-            size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        finally:
-            response.close()
+    with open_response(watch, url, connect_size) as (_, sock):
+        clamp = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)
+        size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     return clamp, size
 
 
@@ -601,3 +614,103 @@ def test_follow_rate_forgets_closed_connection(media_server: MediaServer) -> Non
         response.close()
         bucket.set_rate(64 * KIB)
     assert len(watch.reads) == 0
+
+
+@contextlib.contextmanager
+def pausing_source(head: bytes, tail: bytes) -> Iterator[str]:
+    """Serve one GET of ``head + tail`` on 127.0.0.1: the head at once, then
+    nothing for a little longer than STALL_S, then the tail at once.
+
+    Yield the URL.
+    """
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            peer, _ = server.accept()
+            with peer:
+                peer.settimeout(10)
+                peer.recv(64 * KIB)
+                header = (
+                    "HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\n"
+                    f"Content-Length: {len(head) + len(tail)}\r\n\r\n"
+                )
+                peer.sendall(header.encode() + head)
+                time.sleep(STALL_S + 0.3)
+                peer.sendall(tail)
+                # Until the client has read the body and closed.
+                peer.recv(1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    host, port = server.getsockname()
+    try:
+        yield f"http://{host}:{port}/paused.mp4"
+    finally:
+        server.close()
+        thread.join(timeout=15)
+
+
+def read_through_pause(
+    watch: _Watch, seed: int, tail_kib: int, connect_size: int | None = None
+) -> tuple[bytes, bytes, int, int]:
+    """Read a body of 8 KiB and ``tail_kib`` KiB more, whose source pauses
+    after the first 8 KiB, in 4 KiB reads.
+
+    Return the body, the bytes read, the receive buffer before the last
+    block and the connection's window unit.
+    """
+    head = random.Random(seed).randbytes(8 * KIB)
+    tail = random.Random(seed + 1).randbytes(tail_kib * KIB)
+    with (
+        pausing_source(head, tail) as url,
+        open_response(watch, url, connect_size) as (response, sock),
+    ):
+        read = b""
+        while len(read) < len(head) + len(tail) - 16 * KIB:
+            read += response.read(4 * KIB)
+        size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        granule = connections.window_granule(sock)
+        read += b"".join(iter(lambda: response.read(4 * KIB), b""))
+    return head + tail, read, size, granule
+
+
+def test_metered_read_pause_drops_tokens() -> None:
+    bucket = TokenBucket(1024 * KIB)
+    watch = _Watch(track_validators=False, bucket=bucket)
+    bucket.on_change = watch.follow_rate
+
+    read_through_pause(watch, 20, 20)
+
+    # Kept, the 0.25 s burst of 256 KiB would cover these 64 KiB.
+    assert not bucket.charge(64 * KIB)
+
+
+def test_metered_read_pause_sizes_plain_buffer() -> None:
+    # 64K is below the band of rates sized from the first read.
+    _, watch = recording_watch(64 * KIB)
+
+    _, _, size, granule = read_through_pause(watch, 22, 256)
+
+    assert size == 2 * (receive_buffer_for(64 * KIB, 1) + granule)
+
+
+def test_metered_read_pause_plain_charges_bytes_read() -> None:
+    bucket, watch = recording_watch(1024 * KIB)
+
+    body, read, _, _ = read_through_pause(watch, 24, 120)
+
+    assert read == body
+    assert sum(bucket.charges) == len(body)
+
+
+def test_metered_read_pause_charges_part_of_fragment_refill() -> None:
+    # The tail lands in the 128 KiB buffer at once, before the reads.
+    bucket, watch = recording_watch(1024 * KIB)
+    watch.fragmented = True
+
+    body, read, _, _ = read_through_pause(watch, 26, 120, connect_size=128 * KIB)
+
+    assert read == body
+    assert sum(bucket.charges) >= len(body) + 16 * KIB

@@ -297,6 +297,71 @@ def test_spare_tokens_debt_is_bounded() -> None:
     assert spare.has_tokens()
 
 
+def test_forfeit_drops_tokens_of_wait() -> None:
+    bucket = TokenBucket(10_000)
+    time.sleep(BURST_S + 0.05)
+
+    bucket.forfeit(1.0)
+
+    # Kept, the burst would cover these 500 bytes; they accrue over 50 ms.
+    assert not bucket.charge(500)
+
+
+def test_forfeit_keeps_tokens_from_before_wait() -> None:
+    # A full burst of 2500 bytes, of which the last 0.1 s are dropped.
+    bucket = TokenBucket(10_000)
+    time.sleep(BURST_S + 0.05)
+
+    bucket.forfeit(0.1)
+
+    assert bucket.charge(1000)
+
+
+def test_forfeit_keeps_debt() -> None:
+    # 5000 bytes owed take 0.5 s to pay back, whatever the wait.
+    bucket = TokenBucket(10_000)
+    bucket.charge(5000)
+
+    bucket.forfeit(1.0)
+    time.sleep(0.1)
+
+    assert not bucket.charge(0)
+
+
+def test_forfeit_without_limit_changes_nothing() -> None:
+    bucket = TokenBucket(None)
+
+    bucket.forfeit(1.0)
+
+    assert bucket.charge(10**9)
+
+
+def test_forfeit_drops_spare_store() -> None:
+    busy, _idle = _pool(10_000, 2)
+    assert busy.spare is not None
+    time.sleep(0.15)
+    stored = busy.spare.has_tokens()
+
+    busy.forfeit(1.0)
+    # Kept, the store's 2000 bytes would cover these; they accrue over 50 ms.
+    busy.spare.charge(1000)
+
+    assert stored
+    assert not busy.spare.has_tokens()
+
+
+def test_spare_tokens_forfeit_keeps_debt() -> None:
+    # 5000 bytes owed by the pool take 0.5 s at 10000 bytes/s.
+    spare = SpareTokens()
+    spare.set_rate(10_000)
+    spare.charge(5000)
+
+    spare.forfeit()
+    time.sleep(0.1)
+
+    assert not spare.has_tokens()
+
+
 def test_spare_tokens_shared_with_child_process() -> None:
     # A download process shares the worker's store, not a copy of it.
     spare = SpareTokens()

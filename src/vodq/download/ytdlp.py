@@ -124,6 +124,19 @@ PLAIN_SIZED_RATES = (98_304.0, 262_144.0)
 # it within about one round trip.
 INVITED_S = 1.0
 
+# A read that waited this long, in seconds, for its block found the kernel's
+# queue empty: its source sent nothing meanwhile (a pause). Reads of a
+# download held to its rate return at once, from a full queue. Shorter
+# waits are left alone: a buffer sized to 128K on 127.0.0.1 made reads wait
+# about 0.4 s at a time, and dropping the tokens of those waits halved the
+# download's rate.
+STALL_S = 1.0
+# Seconds after such a stall in which a fragment connection is charged for
+# the growth of its receive queue (``_MeteredRead._refill``), and the part
+# of that growth charged.
+REFILL_S = 0.5
+REFILL_SHARE = 0.5
+
 
 def read_block_for(rate: float | None) -> int:
     """Return the read block for a download limited to ``rate`` bytes/s now."""
@@ -402,6 +415,10 @@ class _MeteredRead:
     80% short for the next 5 s. The smaller buffer stops the queue from
     growing to the old size, which would be read at the new rate in the same
     way.
+
+    A read that waited STALL_S for its source (a pause) drops the tokens
+    that accrued meanwhile, and its connection's refill is kept from adding
+    a burst (``_stall``).
     """
 
     def __init__(
@@ -434,6 +451,13 @@ class _MeteredRead:
         # Whether the next resize is the first since the cut, which may grow
         # the buffer to hold what the connection was offered.
         self._grow = False
+        # Whether a read waited STALL_S, after which a plain connection's
+        # buffer is sized to the rate (``follow_rate``).
+        self._stalled = False
+        # Until this time.monotonic(), after a stall of a fragment, the
+        # growth of the kernel's queue past ``_refilled`` bytes is charged.
+        self._refill_until = 0.0
+        self._refilled = 0
         if watch.fragmented and self._reference is not None:
             opened = connect_buffer(sock)
             size = watch.receive_buffer_at(self._reference)
@@ -445,10 +469,12 @@ class _MeteredRead:
 
     def __call__(self, amt: int | None = None) -> bytes:
         read_rate = self._watch.bucket.rate if self._watch.bucket else None
+        started = time.monotonic()
         if amt is None or amt < 0:
             data = self._read(amt)
         else:
             data = self._read(min(amt, self._watch.read_block()))
+        waited = time.monotonic() - started
 
         charge = len(data)
         if self._queued_at_cut is not None:
@@ -465,6 +491,10 @@ class _MeteredRead:
             due = self._read_since - self._queued_at_cut - in_window
             charge = max(0, due - self._charged_since)
             self._charged_since += charge
+        if data and amt is not None and amt >= 0 and waited >= STALL_S:
+            self._stall(waited)
+        if data and time.monotonic() < self._refill_until:
+            charge += self._refill()
         if charge:
             self._watch.charge(charge, read_rate)
         if data:
@@ -499,7 +529,9 @@ class _MeteredRead:
             self._reference = max(self._reference, rate)
         if self._queued_at_cut is None:
             low, high = PLAIN_SIZED_RATES
-            if self._watch.fragmented or rate is None or not low <= rate <= high:
+            if self._watch.fragmented or rate is None:
+                return
+            if not (low <= rate <= high or self._stalled):
                 return
             self._start_cut(free=False)
 
@@ -514,6 +546,40 @@ class _MeteredRead:
         if reached:
             # From now on the buffer's size bounds what arrives.
             self._invited = min(self._invited, self._arrived_since())
+
+    def _stall(self, waited: float) -> None:
+        """Note a read that waited ``waited`` seconds for its source.
+
+        The tokens that accrued meanwhile are dropped: the source left them
+        unused, and spent at its resume they add a burst to the refill of
+        the receive queue. A plain connection's buffer is then sized to the
+        rate, as after a cut (``follow_rate``): after a stall the kernel grew
+        an autotuned buffer for seconds, and the source filled the growth. A
+        fragment connection's buffer is sized already, and part of its
+        refill is charged as it arrives (``_refill``).
+        """
+        if self._watch.bucket is not None:
+            self._watch.bucket.forfeit(waited)
+        self._stalled = True
+        if self._watch.fragmented:
+            self._refill_until = time.monotonic() + REFILL_S
+            self._refilled = 0
+
+    def _refill(self) -> int:
+        """Return the bytes to charge for the receive queue's growth since
+        the last read, while the sender refills it after a stall.
+
+        The refill arrives at once, before any read, so a window that starts
+        at the resume contains it. Charged in full, it is made up for by a
+        gap in the next window instead. Charging REFILL_SHARE of it splits
+        the error between the two: with three pooled HLS downloads at 1M,
+        whose twelve connections refilled about 0.6 MB, the windows around
+        the resume went from up to +12.5% to within +3.8% and -6.6%.
+        """
+        queued = queued_bytes(self._sock)
+        grown = max(0, queued - self._refilled)
+        self._refilled = max(self._refilled, queued)
+        return int(grown * REFILL_SHARE)
 
     def _start_cut(self, free: bool = True) -> None:
         """Record the queue and the offered window at a cut: the buffer
