@@ -119,6 +119,8 @@ class Options:
     burst_s: float | None = None
     # --per-worker: download slots of each worker on the cluster.
     per_worker: int = 2
+    # --pause-seconds: how long every source pauses in the pause cases.
+    pause_s: float = 3.0
 
 
 # Files are this many times longer than the measurement needs at the
@@ -783,10 +785,9 @@ def cut_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # -- every source pausing at once -----------------------------------------------------
 
-# Seconds from the transfer's start to the pause, how long every source holds
-# still, and how long the transfer is followed after it.
+# Seconds from the transfer's start to the pause (which lasts
+# Options.pause_s), and how long the transfer is followed after it.
 PAUSE_AT_S = 9.0
-PAUSE_S = 3.0
 AFTER_PAUSE_S = 10.5
 # Step, in seconds, between the starts of the sliding windows measured from
 # the resume.
@@ -796,7 +797,7 @@ SLIDE_S = 0.05
 def pause_case(
     server: BenchServer, tag: str, rate: int, kind: str, mode: str, client: str
 ) -> dict[str, Any]:
-    """Downloads under ``rate`` whose sources all pause PAUSE_S, then resume.
+    """Downloads under ``rate`` whose sources all pause, then resume.
 
     The windows slide from the first byte after the resume over the next
     5 s, so the first holds whatever burst the resume brings: the tokens a
@@ -804,7 +805,8 @@ def pause_case(
     """
     count = 1 if mode == "per" else Options.pool_downloads
     names = [f"{tag}-{i}" for i in range(count)]
-    windows = int((PAUSE_AT_S + PAUSE_S + AFTER_PAUSE_S) // WINDOW_S) + 1
+    pause_s = Options.pause_s
+    windows = int((PAUSE_AT_S + pause_s + AFTER_PAUSE_S) // WINDOW_S) + 1
     with contextlib.ExitStack() as stack:
         if client == "yt-dlp":
             per_process = rate // count
@@ -836,12 +838,12 @@ def pause_case(
         t0 = transfer_start(server, names, kind)
         time.sleep(max(0.0, t0 + PAUSE_AT_S - time.monotonic()))
         paused = time.monotonic()
-        server.pause(PAUSE_S)
+        server.pause(pause_s)
         time.sleep(AFTER_PAUSE_S)
     samples = stream_samples(server, names, t0 - 1)
     # The server stamps a write when it leaves the pause, which may come a
     # moment before pause() returns here.
-    first = min(t for t, _ in samples if t > paused + PAUSE_S / 2)
+    first = min(t for t, _ in samples if t > paused + pause_s / 2)
     starts = [first + index * SLIDE_S for index in range(int(WINDOW_S / SLIDE_S) + 1)]
     deviations = []
     for begin in starts:
@@ -881,8 +883,8 @@ def pause_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                         run = pause_case(server, f"p{index}", rate, kind, mode, client)
                         runs.append(run)
                         print(
-                            f"  pause {PAUSE_S:g} s, {args.pause_rate} {kind:4} "
-                            f"{mode:4} {client:6}: from the resume "
+                            f"  pause {Options.pause_s:g} s, {args.pause_rate} "
+                            f"{kind:4} {mode:4} {client:6}: from the resume "
                             f"{run['from_resume_dev_pct']:+.1f}%, sliding "
                             f"{run['sliding_min_dev_pct']:+.1f}% to "
                             f"{run['sliding_max_dev_pct']:+.1f}%; before "
@@ -1033,7 +1035,13 @@ def main() -> int:
     parser.add_argument(
         "--pause",
         action="store_true",
-        help=f"also pause every source {PAUSE_S:g} s while downloads run",
+        help="also pause every source while downloads run (see --pause-seconds)",
+    )
+    parser.add_argument(
+        "--pause-seconds",
+        type=float,
+        default=Options.pause_s,
+        help="how long the sources pause in the pause cases",
     )
     parser.add_argument(
         "--only-pause", action="store_true", help="run only the pause cases"
@@ -1057,6 +1065,7 @@ def main() -> int:
     Options.slow_share = args.slow_share
     Options.burst_s = args.burst
     Options.per_worker = args.per_worker
+    Options.pause_s = args.pause_seconds
     if args.quick:
         args.windows = 1
         args.repeat = 1
