@@ -273,10 +273,11 @@ class SpareTokens:
         # A debt up to the bursts that the downloads and the store add after
         # a pause is paid back before the next loan. A larger one is written
         # off, so that bytes read before a cut do not stop lending for long.
-        # NOTE: the bursts still add up after a pause of every source shorter
-        # than a second, which forfeit() leaves alone (up to +10% in a 5 s
-        # window). Smaller bursts let downloads fall behind their limits
-        # after each stall of a loaded machine.
+        # NOTE: the bursts still add up after a pause of every source too
+        # short for a read to wait STALL_S (download/ytdlp.py), which
+        # forfeit() never sees: +6.9% in the 5 s window from a 0.5 s pause.
+        # Smaller bursts let downloads fall behind their limits after each
+        # stall of a loaded machine.
         rate = max(0.0, self._state[2])
         debt = rate * (BURST_S + SPARE_BURST_S)
         self._state[0] = min(rate * SPARE_BURST_S, max(-debt, self._state[0]))
