@@ -25,9 +25,9 @@ cluster of one ``vodq api`` and two ``vodq worker`` on PostgreSQL. With
 ``--cut``, a fourth part lowers the limit of running downloads (HTTP, and
 HLS with 2 and 8 MiB segments) from 10M to 500K and measures the 5-second
 windows that start at and after the PATCH. With ``--pause``, a fifth part
-holds every source still for 3 s while downloads run, one under
-DOWNLOAD_RATE_LIMIT or three pooled, and measures the 5-second windows that
-slide from the resume, for vodq and the command line.
+stops every source for 3 s (``--pause-seconds``) while downloads run, one
+under DOWNLOAD_RATE_LIMIT or three pooled, and measures the 5-second windows
+that slide from the resume, for vodq and the command line.
 
     python bench/bench_rates.py            # every case, then the PATCH test
     python bench/bench_rates.py --quick    # 2M only, one window, one change
@@ -800,7 +800,7 @@ def pause_case(
     """Downloads under ``rate`` whose sources all pause, then resume.
 
     The windows slide from the first byte after the resume over the next
-    5 s, so the first holds whatever burst the resume brings: the tokens a
+    5 s, so the first contains whatever burst the resume brings: the tokens a
     client kept and the receive buffers it refills.
     """
     count = 1 if mode == "per" else Options.pool_downloads

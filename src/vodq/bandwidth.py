@@ -248,7 +248,7 @@ class SpareTokens:
 
         The store fills only while the worker's downloads read less than
         their shares and none borrows, as when every source paused. Lent at
-        the resume, its tokens added to the burst of the receive queues'
+        the resume, its tokens would add to the burst of the receive queues'
         refill.
         """
         with self._state.get_lock():
@@ -274,8 +274,8 @@ class SpareTokens:
         # a pause is paid back before the next loan. A larger one is written
         # off, so that bytes read before a cut do not stop lending for long.
         # NOTE: the bursts still add up after a pause of every source too
-        # short for a read to wait STALL_S (download/ytdlp.py), which
-        # forfeit() never sees: +6.9% in the 5 s window from a 0.5 s pause.
+        # short for a read to wait STALL_S (download/ytdlp.py), so
+        # forfeit() is never called: +6.9% in the 5 s window from a 0.5 s pause.
         # Smaller bursts let downloads fall behind their limits after each
         # stall of a loaded machine.
         rate = max(0.0, self._state[2])

@@ -116,17 +116,25 @@ def pool_limits(*workers: Service) -> list[float]:
     return sorted(limits)
 
 
+def pool_workers(
+    make_service: ServiceFactory, dsn: str, prefix: str, *, downloads: int, slots: int
+) -> list[Service]:
+    """Start two workers on ``dsn`` sharing a pool of 300K, running at most
+    ``downloads`` downloads in all and ``slots`` each."""
+    env = {
+        "DB_DSN": dsn,
+        "MAX_CONCURRENT_DOWNLOADS": str(downloads),
+        "MAX_DOWNLOADS_PER_WORKER": str(slots),
+        "DOWNLOAD_TOTAL_RATE_LIMIT": "300K",
+    }
+    return [make_service(WORKER_ID=f"{prefix}{index}", **env) for index in range(2)]
+
+
 def test_pool_moves_slow_share_across_workers(
     postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
     # Two slots per worker and three downloads, so both workers run some.
-    env = {
-        "DB_DSN": postgres_dsn,
-        "MAX_CONCURRENT_DOWNLOADS": "3",
-        "MAX_DOWNLOADS_PER_WORKER": "2",
-        "DOWNLOAD_TOTAL_RATE_LIMIT": "300K",
-    }
-    workers = [make_service(WORKER_ID=f"pool{index}", **env) for index in range(2)]
+    workers = pool_workers(make_service, postgres_dsn, "pool", downloads=3, slots=2)
     # The server sends one of them at 20K, a fifth of its equal share. The
     # rate is set with the file, because a download that starts before a
     # later set_rate can take megabytes into its socket buffers at full speed.
@@ -160,13 +168,7 @@ def test_pool_lends_lone_headroom_across_workers(
 ) -> None:
     # One download per worker: no download beside the slow one can borrow
     # the headroom its limit keeps.
-    env = {
-        "DB_DSN": postgres_dsn,
-        "MAX_CONCURRENT_DOWNLOADS": "2",
-        "MAX_DOWNLOADS_PER_WORKER": "1",
-        "DOWNLOAD_TOTAL_RATE_LIMIT": "300K",
-    }
-    workers = [make_service(WORKER_ID=f"lend{index}", **env) for index in range(2)]
+    workers = pool_workers(make_service, postgres_dsn, "lend", downloads=2, slots=1)
     slow_url = media_server.add_file(
         "lone.mp4", random.randbytes(4096 * KIB), rate=60 * KIB
     )

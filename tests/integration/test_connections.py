@@ -546,9 +546,9 @@ def test_plain_connection_below_band_keeps_buffer(media_server: MediaServer) -> 
 def open_response(
     watch: _Watch, url: str, connect_size: int | None
 ) -> Iterator[tuple[Any, socket.socket]]:
-    """Open ``url`` through yt-dlp with ``watch``, its connection's receive
-    buffer ``connect_size`` (None: the kernel's); yield the response and
-    its socket, and close them afterwards."""
+    """Open ``url`` through yt-dlp with ``watch`` and a receive buffer of
+    ``connect_size`` bytes (None: the kernel's). Yield the response and its
+    socket, and close them afterwards."""
     with (
         sized_receive_buffers(lambda: connect_size),
         _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl,
@@ -696,7 +696,7 @@ def test_metered_read_pause_sizes_plain_buffer() -> None:
     assert size == 2 * (receive_buffer_for(64 * KIB, 1) + granule)
 
 
-def test_metered_read_pause_plain_charges_bytes_read() -> None:
+def test_metered_read_pause_charges_plain_reads() -> None:
     bucket, watch = recording_watch(1024 * KIB)
 
     body, read, _, _ = read_through_pause(watch, 24, 120)
@@ -705,7 +705,7 @@ def test_metered_read_pause_plain_charges_bytes_read() -> None:
     assert sum(bucket.charges) == len(body)
 
 
-def test_metered_read_pause_charges_part_of_fragment_refill() -> None:
+def test_metered_read_pause_charges_fragment_refill() -> None:
     # The tail lands in the 128 KiB buffer at once, before the reads.
     bucket, watch = recording_watch(1024 * KIB)
     watch.fragmented = True

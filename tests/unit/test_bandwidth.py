@@ -303,7 +303,7 @@ def test_forfeit_drops_tokens_of_wait() -> None:
 
     bucket.forfeit(1.0)
 
-    # Kept, the burst would cover these 500 bytes; they accrue over 50 ms.
+    # Kept, the burst would cover these 500 bytes, which accrue over 50 ms.
     assert not bucket.charge(500)
 
 
@@ -343,7 +343,7 @@ def test_forfeit_drops_spare_store() -> None:
     stored = busy.spare.has_tokens()
 
     busy.forfeit(1.0)
-    # Kept, the store's 2000 bytes would cover these; they accrue over 50 ms.
+    # Kept, the store's 2000 bytes would cover these, which accrue over 50 ms.
     busy.spare.charge(1000)
 
     assert stored

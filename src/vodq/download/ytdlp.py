@@ -419,8 +419,8 @@ class _MeteredRead:
     way.
 
     A read that waited STALL_S for its source (a pause) drops the tokens
-    that accrued meanwhile, and its connection's refill is kept from adding
-    a burst (``_stall``).
+    that accrued meanwhile and limits the burst of its connection's refill
+    (``_stall``).
     """
 
     def __init__(
