@@ -298,7 +298,8 @@ SATURATED_SHARE = 0.9
 HEADROOM = 1.5
 # A download held back by its source, on a worker where no download borrows
 # its headroom, is counted by the other workers at this multiple of what it
-# received, over its longer span or its last second, whichever is more.
+# received since it was found held back or over its last second, whichever
+# is more (the last second alone until 0.9 s since then is in).
 # The 5% covers an even source's rate that reads low. At 10%, a source at
 # 60% of its share left a pool of two 3% short. A source that speeds up
 # shows in its last second at the next tick (0.5 s), and the other workers
@@ -323,20 +324,30 @@ def demand_of(limit: float | None, measured: float | None) -> float | None:
     return max(MIN_DEMAND, measured * HEADROOM)
 
 
-def lent_demand(demand: float | None, last_second: float | None) -> float | None:
+def lent_demand(
+    demand: float | None, last_second: float | None, held: float | None = None
+) -> float | None:
     """Return the demand other workers count for a download no neighbour borrows from.
 
-    ``demand`` is the download's own (``demand_of``) and ``last_second`` what
-    it received over about the last second, both in bytes per second. The
-    download keeps its own demand as its limit, so that a source that speeds
-    up can show it. The other workers take that headroom, all but
+    ``demand`` is the download's own (``demand_of``), ``last_second`` what
+    it received over about the last second and ``held`` since it was found
+    held back by its source (None: not yet known), all in bytes per second.
+    The download keeps its own demand as its limit, so that a source that
+    speeds up can show it. The other workers take that headroom, all but
     LENT_MARGIN of what the download receives.
     """
     if demand is None:
         return None
-    received = demand / HEADROOM
-    if last_second is not None:
-        received = max(received, last_second)
+    # The demand follows a span of 8 s or more, which after a drop still
+    # includes the faster seconds before it. What arrived since the download
+    # was found held back is all after the drop.
+    if held is not None:
+        received = max(held, last_second or 0.0)
+    elif last_second is not None:
+        # Just found held back: its last second is after the drop too.
+        received = last_second
+    else:
+        received = demand / HEADROOM
     return min(demand, max(MIN_DEMAND, received * LENT_MARGIN))
 
 

@@ -176,6 +176,9 @@ class RunningDownload:
     recent: deque[tuple[float, int]] = field(
         default_factory=lambda: deque(maxlen=RECENT_SAMPLES)
     )
+    # The time of the last sample (time.monotonic()) when the download was
+    # found held back by its source; None while it is not.
+    held_at: float | None = None
 
     def measured_rate(self) -> float | None:
         """Return the bytes per second received under the current limit, if known."""
@@ -246,6 +249,29 @@ class RunningDownload:
         if measured is None:
             return self.demand
         return demand_of(self.bucket.rate, measured)
+
+    def update_demand(self) -> None:
+        """Measure ``demand`` anew, and note when the download became held back."""
+        demand = self.next_demand()
+        if demand is None:
+            self.held_at = None
+        elif self.held_at is None and self.recent:
+            self.held_at = self.recent[-1][0]
+        self.demand = demand
+
+    def held_rate(self) -> float | None:
+        """Return the bytes per second received since the download was found
+        held back, over MIN_RATE_SPAN_S or more; None before that.
+
+        The demand follows the longer span, so after a source drops it keeps
+        the faster seconds before the drop for several seconds. Other workers
+        count this rate instead (``bandwidth.lent_demand``).
+        """
+        if self.held_at is None:
+            return None
+        held_at = self.held_at
+        since = deque(sample for sample in list(self.recent) if sample[0] >= held_at)
+        return _rate_over(since, MIN_RATE_SPAN_S)
 
     def limit_to(self, rate: float | None) -> None:
         """Set the download's limit and start measuring it afresh.
@@ -1026,13 +1052,15 @@ class Scheduler:
             return [per_download] * len(running)
 
         for entry in running:
-            entry.demand = entry.next_demand()
+            entry.update_demand()
         borrower = self._has_borrower(running)
         for entry in running:
             if borrower:
                 entry.published = entry.demand
             else:
-                entry.published = lent_demand(entry.demand, entry.last_second())
+                entry.published = lent_demand(
+                    entry.demand, entry.last_second(), entry.held_rate()
+                )
         own = {entry.vod.id for entry in running}
         others = [
             demand

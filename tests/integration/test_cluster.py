@@ -9,6 +9,7 @@ import pytest
 from conftest import ServiceFactory, one_held_back, wait_for, wait_for_state
 from mediaserver import MediaServer
 from vodq import runtime, scheduler
+from vodq.bandwidth import HEADROOM
 from vodq.models import VodState
 from vodq.service import NewVod, Service
 
@@ -130,6 +131,28 @@ def pool_workers(
     return [make_service(WORKER_ID=f"{prefix}{index}", **env) for index in range(2)]
 
 
+def lone_pair(
+    make_service: ServiceFactory,
+    dsn: str,
+    media_server: MediaServer,
+    prefix: str,
+    rate: float,
+) -> tuple[list[Service], str]:
+    """Start two workers with one slot each and queue two downloads, so that
+    each runs alone: PREFIX-slow from a source at ``rate`` bytes per second and
+    PREFIX-fast at full speed. Return the workers and the slow source's URL."""
+    workers = pool_workers(make_service, dsn, prefix, downloads=2, slots=1)
+    slow_url = media_server.add_file(
+        f"{prefix}-slow.mp4", random.randbytes(16384 * KIB), rate=rate
+    )
+    fast_url = media_server.add_file(
+        f"{prefix}-fast.mp4", random.randbytes(16384 * KIB)
+    )
+    workers[0].add_vod(NewVod(vod_id=f"{prefix}-slow", url=slow_url))
+    workers[0].add_vod(NewVod(vod_id=f"{prefix}-fast", url=fast_url))
+    return workers, slow_url
+
+
 def test_pool_moves_slow_share_across_workers(
     postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
@@ -168,13 +191,7 @@ def test_pool_lends_lone_headroom_across_workers(
 ) -> None:
     # One download per worker: no download beside the slow one can borrow
     # the headroom its limit keeps.
-    workers = pool_workers(make_service, postgres_dsn, "lend", downloads=2, slots=1)
-    slow_url = media_server.add_file(
-        "lone.mp4", random.randbytes(4096 * KIB), rate=60 * KIB
-    )
-    fast_url = media_server.add_file("busy.mp4", random.randbytes(16384 * KIB))
-    workers[0].add_vod(NewVod(vod_id="lone", url=slow_url))
-    workers[0].add_vod(NewVod(vod_id="busy", url=fast_url))
+    workers, _ = lone_pair(make_service, postgres_dsn, media_server, "lend", 60 * KIB)
 
     # The slow one keeps 90K as its limit. Counted at that, it would leave
     # the fast one 210K. Counted at 5% over its 60K, it leaves about 237K.
@@ -189,7 +206,44 @@ def test_pool_lends_lone_headroom_across_workers(
         raise AssertionError(f"limits in force: {pool_limits(*workers)}") from None
     per_worker = [len(pool_limits(worker)) for worker in workers]
     assert per_worker == [1, 1]
-    for vod_id in ("lone", "busy"):
+    for vod_id in ("lend-slow", "lend-fast"):
+        workers[0].cancel_vod(vod_id)
+
+
+def test_pool_counts_drop_since_found(
+    postgres_dsn: str, make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    # 200K at first, above its 150K share, so that it counts as saturated.
+    workers, drop_url = lone_pair(
+        make_service, postgres_dsn, media_server, "drop", 200 * KIB
+    )
+    wait_for(lambda: len(pool_limits(*workers)) == 2, timeout_s=10)
+    entry = next(
+        running
+        for worker in workers
+        if worker.scheduler is not None
+        for running in worker.scheduler.running()
+        if running.vod.vod_id == "drop-slow"
+    )
+    wait_for(lambda: entry.progress.bytes_done > 450 * KIB, timeout_s=10)
+
+    media_server.set_rate(drop_url, 15 * KIB)
+    lent: list[tuple[float, float]] = []
+
+    def counted_low() -> bool:
+        published, limit = entry.published, entry.bucket.rate
+        if published is None or limit is None or published > 32 * KIB:
+            return False
+        lent.append((published, limit))
+        return True
+
+    wait_for(counted_low, timeout_s=20)
+    published, limit = lent[0]
+
+    # Its own limit still follows the seconds before the drop, but the other
+    # worker counts only what arrived since it was found held back.
+    assert published < limit / HEADROOM
+    for vod_id in ("drop-slow", "drop-fast"):
         workers[0].cancel_vod(vod_id)
 
 

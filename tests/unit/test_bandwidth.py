@@ -431,6 +431,24 @@ def test_lent_demand_follows_faster_last_second() -> None:
     assert lent_demand(60_000.0, 50_000.0) == pytest.approx(50_000.0 * LENT_MARGIN)
 
 
+def test_lent_demand_just_held_counts_last_second() -> None:
+    # Found held back after a drop: its demand still includes the seconds before.
+    assert lent_demand(150_000.0, 17_000.0) == pytest.approx(17_000.0 * LENT_MARGIN)
+
+
+def test_lent_demand_counts_rate_since_held() -> None:
+    # The demand still includes the faster seconds before the source dropped.
+    assert lent_demand(150_000.0, 16_000.0, 17_000.0) == pytest.approx(
+        17_000.0 * LENT_MARGIN
+    )
+
+
+def test_lent_demand_last_second_above_held() -> None:
+    assert lent_demand(150_000.0, 30_000.0, 17_000.0) == pytest.approx(
+        30_000.0 * LENT_MARGIN
+    )
+
+
 def test_lent_demand_never_above_demand() -> None:
     assert lent_demand(60_000.0, 90_000.0) == 60_000.0
 
