@@ -28,6 +28,8 @@ from typing import TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from vodq.bandwidth import (
+    HEADROOM,
+    LENT_MARGIN,
     SpareTokens,
     TokenBucket,
     demand_of,
@@ -179,6 +181,10 @@ class RunningDownload:
     # The time of the last sample (time.monotonic()) when the download was
     # found held back by its source; None while it is not.
     held_at: float | None = None
+    # The pool's share before the cap that bounds a held-back download to
+    # what the other workers count (``Scheduler._rates``), in bytes per
+    # second; None while it is not capped.
+    uncapped: float | None = None
 
     def measured_rate(self) -> float | None:
         """Return the bytes per second received under the current limit, if known."""
@@ -243,12 +249,21 @@ class RunningDownload:
                 quick = self._far_below()
                 if quick is not None:
                     measured = quick * FAR_BELOW_MARGIN
-            held_back = demand_of(self.bucket.rate, measured) is not None
+            held_back = demand_of(self.pool_limit(), measured) is not None
             if held_back and longer is not None and measured is not None:
                 measured = max(measured, longer)
         if measured is None:
             return self.demand
-        return demand_of(self.bucket.rate, measured)
+        return demand_of(self.pool_limit(), measured)
+
+    def pool_limit(self) -> float | None:
+        """Return the limit the pool gives the download, before any cap (B/s).
+
+        A capped download reads at its cap when its source comes back. Measured
+        against the cap, it would count as saturated and take its equal share
+        at once, before the other workers give it back.
+        """
+        return self.bucket.rate if self.uncapped is None else self.uncapped
 
     def update_demand(self) -> None:
         """Measure ``demand`` anew, and note when the download became held back."""
@@ -1043,7 +1058,8 @@ class Scheduler:
         sends less than its limit keeps half as much again as it receives,
         and the others, on any worker, share the rest equally. Where no
         download on its worker borrows that headroom, the other workers
-        count it at 5% more than it receives, and take the rest.
+        count it at 5% more than it receives, and take the rest, and its
+        own limit is capped near that count.
         """
         settings = self.settings
         per_download = settings.download_rate_limit
@@ -1074,9 +1090,25 @@ class Scheduler:
                 for demand in demands
             ]
         shares = fair_shares(total, demands)[: len(running)]
-        if per_download is None:
-            return list(shares)
-        return [min(share, per_download) for share in shares]
+        rates: list[float | None] = [
+            share if per_download is None else min(share, per_download)
+            for share in shares
+        ]
+        for index, entry in enumerate(running):
+            entry.uncapped = None
+            if borrower or entry.published is None or entry.demand is None:
+                continue
+            # The other workers count it at ``published``. Its own limit stays
+            # within HEADROOM over LENT_MARGIN of that, the ratio it had when
+            # they counted its longer span. Uncapped, a source back at full
+            # speed after a drop read its whole share at once, and the pool
+            # ran up to 18% over until the other workers gave it back.
+            cap = entry.published * HEADROOM / LENT_MARGIN
+            rate = rates[index]
+            if rate is not None and cap < rate:
+                entry.uncapped = rate
+                rates[index] = cap
+        return rates
 
     def _has_borrower(self, running: list[RunningDownload]) -> bool:
         """Return whether a download here can borrow what its neighbours leave.

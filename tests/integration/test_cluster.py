@@ -9,8 +9,9 @@ import pytest
 from conftest import ServiceFactory, one_held_back, wait_for, wait_for_state
 from mediaserver import MediaServer
 from vodq import runtime, scheduler
-from vodq.bandwidth import HEADROOM
+from vodq.bandwidth import HEADROOM, LENT_MARGIN
 from vodq.models import VodState
+from vodq.scheduler import MIN_RATE_CHANGE
 from vodq.service import NewVod, Service
 
 pytestmark = pytest.mark.postgres
@@ -228,21 +229,26 @@ def test_pool_counts_drop_since_found(
     wait_for(lambda: entry.progress.bytes_done > 450 * KIB, timeout_s=10)
 
     media_server.set_rate(drop_url, 15 * KIB)
-    lent: list[tuple[float, float]] = []
+    lent: list[tuple[float, float, float]] = []
 
     def counted_low() -> bool:
-        published, limit = entry.published, entry.bucket.rate
-        if published is None or limit is None or published > 32 * KIB:
+        published, demand, limit = entry.published, entry.demand, entry.bucket.rate
+        if published is None or demand is None or limit is None:
             return False
-        lent.append((published, limit))
+        if published > 32 * KIB:
+            return False
+        lent.append((published, demand, limit))
         return True
 
     wait_for(counted_low, timeout_s=20)
-    published, limit = lent[0]
+    published, demand, limit = lent[0]
 
-    # Its own limit still follows the seconds before the drop, but the other
-    # worker counts only what arrived since it was found held back.
-    assert published < limit / HEADROOM
+    # Its own demand still follows the seconds before the drop, but the
+    # other worker counts only what arrived since it was found held back.
+    assert published < demand / HEADROOM
+    # Its limit stays within what it could always read above that count,
+    # give or take the change of up to 1% that a limit ignores.
+    assert limit <= published * HEADROOM / LENT_MARGIN * (1 + 2 * MIN_RATE_CHANGE)
     for vod_id in ("drop-slow", "drop-fast"):
         workers[0].cancel_vod(vod_id)
 

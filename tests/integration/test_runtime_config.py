@@ -574,6 +574,18 @@ def test_held_rate_cleared_at_full_share(tmp_path: Path) -> None:
     assert entry.held_at is None
 
 
+def test_capped_demand_against_pool_limit(tmp_path: Path) -> None:
+    # Capped at 24 KiB/s below its pool limit of 150 KiB/s, it reads at the
+    # cap once its source comes back: still held back, not saturated.
+    entry = _limited(tmp_path, 24 * KIB)
+    entry.uncapped = 150 * KIB
+    entry.demand = 150 * KIB
+    for second in range(4):
+        entry.recent.append((float(second), second * 24 * KIB))
+
+    assert entry.next_demand() == pytest.approx(1.5 * 24 * KIB)
+
+
 def test_limit_raise_keeps_samples_of_slow_source(tmp_path: Path) -> None:
     # 8 KiB/s under a limit of 100 KiB/s: held back by its source.
     entry = _limited(tmp_path, 100 * KIB)
