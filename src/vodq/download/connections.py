@@ -319,9 +319,6 @@ def resize_receive_buffer(
         target = window + granule
         value = max(target, min(-(-needed // 2), MAX_RECEIVE_BUFFER_BYTES))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, value)
-        # Autotuning raises the clamp with the buffer until SO_RCVBUF is set,
-        # so a read between the two calls could undo the first clamp.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, 2 * window)
     except (OSError, ValueError):
         # A closed socket: nothing is left to resize.
         return True
