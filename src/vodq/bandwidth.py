@@ -332,9 +332,9 @@ def lent_demand(
     ``demand`` is the download's own (``demand_of``), ``last_second`` what
     it received over about the last second and ``held`` since it was found
     held back by its source (None: not yet known), all in bytes per second.
-    The download keeps its own demand as its limit, so that a source that
-    speeds up can show it. The other workers take that headroom, all but
-    LENT_MARGIN of what the download receives.
+    The download's own limit stays up to HEADROOM over LENT_MARGIN above
+    this count (``Scheduler._rates``), so that a source that speeds up can
+    show it. The other workers take the rest of its demand.
     """
     if demand is None:
         return None

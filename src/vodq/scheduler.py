@@ -1058,8 +1058,8 @@ class Scheduler:
         sends less than its limit keeps half as much again as it receives,
         and the others, on any worker, share the rest equally. Where no
         download on its worker borrows that headroom, the other workers
-        count it at 5% more than it receives, and take the rest, and its
-        own limit is capped near that count.
+        count it at 5% more than it receives and take the rest. Its own
+        limit is then capped near that count.
         """
         settings = self.settings
         per_download = settings.download_rate_limit
