@@ -355,14 +355,35 @@ def test_pool_lends_unused_share_to_busy_download(
     except AssertionError:
         raise AssertionError(f"limits in force: {rates(service)}") from None
     busy = next(e for e in scheduler.running() if e.vod.vod_id == "lend1")
-    limit = busy.bucket.rate or 0.0
 
-    started, before = time.monotonic(), busy.progress.bytes_done
-    time.sleep(3.0)
-    received = busy.progress.bytes_done - before
-    rate = received / (time.monotonic() - started)
+    # Alone, a bucket exceeds its limit over 3 s by at most its burst
+    # (BURST_S, about 8%), so a rate 12% over the limit was borrowed. Any 3 s
+    # span of the first 15 s counts, because on a loaded machine (a full run
+    # on 2 cores) a span now and then falls short of the limit itself.
+    samples: list[tuple[float, int, float | None]] = []
+    best = 0.0
 
-    assert rate > 1.12 * limit, f"{rate:.0f} B/s under a limit of {limit:.0f}"
+    def borrowed() -> bool:
+        nonlocal best
+        samples.append((time.monotonic(), busy.progress.bytes_done, busy.bucket.rate))
+        end_at, end_bytes, _ = samples[-1]
+        for index, (at, done, _) in enumerate(samples):
+            if end_at - at < 3.0:
+                break
+            limits = [rate for _, _, rate in samples[index:]]
+            if None in limits:
+                return False
+            limit = max(rate or 0.0 for rate in limits)
+            ratio = (end_bytes - done) / (end_at - at) / limit
+            best = max(best, ratio)
+            if ratio > 1.12:
+                return True
+        return False
+
+    try:
+        wait_for(borrowed, timeout_s=15, interval_s=0.25)
+    except AssertionError:
+        raise AssertionError(f"at most {best:.2f} times the limit") from None
     for index in range(2):
         service.cancel_vod(f"lend{index}")
 

@@ -282,6 +282,12 @@ def resize_receive_buffer(
     it, or the queue would grow by a window at each. Only on Linux, whose
     SO_MEMINFO gives the queue's memory; elsewhere nothing changes.
 
+    Linux (6.18 here) resets the clamp to what the buffer holds when an
+    arriving packet changes the connection's ratio of payload to memory, as
+    the first data packets after a response's header do. So the reads call
+    this again until the buffer has its size, which then bounds the window
+    about as the clamp did.
+
     NOTE: the kernel caps the value at net.core.rmem_max, and a resized
     connection loses autotuning for good. After a cut and a later raise, a
     path with a long round trip may carry less than the new limit. On
