@@ -5,9 +5,9 @@ HTTP file and an HLS stream) and each mode: one download under
 DOWNLOAD_RATE_LIMIT ("per"), three sharing DOWNLOAD_TOTAL_RATE_LIMIT
 ("pool"), and, over HTTP, three sharing it while the first one's source
 sends only a tenth of its equal part ("slow"), or sends as fast as its
-share allows and drops to a tenth of it after 5 s ("drop"). In each case
-one ``vodq
-serve`` downloads, the pooled modes also run on a cluster of one ``vodq
+share allows and drops to a tenth of it after 5 s ("drop", back at full
+speed after ``--drop-seconds``). In each case one ``vodq serve``
+downloads, the pooled modes also run on a cluster of one ``vodq
 api`` and two ``vodq worker`` on PostgreSQL ("vodq cluster"), and then the
 yt-dlp command line downloads the same files with ``--limit-rate``. The
 command line has no pooled limit, so the pooled modes run three processes
@@ -121,6 +121,9 @@ class Options:
     per_worker: int = 2
     # --pause-seconds: how long every source pauses in the pause cases.
     pause_s: float = 3.0
+    # --drop-seconds: how long the drop of the "drop" mode lasts before the
+    # source sends at full speed again, or None for the rest of the run.
+    drop_s: float | None = None
 
 
 # Files are this many times longer than the measurement needs at the
@@ -252,7 +255,7 @@ def urls_for(
                 )
         if drop_first:
             change = (DROP_AFTER_S, per_stream_bps * SLOW_SHARE)
-            urls[0] = server.gen_url(names[0], size, change=change)
+            urls[0] = server.gen_url(names[0], size, change=change, back=Options.drop_s)
         return urls
     segment = segment_bytes(per_stream_bps * len(names))
     segments = max(4, -(-size // segment))
@@ -1001,6 +1004,13 @@ def main() -> int:
         help="seconds between a slow source's bursts, such as 2 (default: even)",
     )
     parser.add_argument(
+        "--drop-seconds",
+        type=float,
+        default=None,
+        help='seconds until the source of the "drop" mode sends at full speed '
+        "again, such as 3 (default: never)",
+    )
+    parser.add_argument(
         "--per-worker",
         type=int,
         default=Options.per_worker,
@@ -1065,6 +1075,7 @@ def main() -> int:
     Options.slow_share = args.slow_share
     Options.burst_s = args.burst
     Options.per_worker = args.per_worker
+    Options.drop_s = args.drop_seconds
     Options.pause_s = args.pause_seconds
     if args.quick:
         args.windows = 1

@@ -171,8 +171,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             change = None
             if "after" in query and "then" in query:
                 change = (float(query["after"][0]), float(query["then"][0]))
+            back = float(query["back"][0]) if "back" in query else None
             burst = float(query["burst"][0]) if "burst" in query else None
-            self._send_generated(record, int(match.group(1)), head, rate, change, burst)
+            self._send_generated(
+                record, int(match.group(1)), head, rate, change, burst, back
+            )
         elif match := _HLS.fullmatch(path):
             seg_bytes, count = int(match.group(1)), int(match.group(2))
             if match.group(5) is None:
@@ -248,7 +251,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rate: float | None,
         change: tuple[float, float] | None = None,
         burst: float | None = None,
+        back: float | None = None,
     ) -> None:
+        """Send a generated body at ``rate`` bytes/s (None: at once).
+
+        ``change`` is (after, then): from ``after`` seconds on, ``then``
+        bytes/s. ``back``: that many seconds after the change, at once again.
+        """
         span = self._range(record, size)
         if span is None or head:
             return
@@ -274,6 +283,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 # From here on at the new rate, counted from this moment.
                 rate, change = change[1], None
                 started, sent = time.monotonic(), 0
+            elif (
+                change is None
+                and back is not None
+                and time.monotonic() - started >= back
+            ):
+                rate, back = None, None
             if rate is not None:
                 due = sent / rate
                 if burst is not None:
@@ -372,13 +387,17 @@ class BenchServer:
         rate: float | None = None,
         change: tuple[float, float] | None = None,
         burst: float | None = None,
+        back: float | None = None,
     ) -> str:
-        """Return the URL of a generated file; ``change`` is (after, then)."""
+        """Return the URL of a generated file; ``change`` is (after, then) and
+        ``back`` the seconds after the change until the full speed returns."""
         params = {} if rate is None else {"rate": f"{rate:.0f}"}
         if burst is not None:
             params["burst"] = f"{burst:g}"
         if change is not None:
             params.update(after=f"{change[0]:g}", then=f"{change[1]:.0f}")
+            if back is not None:
+                params["back"] = f"{back:g}"
         query = f"?{urlencode(params)}" if params else ""
         return f"{self.base_url}/gen/{size}/{name}.mp4{query}"
 

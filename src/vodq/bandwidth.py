@@ -298,14 +298,14 @@ SATURATED_SHARE = 0.9
 HEADROOM = 1.5
 # A download held back by its source, on a worker where no download borrows
 # its headroom, is counted by the other workers at this multiple of what it
-# received since it was found held back or over its last second, whichever
-# is more (the last second alone until 0.9 s since then is in).
+# received over its last 2 s since it was found held back (its last second
+# until 0.9 s since then is in).
 # The 5% covers an even source's rate that reads low. At 10%, a source at
 # 60% of its share left a pool of two 3% short. A source that speeds up
-# shows in its last second at the next tick (0.5 s), and the other workers
+# shows in that rate from the next tick (0.5 s) on, and the other workers
 # count more at their next tick.
 # NOTE: until then such a download can read up to its own limit, so the
-# pool can run over by that headroom for about a second.
+# pool can run over by that headroom for a second or two.
 LENT_MARGIN = 1.05
 # Smallest limit the pool gives a download held back by its source, in bytes
 # per second.
@@ -330,8 +330,9 @@ def lent_demand(
     """Return the demand other workers count for a download no neighbour borrows from.
 
     ``demand`` is the download's own (``demand_of``), ``last_second`` what
-    it received over about the last second and ``held`` since it was found
-    held back by its source (None: not yet known), all in bytes per second.
+    it received over about the last second and ``held`` over its last 2 s
+    since it was found held back by its source (None: not yet known), all
+    in bytes per second.
     The download's own limit stays up to HEADROOM over LENT_MARGIN above
     this count (``Scheduler._rates``), so that a source that speeds up can
     show it. The other workers take the rest of its demand.
@@ -340,9 +341,10 @@ def lent_demand(
         return None
     # The demand follows a span of 8 s or more, which after a drop still
     # includes the faster seconds before it. What arrived since the download
-    # was found held back is all after the drop.
+    # was found held back is all after the drop. The last second alone
+    # varies with the bursts it happens to hold.
     if held is not None:
-        received = max(held, last_second or 0.0)
+        received = held
     elif last_second is not None:
         # Just found held back: its last second is after the drop too.
         received = last_second

@@ -87,6 +87,12 @@ RECENT_SAMPLES = 17
 # Shortest span over which a download held back by its source must fill
 # SATURATED_SHARE of its limit to get an equal share again, in seconds.
 SATURATED_SPAN_S = 2.5
+# Span of the rate that other workers count for a download held back by its
+# source (``RunningDownload.held_rate``), in seconds. Over its last second,
+# a source at 60% of its share (307K) that sends one burst a second read
+# 205K to 435K. Counted at the higher readings, it left the pool 6.4% short.
+# A longer span follows a source that speeds up more slowly.
+LENT_SPAN_S = 2.0
 # A download that received less than FAR_BELOW_SHARE of its limit over at
 # least FAR_BELOW_SPAN_S seconds counts as held back before MIN_RATE_SPAN_S
 # of samples are in, and a raise keeps its samples. Without this, three slow
@@ -275,8 +281,9 @@ class RunningDownload:
         self.demand = demand
 
     def held_rate(self) -> float | None:
-        """Return the bytes per second received since the download was found
-        held back, over MIN_RATE_SPAN_S or more; None before that.
+        """Return the bytes per second received over the last LENT_SPAN_S
+        since the download was found held back (all of that time while it
+        is shorter), over MIN_RATE_SPAN_S or more; None before that.
 
         The demand follows the longer span, so after a source drops it keeps
         the faster seconds before the drop for several seconds. Other workers
@@ -285,8 +292,16 @@ class RunningDownload:
         if self.held_at is None:
             return None
         held_at = self.held_at
-        since = deque(sample for sample in list(self.recent) if sample[0] >= held_at)
-        return _rate_over(since, MIN_RATE_SPAN_S)
+        since = [sample for sample in list(self.recent) if sample[0] >= held_at]
+        if not since:
+            return None
+        last_at = since[-1][0]
+        start = 0
+        for index, (at, _) in enumerate(since):
+            if last_at - at < LENT_SPAN_S:
+                break
+            start = index
+        return _rate_over(deque(since[start:]), MIN_RATE_SPAN_S)
 
     def limit_to(self, rate: float | None) -> None:
         """Set the download's limit and start measuring it afresh.

@@ -572,6 +572,32 @@ def test_held_rate_after_drop(tmp_path: Path) -> None:
     assert entry.held_rate() == pytest.approx(16 * KIB)
 
 
+def test_held_rate_over_last_two_seconds(tmp_path: Path) -> None:
+    # 16 KiB/s for 2 s after the drop, then 64 KiB/s for 2 s.
+    entry = _dropped(tmp_path)
+    entry.update_demand()
+    for at, done in [(8.0, 992), (9.0, 1008), (10.0, 1072), (11.0, 1136)]:
+        entry.recent.append((at, done * KIB))
+
+    entry.update_demand()
+
+    assert entry.held_rate() == pytest.approx(64 * KIB)
+
+
+def test_held_rate_bursts_over_last_two_seconds(tmp_path: Path) -> None:
+    # A burst of 32 KiB every second, sampled 0.1 s and 0.9 s after each.
+    entry = _dropped(tmp_path)
+    entry.update_demand()
+    for second in range(8, 12):
+        done = 976 + (second - 7) * 32
+        entry.recent.append((second + 0.1, done * KIB))
+        entry.recent.append((second + 0.9, done * KIB))
+
+    entry.update_demand()
+
+    assert entry.held_rate() == pytest.approx(32 * KIB)
+
+
 def test_demand_after_drop_follows_longer_span(tmp_path: Path) -> None:
     # Its own limit keeps the seconds before the drop, against flapping.
     entry = _dropped(tmp_path)
