@@ -484,16 +484,21 @@ def test_resize_receive_buffer_reports_size_reached(
 
 
 def read_plain(
-    media_server: MediaServer, name: str, rate: float
+    media_server: MediaServer,
+    name: str,
+    rate: float,
+    source_rate: float = 2048 * KIB,
+    size: int = 1024 * KIB,
 ) -> tuple[bytes, bytes, int, int, int, int]:
-    """Read a 1 MiB file sent at 2 MiB/s, limited to ``rate`` bytes/s.
+    """Read a file of ``size`` bytes sent at ``source_rate`` bytes/s, limited
+    to ``rate`` bytes/s.
 
     Return the body, the bytes read, the receive buffer after the first
     read and before the last block, the bytes charged, and the unit of the
     connection's windows.
     """
-    body = random.Random(name).randbytes(1024 * KIB)
-    url = media_server.add_file(name, body, rate=2048 * KIB)
+    body = random.Random(name).randbytes(size)
+    url = media_server.add_file(name, body, rate=source_rate)
     bucket, watch = recording_watch(rate)
     with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
         response = ydl.urlopen(url)
@@ -542,6 +547,62 @@ def test_plain_connection_below_band_keeps_buffer(media_server: MediaServer) -> 
     assert end >= first
 
 
+def recorded_resizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the buffer size of every resize_receive_buffer call from now on."""
+    resized: list[int] = []
+    real_resize = ytdlp.resize_receive_buffer
+
+    def recording_resize(
+        sock: socket.socket | None, size: int, room: int = 0, grow: bool = False
+    ) -> bool:
+        resized.append(size)
+        return real_resize(sock, size, room, grow)
+
+    monkeypatch.setattr(ytdlp, "resize_receive_buffer", recording_resize)
+    return resized
+
+
+def test_plain_connection_held_by_source_sized_to_rate(
+    media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 2 s of a source at a quarter of the limit: its reads wait for it, so
+    # the buffer is sized before the source could speed up.
+    resized = recorded_resizes(monkeypatch)
+    read_plain(
+        media_server, "held.mp4", 1024 * KIB, source_rate=256 * KIB, size=512 * KIB
+    )
+    assert resized
+    assert set(resized) == {receive_buffer_for(1024 * KIB, 1)}
+
+
+def test_plain_connection_held_to_rate_not_resized(
+    media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A source four times as fast as the limit, for 2 s: the reads wait for
+    # tokens, not for the source.
+    body = random.Random(12).randbytes(1024 * KIB)
+    url = media_server.add_file("fast.mp4", body, rate=2048 * KIB)
+    watch = _Watch(track_validators=False, bucket=TokenBucket(512 * KIB))
+    resized = recorded_resizes(monkeypatch)
+    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            read = b"".join(iter(lambda: response.read(16 * KIB), b""))
+        finally:
+            response.close()
+    assert read == body
+    assert resized == []
+
+
+def test_plain_connection_held_by_source_reads_body(
+    media_server: MediaServer,
+) -> None:
+    body, read, _, _, _, _ = read_plain(
+        media_server, "held-body.mp4", 1024 * KIB, source_rate=256 * KIB, size=512 * KIB
+    )
+    assert read == body
+
+
 @contextlib.contextmanager
 def open_response(
     watch: _Watch, url: str, connect_size: int | None
@@ -578,16 +639,7 @@ def open_fragment(
     url = media_server.add_file(name, random.Random(name).randbytes(256 * KIB))
     _, watch = recording_watch(rate)
     watch.fragmented = True
-    resized: list[int] = []
-    real_resize = ytdlp.resize_receive_buffer
-
-    def recording_resize(
-        sock: socket.socket | None, size: int, room: int = 0, grow: bool = False
-    ) -> bool:
-        resized.append(size)
-        return real_resize(sock, size, room, grow)
-
-    monkeypatch.setattr(ytdlp, "resize_receive_buffer", recording_resize)
+    resized = recorded_resizes(monkeypatch)
     with open_response(watch, url, connect_size) as (_, sock):
         size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     return resized, size
