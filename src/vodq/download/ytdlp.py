@@ -467,10 +467,10 @@ class _MeteredRead:
         # buffer is sized to the rate (``follow_rate``).
         self._stalled = False
         # When (time.monotonic()) the current span of a plain connection
-        # under a limit began, and the seconds its reads waited for the
-        # source in it. Once found held back by its source, the connection
-        # gets a buffer sized to the rate.
-        self._watched_from = time.monotonic()
+        # under a limit began, from its first bytes on, and the seconds its
+        # reads waited for the source in it. Once found held back by its
+        # source, the connection gets a buffer sized to the rate.
+        self._watched_from: float | None = None
         self._waited_s = 0.0
         self._source_held = False
         # Until this time.monotonic(), after a stall of a fragment, the
@@ -574,8 +574,13 @@ class _MeteredRead:
         SOURCE_HELD_SHARE of SOURCE_HELD_S."""
         if self._watch.fragmented or self._source_held:
             return
-        self._waited_s += waited
         now = time.monotonic()
+        if self._watched_from is None:
+            # The first read waits for the response's first bytes, which a
+            # fast source may send late.
+            self._watched_from = now
+            return
+        self._waited_s += waited
         span = now - self._watched_from
         if span < SOURCE_HELD_S:
             return
