@@ -16,3 +16,15 @@ class RecordingBucket(TokenBucket):
 
     def consume(self, nbytes: int, cancelled: threading.Event | None = None) -> None:
         self.charges.append(nbytes)
+
+
+class CountingBucket(TokenBucket):
+    """A bucket that records each charge, in bytes, and waits as usual."""
+
+    def __init__(self, rate: float | None) -> None:
+        super().__init__(rate)
+        self.charges: list[int] = []
+
+    def consume(self, nbytes: int, cancelled: threading.Event | None = None) -> None:
+        self.charges.append(nbytes)
+        super().consume(nbytes, cancelled)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from buckets import RecordingBucket
+from buckets import CountingBucket, RecordingBucket
 from mediaserver import MediaServer
 from vodq.bandwidth import TokenBucket
 from vodq.download import DownloadJob, connections, ytdlp
@@ -592,6 +592,29 @@ def test_plain_connection_held_to_rate_not_resized(
             response.close()
     assert read == body
     assert resized == []
+
+
+def test_plain_connection_held_by_source_charges_speedup(
+    media_server: MediaServer,
+) -> None:
+    # 1.5 s at a quarter of the limit, then as fast as the server sends: the
+    # sized buffer fills at once, and part of that growth is charged.
+    body = random.Random(13).randbytes(1024 * KIB)
+    url = media_server.add_file("speedup.mp4", body, rate=128 * KIB)
+    bucket = CountingBucket(512 * KIB)
+    watch = _Watch(track_validators=False, bucket=bucket)
+    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            read = response.read(16 * KIB)
+            while len(read) < 192 * KIB:
+                read += response.read(16 * KIB)
+            media_server.set_rate(url, None)
+            read += b"".join(iter(lambda: response.read(16 * KIB), b""))
+        finally:
+            response.close()
+    assert read == body
+    assert sum(bucket.charges) > len(body) + 16 * KIB
 
 
 def test_plain_connection_held_by_source_reads_body(

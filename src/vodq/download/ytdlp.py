@@ -514,7 +514,7 @@ class _MeteredRead:
             self._stall(waited)
         if data and read_rate is not None and self._queued_at_cut is None:
             self._note_wait(waited)
-        if data and time.monotonic() < self._refill_until:
+        if data and (self._source_held or time.monotonic() < self._refill_until):
             charge += self._refill()
         if charge:
             self._watch.charge(charge, read_rate)
@@ -585,7 +585,12 @@ class _MeteredRead:
         if span < SOURCE_HELD_S:
             return
         if self._waited_s >= SOURCE_HELD_SHARE * span:
+            # From now on part of the queue's growth past its highest level
+            # is charged as it arrives, as after a stall. The sized buffer
+            # still fills at once when the source turns fast, and it grows
+            # with a raise of the limit.
             self._source_held = True
+            self._refilled = queued_bytes(self._sock)
         self._watched_from = now
         self._waited_s = 0.0
 
