@@ -18,13 +18,9 @@ class RecordingBucket(TokenBucket):
         self.charges.append(nbytes)
 
 
-class CountingBucket(TokenBucket):
+class CountingBucket(RecordingBucket):
     """A bucket that records each charge, in bytes, and waits as usual."""
 
-    def __init__(self, rate: float | None) -> None:
-        super().__init__(rate)
-        self.charges: list[int] = []
-
     def consume(self, nbytes: int, cancelled: threading.Event | None = None) -> None:
-        self.charges.append(nbytes)
         super().consume(nbytes, cancelled)
+        TokenBucket.consume(self, nbytes, cancelled)
