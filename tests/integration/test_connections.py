@@ -668,10 +668,10 @@ def open_fragment(
     return resized, size
 
 
-# The window clamp itself is not read back here: Linux (6.18 here) resets it
+# The window clamp itself is not read back here. Linux (6.18 here) resets it
 # to what the buffer holds when an arriving packet changes the connection's
-# ratio of payload to memory, as the first data packets after a response's
-# header do. The next read's resize sets it again (resize_receive_buffer).
+# ratio of payload to memory, as the first data packets after a header do.
+# The next read's resize sets it again (resize_receive_buffer).
 def test_fragment_opened_before_cut_resized_at_response(
     media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

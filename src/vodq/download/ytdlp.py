@@ -141,6 +141,9 @@ STALL_S = 0.5
 # grew from 128 KiB to 780 KiB the moment the source turned fast, and the
 # source filled it at once. A pool of two at 1M on a cluster then ran +20%
 # in the window that held the change.
+# NOTE: a reader starved of CPU waits as well, so a fast source can be taken
+# for a slow one. Its sized buffer then caps it on a round trip over about
+# 0.4 s.
 SOURCE_HELD_S = 1.0
 SOURCE_HELD_SHARE = 0.5
 # Seconds after such a stall in which a fragment connection is charged for
