@@ -358,8 +358,10 @@ def test_pool_lends_unused_share_to_busy_download(
 
     # Alone, a bucket exceeds its limit over 3 s by at most its burst
     # (BURST_S, about 8%), so a rate 12% over the limit was borrowed. Any 3 s
-    # span of the first 15 s counts, because on a loaded machine (a full run
+    # span of the first 25 s counts, because on a loaded machine (a full run
     # on 2 cores) a span now and then falls short of the limit itself.
+    # NOTE: one full run in seven still saw no span over 1.05, with no cause
+    # found yet. The limits in force are in the failure message.
     samples: list[tuple[float, int, float | None]] = []
     best = 0.0
 
@@ -381,9 +383,11 @@ def test_pool_lends_unused_share_to_busy_download(
         return False
 
     try:
-        wait_for(borrowed, timeout_s=15, interval_s=0.25)
+        wait_for(borrowed, timeout_s=25, interval_s=0.25)
     except AssertionError:
-        raise AssertionError(f"at most {best:.2f} times the limit") from None
+        raise AssertionError(
+            f"at most {best:.2f} times the limit; limits in force: {rates(service)}"
+        ) from None
     for index in range(2):
         service.cancel_vod(f"lend{index}")
 
