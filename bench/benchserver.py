@@ -256,7 +256,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Send a generated body at ``rate`` bytes/s (None: at once).
 
         ``change`` is (after, then): from ``after`` seconds on, ``then``
-        bytes/s. ``back``: that many seconds after the change, at once again.
+        bytes/s. ``back`` seconds after the change, the body goes out at once
+        again.
         """
         span = self._range(record, size)
         if span is None or head:

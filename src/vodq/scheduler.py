@@ -295,12 +295,16 @@ class RunningDownload:
         since = [sample for sample in list(self.recent) if sample[0] >= held_at]
         if not since:
             return None
+        # The latest sample at least LENT_SPAN_S before the last one.
         last_at = since[-1][0]
-        start = 0
-        for index, (at, _) in enumerate(since):
-            if last_at - at < LENT_SPAN_S:
-                break
-            start = index
+        start = max(
+            (
+                index
+                for index, (at, _) in enumerate(since)
+                if last_at - at >= LENT_SPAN_S
+            ),
+            default=0,
+        )
         return _rate_over(deque(since[start:]), MIN_RATE_SPAN_S)
 
     def limit_to(self, rate: float | None) -> None:
