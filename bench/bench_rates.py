@@ -6,7 +6,9 @@ DOWNLOAD_RATE_LIMIT ("per"), three sharing DOWNLOAD_TOTAL_RATE_LIMIT
 ("pool"), and, over HTTP, three sharing it while the first one's source
 sends only a tenth of its equal part ("slow"), or sends as fast as its
 share allows and drops to a tenth of it after 5 s ("drop", back at full
-speed after ``--drop-seconds``). In each case one ``vodq serve``
+speed after ``--drop-seconds``), or sends ``--slow-share`` of its part and
+turns as fast as the server sends after 7 s ("rise"; "per-rise" for one
+download under DOWNLOAD_RATE_LIMIT). In each case one ``vodq serve``
 downloads, the pooled modes also run on a cluster of one ``vodq
 api`` and two ``vodq worker`` on PostgreSQL ("vodq cluster"), and then the
 yt-dlp command line downloads the same files with ``--limit-rate``. The
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import math
 import subprocess
 import sys
 import time
@@ -68,6 +71,9 @@ from common import (
 RATES = {"500K": 500 * K, "2M": 2 * M, "10M": 10 * M}
 SKIP_S = 2.0
 WINDOW_S = 5.0
+# Step, in seconds, between the starts of sliding windows: those measured
+# from a resume, and those whose extremes every rate case reports.
+SLIDE_S = 0.05
 POOL_DOWNLOADS = 3
 # In the "slow" mode, the first pooled download's source sends this share of
 # its equal part of the pool, so the pool must move the rest to the others.
@@ -76,6 +82,14 @@ SLOW_SHARE = 0.1
 # of its equal part this many seconds after its request: 3 s into the first
 # window, so that the second window starts 2 s after the drop.
 DROP_AFTER_S = 5.0
+# In the "rise" modes, the first download's source turns as fast as the
+# server sends this many seconds after its request: the second window
+# starts then and contains the first 5 s at the new speed.
+RISE_AFTER_S = 7.0
+# Modes of one download under DOWNLOAD_RATE_LIMIT; the others share the pool.
+SINGLE_MODES = frozenset({"per", "per-rise"})
+# Modes whose first source changes its speed, run over HTTP only.
+SOURCE_MODES = frozenset({"slow", "drop", "rise", "per-rise"})
 # HLS fragments fetched at once, by vodq and by the command line alike.
 HLS_FRAGMENTS = 4
 # HLS segments are 2 MiB by default, 2 s of an 8 Mbit/s stream, so that each
@@ -211,6 +225,13 @@ def window_stats(
         "window_dev_pct": [round(d, 2) for d in deviations],
         "first_2s_dev_pct": round((startup - target) / target * 100, 2),
     }
+    sliding = [
+        (rate - target) / target * 100
+        for rate in sliding_rates(samples, start, full_end)
+    ]
+    if sliding:
+        result["sliding_max_pct"] = round(max(sliding), 2)
+        result["sliding_min_pct"] = round(min(sliding), 2)
     if deviations:
         result["mean_dev_pct"] = round(sum(deviations) / len(deviations), 2)
         result["worst_dev_pct"] = round(max(deviations, key=abs), 2)
@@ -222,6 +243,22 @@ def window_stats(
         result["worst_dev_pct"] = result["mean_dev_pct"]
         result["note"] = f"finished {span:.1f}s after the start, before one window"
     return result
+
+
+def sliding_rates(
+    samples: list[tuple[float, int]], start: float, end: float
+) -> list[float]:
+    """Return the bytes per second of every WINDOW_S window in [start, end)
+    that starts a multiple of SLIDE_S after ``start``."""
+    count = int((end - start - WINDOW_S) / SLIDE_S + 1e-9) + 1
+    totals = [0] * max(0, count)
+    for t, n in samples:
+        # The windows [start + i * SLIDE_S, ... + WINDOW_S) that hold t.
+        last = min(count - 1, int((t - start) / SLIDE_S))
+        first = max(0, math.ceil((t - start - WINDOW_S) / SLIDE_S + 1e-9))
+        for index in range(first, last + 1):
+            totals[index] += n
+    return [total / WINDOW_S for total in totals]
 
 
 def run_plan(
@@ -240,20 +277,24 @@ def urls_for(
     kind: str,
     per_stream_bps: float,
     windows: int,
-    slow_first: bool = False,
-    drop_first: bool = False,
+    mode: str = "pool",
 ) -> list[str]:
     seconds = SKIP_S + windows * WINDOW_S + 5
     size = int(per_stream_bps * seconds * SIZE_FACTOR)
     if kind == "http":
         urls = [server.gen_url(name, size) for name in names]
-        if slow_first:
+        if mode in ("rise", "per-rise"):
+            # As fast as the server sends after the rise.
+            change = (RISE_AFTER_S, 1e12)
+            slow_rate = per_stream_bps * Options.slow_share
+            urls[0] = server.gen_url(names[0], size, rate=slow_rate, change=change)
+        if mode == "slow":
             slow_rate = per_stream_bps * Options.slow_share
             for index in range(min(Options.slow_sources, len(names))):
                 urls[index] = server.gen_url(
                     names[index], size, rate=slow_rate, burst=Options.burst_s
                 )
-        if drop_first:
+        if mode == "drop":
             change = (DROP_AFTER_S, per_stream_bps * SLOW_SHARE)
             urls[0] = server.gen_url(names[0], size, change=change, back=Options.drop_s)
         return urls
@@ -287,14 +328,12 @@ def run_vodq(
     variant: str | None = None,
     layout: str = "serve",
 ) -> dict[str, Any]:
-    count = 1 if mode == "per" else Options.pool_downloads
+    count = 1 if mode in SINGLE_MODES else Options.pool_downloads
     names = [f"{tag}-{i}" for i in range(count)]
-    urls = urls_for(
-        server, names, kind, rate / count, windows, mode == "slow", mode == "drop"
-    )
+    urls = urls_for(server, names, kind, rate / count, windows, mode)
     limit = (
         {"DOWNLOAD_RATE_LIMIT": str(rate)}
-        if mode == "per"
+        if mode in SINGLE_MODES
         else {"DOWNLOAD_TOTAL_RATE_LIMIT": str(rate)}
     )
     with (
@@ -334,12 +373,10 @@ def cli_command(name: str, url: str, limit: int, kind: str, work: Path) -> list[
 def run_cli(
     server: BenchServer, tag: str, rate: int, kind: str, mode: str, windows: int
 ) -> dict[str, Any]:
-    count = 1 if mode == "per" else Options.pool_downloads
+    count = 1 if mode in SINGLE_MODES else Options.pool_downloads
     names = [f"{tag}-{i}" for i in range(count)]
     per_process = rate // count
-    urls = urls_for(
-        server, names, kind, per_process, windows, mode == "slow", mode == "drop"
-    )
+    urls = urls_for(server, names, kind, per_process, windows, mode)
     with workdir("rates-cli") as work:
         procs = []
         log = (work / "yt-dlp.log").open("ab")
@@ -374,10 +411,10 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
             for label in rates:
                 for kind in args.kinds.split(","):
                     for mode in args.modes.split(","):
-                        if mode in ("slow", "drop") and kind != "http":
+                        if mode in SOURCE_MODES and kind != "http":
                             continue
                         for client in clients:
-                            if client == "vodq cluster" and mode == "per":
+                            if client == "vodq cluster" and mode in SINGLE_MODES:
                                 # One download has no pool to share.
                                 continue
                             index += 1
@@ -407,6 +444,8 @@ def rate_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                                 f"mean {result['mean_dev_pct']:+6.2f}% "
                                 f"worst {result['worst_dev_pct']:+6.2f}% "
                                 f"windows {result['window_dev_pct']} "
+                                f"sliding {result.get('sliding_min_pct')}% to "
+                                f"{result.get('sliding_max_pct')}% "
                                 f"load {watch.after}",
                                 flush=True,
                             )
@@ -792,9 +831,6 @@ def cut_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 # Options.pause_s), and how long the transfer is followed after it.
 PAUSE_AT_S = 9.0
 AFTER_PAUSE_S = 10.5
-# Step, in seconds, between the starts of the sliding windows measured from
-# the resume.
-SLIDE_S = 0.05
 
 
 def pause_case(
@@ -948,7 +984,8 @@ def main() -> int:
     parser.add_argument(
         "--modes",
         default="per,pool,slow",
-        help="modes: per, pool, slow and drop (the last two HTTP only)",
+        help="modes: per, pool, slow, drop, rise and per-rise (the last four "
+        "HTTP only)",
     )
     parser.add_argument(
         "--variant",
@@ -995,7 +1032,8 @@ def main() -> int:
         "--slow-share",
         type=float,
         default=SLOW_SHARE,
-        help="the share of its equal part that a slow source sends, such as 0.6",
+        help="the share of its equal part that a slow or rising source sends, "
+        "such as 0.6",
     )
     parser.add_argument(
         "--burst",

@@ -120,6 +120,18 @@ class TokenBucket:
         if self.spare is not None:
             self.spare.forfeit()
 
+    def keep_at_most(self, seconds: float) -> None:
+        """Drop the stored tokens beyond ``seconds`` of the rate.
+
+        For a download held back by its source: its reads wait for bytes,
+        so the store fills to its burst and is never used until the source
+        turns fast, when it adds that burst at once.
+        """
+        with self._lock:
+            self._refill()
+            if self._rate is not None:
+                self._tokens = min(self._tokens, self._rate * seconds)
+
     def read_cost(self, nbytes: int, read_rate: float | None) -> int:
         """Return the bytes to charge for ``nbytes`` read while ``read_rate``
         was in force.

@@ -15,7 +15,7 @@ import pytest
 
 from buckets import CountingBucket, RecordingBucket
 from mediaserver import MediaServer
-from vodq.bandwidth import TokenBucket
+from vodq.bandwidth import SpareTokens, TokenBucket
 from vodq.download import DownloadJob, connections, ytdlp
 from vodq.download.connections import (
     MAX_RECEIVE_BUFFER_BYTES,
@@ -26,7 +26,13 @@ from vodq.download.connections import (
     socket_of,
 )
 from vodq.download.files import ArchiveLayout
-from vodq.download.ytdlp import STALL_S, YtDlpDownloader, _Watch, _WatchedYoutubeDL
+from vodq.download.ytdlp import (
+    HELD_BURST_S,
+    STALL_S,
+    YtDlpDownloader,
+    _Watch,
+    _WatchedYoutubeDL,
+)
 
 KIB = 1024
 
@@ -615,6 +621,46 @@ def test_plain_connection_held_by_source_charges_speedup(
             response.close()
     assert read == body
     assert sum(bucket.charges) > len(body) + 16 * KIB
+
+
+def read_held_then_charge(
+    media_server: MediaServer, name: str, bucket: TokenBucket
+) -> bool:
+    """Read 1.5 s of a source at a quarter of ``bucket``'s rate, then
+    return whether the bucket still held HELD_BURST_S and 0.05 s more."""
+    rate = bucket.rate
+    assert rate is not None
+    body = random.Random(name).randbytes(512 * KIB)
+    url = media_server.add_file(name, body, rate=rate / 4)
+    watch = _Watch(track_validators=False, bucket=bucket)
+    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            read = response.read(16 * KIB)
+            while len(read) < 384 * KIB:
+                read += response.read(16 * KIB)
+            return bucket.charge(int(rate * (HELD_BURST_S + 0.05)))
+        finally:
+            response.close()
+
+
+def test_plain_connection_held_by_source_keeps_small_burst(
+    media_server: MediaServer,
+) -> None:
+    # The bucket's store, full at BURST_S while the reads wait for the
+    # source, keeps HELD_BURST_S once the connection is found held back.
+    in_store = read_held_then_charge(media_server, "keep.mp4", TokenBucket(1024 * KIB))
+    assert in_store is False
+
+
+def test_pooled_connection_held_by_source_keeps_burst(
+    media_server: MediaServer,
+) -> None:
+    spare = SpareTokens()
+    spare.set_rate(1024 * KIB)
+    bucket = TokenBucket(1024 * KIB, spare=spare)
+    in_store = read_held_then_charge(media_server, "keep-pooled.mp4", bucket)
+    assert in_store is True
 
 
 def test_plain_connection_held_by_source_reads_body(

@@ -336,6 +336,35 @@ def test_forfeit_without_limit_changes_nothing() -> None:
     assert bucket.charge(10**9)
 
 
+def test_keep_at_most_drops_tokens_beyond() -> None:
+    # A full burst of 2500 bytes, of which 500 are kept.
+    bucket = TokenBucket(10_000)
+    time.sleep(BURST_S + 0.05)
+
+    bucket.keep_at_most(0.05)
+
+    assert not bucket.charge(1000)
+
+
+def test_keep_at_most_keeps_tokens_below() -> None:
+    bucket = TokenBucket(10_000)
+    time.sleep(0.1)
+
+    bucket.keep_at_most(BURST_S)
+
+    assert bucket.charge(500)
+
+
+def test_keep_at_most_keeps_debt() -> None:
+    bucket = TokenBucket(10_000)
+    bucket.charge(5000)
+
+    bucket.keep_at_most(0.05)
+    time.sleep(0.1)
+
+    assert not bucket.charge(0)
+
+
 def test_forfeit_drops_spare_store() -> None:
     busy, _idle = _pool(10_000, 2)
     assert busy.spare is not None
