@@ -50,7 +50,9 @@ _DISCONNECT_ERRORS = (
     TimeoutError,
 )
 
-FaultKind = Literal["passthrough", "status", "truncate", "reset", "stall", "delay"]
+FaultKind = Literal[
+    "passthrough", "status", "truncate", "reset", "stall", "delay", "whole"
+]
 
 
 @dataclass
@@ -127,6 +129,12 @@ class Fault:
         if n_bytes < 0:
             raise ValueError(f"invalid n_bytes {n_bytes}: expected >= 0")
         return cls("truncate", n_bytes=n_bytes)
+
+    @classmethod
+    def whole(cls) -> Fault:
+        """Send the whole body with status 200 whatever the Range header, as a
+        server without range support does."""
+        return cls("whole")
 
     @classmethod
     def reset(cls) -> Fault:
@@ -393,6 +401,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     ) -> None:
         size = len(resource.data)
         byte_range = _parse_range(record.range_header, size)
+        if fault is not None and fault.kind == "whole":
+            byte_range = _ByteRange(200, 0, size)
         if byte_range.status == 416:
             self._send_simple(record, 416, b"", {"Content-Range": f"bytes */{size}"})
             return
@@ -411,7 +421,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         body = memoryview(resource.data)[byte_range.start : byte_range.stop]
         throttle = resource.throttle if resource.throttled else None
-        if fault is None:
+        if fault is None or fault.kind == "whole":
             self._write(record, body, throttle)
             return
         # Truncate and stall end the response early, so the connection must close

@@ -243,6 +243,17 @@ def test_range_closed_returns_slice(server: MediaServer, client: httpx.Client) -
     assert response.headers["Content-Length"] == "100"
 
 
+def test_whole_fault_ignores_range(server: MediaServer, client: httpx.Client) -> None:
+    url = server.add_file("clip.mp4", DATA)
+    server.script(url, [Fault.whole()])
+
+    response = get_range(client, url, "bytes=100-199")
+
+    assert response.status_code == 200
+    assert response.content == DATA
+    assert "Content-Range" not in response.headers
+
+
 def test_range_open_ended_returns_rest(
     server: MediaServer, client: httpx.Client
 ) -> None:

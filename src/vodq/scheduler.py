@@ -716,8 +716,24 @@ class Scheduler:
         # Counting starts at the resumed offset, so a resumed download counts
         # only what it fetches and a fresh one counts its first block too.
         if progress.bytes_done < entry.bytes_counted:
-            # The downloader discarded the partial file and started over.
+            # The downloader discarded the partial file and started over, as
+            # after a 200 response to a Range request.
+            if entry.resumed_bytes:
+                log.warning(
+                    "VOD %s: the download started over from the first byte, so "
+                    "the %d bytes of its partial file are fetched again; the "
+                    "server may not support resuming (HTTP Range)",
+                    entry.vod.vod_id,
+                    entry.resumed_bytes,
+                    extra={
+                        "vod_id": entry.vod.vod_id,
+                        "attempt": entry.attempt,
+                        "bytes": entry.resumed_bytes,
+                        "action": "restart",
+                    },
+                )
             entry.bytes_counted = 0
+            entry.resumed_bytes = 0
         grown = progress.bytes_done - entry.bytes_counted
         if grown > 0:
             self.metrics.bytes_downloaded.inc(grown)

@@ -116,6 +116,31 @@ def test_log_resumed_download_rate_counts_fetched(
     assert record.rate_bps < 1.5 * rate
 
 
+def test_log_resume_ignored_counts_whole_file(
+    logs: pytest.LogCaptureFixture,
+    make_service: ServiceFactory,
+    media_server: MediaServer,
+    tmp_path: Path,
+) -> None:
+    data = media(500 * KIB, seed=8)
+    url = media_server.add_file("whole.mp4", data, rate=500 * KIB)
+    # The server responds to the Range request with the whole file.
+    media_server.script(url, [Fault.whole()])
+    partial = tmp_path / "data" / "partial"
+    partial.mkdir(parents=True)
+    (partial / "whole.mp4.part").write_bytes(data[: 400 * KIB])
+    service = make_service()
+    run_to_end(service, "whole", url)
+    record: Any = finished_records(logs, "whole")[0]
+    restarts = [
+        r
+        for r in for_vod(logs, "whole", logging.WARNING)
+        if getattr(r, "action", None) == "restart"
+    ]
+    assert record.resumed_bytes == 0
+    assert len(restarts) == 1
+
+
 def test_log_each_retry_warns_with_reason(
     logs: pytest.LogCaptureFixture,
     make_service: ServiceFactory,
