@@ -253,7 +253,7 @@ def sliding_rates(
     count = int((end - start - WINDOW_S) / SLIDE_S + 1e-9) + 1
     totals = [0] * max(0, count)
     for t, n in samples:
-        # The windows [start + i * SLIDE_S, ... + WINDOW_S) that hold t.
+        # The windows [start + i * SLIDE_S, ... + WINDOW_S) that contain t.
         last = min(count - 1, int((t - start) / SLIDE_S))
         first = max(0, math.ceil((t - start - WINDOW_S) / SLIDE_S + 1e-9))
         for index in range(first, last + 1):

@@ -62,6 +62,12 @@ class TokenBucket:
         return self._rate
 
     @property
+    def pooled(self) -> bool:
+        """Whether the download shares the bandwidth pool, whose spare
+        tokens it may borrow."""
+        return self.spare is not None and self.spare.rate is not None
+
+    @property
     def ceiling(self) -> float | None:
         """The highest rate this download may reach by borrowing, in bytes/s."""
         return None if self._ceiling is None else self._ceiling.rate
@@ -189,7 +195,7 @@ class TokenBucket:
                 with self._lock:
                     self._tokens = max(self._tokens, 0.0)
                 return
-            if spare is not None and spare.rate is not None and self.borrowing:
+            if self.pooled and self.borrowing:
                 wait_s = min(wait_s, BORROW_POLL_S)
             if cancelled is None:
                 time.sleep(wait_s)

@@ -627,7 +627,7 @@ def read_held_then_charge(
     media_server: MediaServer, name: str, bucket: TokenBucket
 ) -> bool:
     """Read 1.5 s of a source at a quarter of ``bucket``'s rate, then
-    return whether the bucket still held HELD_BURST_S and 0.05 s more."""
+    return whether the bucket still had HELD_BURST_S and 0.05 s more."""
     rate = bucket.rate
     assert rate is not None
     body = random.Random(name).randbytes(512 * KIB)

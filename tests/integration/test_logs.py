@@ -77,6 +77,14 @@ def run_to_end(service: Service, vod_id: str, url: str) -> None:
     wait_for(lambda: not scheduler.running(), timeout_s=10)
 
 
+def write_partial(tmp_path: Path, vod_id: str, data: bytes) -> None:
+    """Leave ``data`` as the partial file of ``vod_id`` under the service's
+    data folder."""
+    partial = tmp_path / "data" / "partial"
+    partial.mkdir(parents=True)
+    (partial / f"{vod_id}.mp4.part").write_bytes(data)
+
+
 def test_log_finished_download_once_with_fields(
     logs: pytest.LogCaptureFixture,
     make_service: ServiceFactory,
@@ -105,9 +113,7 @@ def test_log_resumed_download_rate_counts_fetched(
     data = media(500 * KIB, seed=7)
     rate = 100 * KIB
     url = media_server.add_file("again.mp4", data, rate=rate)
-    partial = tmp_path / "data" / "partial"
-    partial.mkdir(parents=True)
-    (partial / "again.mp4.part").write_bytes(data[: 400 * KIB])
+    write_partial(tmp_path, "again", data[: 400 * KIB])
     service = make_service()
     run_to_end(service, "again", url)
     record: Any = finished_records(logs, "again")[0]
@@ -126,9 +132,7 @@ def test_log_resume_ignored_counts_whole_file(
     url = media_server.add_file("whole.mp4", data, rate=500 * KIB)
     # The server responds to the Range request with the whole file.
     media_server.script(url, [Fault.whole()])
-    partial = tmp_path / "data" / "partial"
-    partial.mkdir(parents=True)
-    (partial / "whole.mp4.part").write_bytes(data[: 400 * KIB])
+    write_partial(tmp_path, "whole", data[: 400 * KIB])
     service = make_service()
     run_to_end(service, "whole", url)
     record: Any = finished_records(logs, "whole")[0]

@@ -340,10 +340,10 @@ def test_pool_lends_unused_share_to_busy_download(
     service = make_service(MAX_CONCURRENT_DOWNLOADS="2", DOWNLOAD_TOTAL_RATE_LIMIT="1M")
     # Sent at 300K, lend0 keeps a limit of about 450K (bandwidth.HEADROOM), and
     # lend1 about 574K. The 150K that lend0 leaves go to lend1 as well. Both
-    # limits are above PLAIN_SIZED_RATES: a buffer sized to a lower rate is
-    # smaller than one loopback segment (64 KiB), which the server sends
-    # again only at its window probe, about every 0.2 s, so that lend1 could
-    # not read faster than its own limit.
+    # limits are above PLAIN_SIZED_RATES. A buffer sized to a lower rate is
+    # smaller than one loopback segment (64 KiB), so the server refills it
+    # only at its window probe, about every 0.2 s, and lend1 could not read
+    # faster than its own limit.
     add_one_slow(
         service, media_server, "lend", count=2, size=32768 * KIB, rate=300 * KIB
     )

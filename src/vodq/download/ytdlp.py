@@ -155,10 +155,12 @@ SOURCE_HELD_S = 1.0
 SOURCE_HELD_SHARE = 0.5
 # Once such a connection is found, a read that waited at least HELD_WAIT_S
 # seconds for its bytes leaves the bucket at most HELD_BURST_S seconds of
-# the rate, outside the pool (``_Watch.keep_tokens``). A full store
-# (bandwidth.BURST_S) went out at once when the source turned fast: the
-# window that held a rise to full speed from half of a 1M limit ran +5.0%,
-# and +1.25% with the smaller store.
+# the rate. A full store (bandwidth.BURST_S) went out at once when the
+# source turned fast: the 5 s after a rise to full speed from half of a 1M
+# limit ran +5.0%, and +1.25% with the smaller store. A pooled download
+# keeps its full store, because its burst shows the rise to other workers
+# sooner: kept small, the worst window around a rise on a cluster ran
+# +6.8% to +7.2%, against +5.4% to +7.0%.
 HELD_WAIT_S = 0.01
 HELD_BURST_S = 0.05
 # Seconds after such a stall in which a fragment connection is charged for
@@ -307,24 +309,6 @@ class _Watch:
         if self.bucket is not None:
             cost = self.bucket.read_cost(nbytes, read_rate)
             self.bucket.consume(cost, self.cancelled)
-
-    def keep_tokens(self, seconds: float) -> None:
-        """Drop the bucket's stored tokens beyond ``seconds`` of its rate,
-        unless the download shares the bandwidth pool.
-
-        In the pool, the burst that a source turning fast takes at once shows
-        in its measured rate sooner, and other workers count it sooner. With
-        the store kept small, the worst 5 s window around such a rise on a
-        cluster ran about one point higher (+6.8% to +7.2%, against +5.4% to
-        +7.0%).
-        """
-        bucket = self.bucket
-        if bucket is None:
-            return
-
-        spare = bucket.spare
-        if spare is None or spare.rate is None:
-            bucket.keep_at_most(seconds)
 
     def receive_buffer(self) -> int | None:
         """Return the receive buffer in bytes of a fragment connection opened
@@ -552,8 +536,8 @@ class _MeteredRead:
             self._note_wait(waited)
         if data and (self._source_held or time.monotonic() < self._refill_until):
             charge += self._refill()
-        if data and self._source_held and waited >= HELD_WAIT_S:
-            self._watch.keep_tokens(HELD_BURST_S)
+        if data and self._source_held:
+            self._trim_store(waited)
         if charge:
             self._watch.charge(charge, read_rate)
         if data:
@@ -631,6 +615,14 @@ class _MeteredRead:
             self._refilled = queued_bytes(self._sock)
         self._watched_from = now
         self._waited_s = 0.0
+
+    def _trim_store(self, waited: float) -> None:
+        """Leave the bucket HELD_BURST_S of its rate after a read that waited
+        ``waited`` seconds for a source found holding the connection back,
+        unless the download is pooled."""
+        bucket = self._watch.bucket
+        if bucket is not None and waited >= HELD_WAIT_S and not bucket.pooled:
+            bucket.keep_at_most(HELD_BURST_S)
 
     def _stall(self, waited: float) -> None:
         """Note a read that waited ``waited`` seconds for its source.
