@@ -8,15 +8,17 @@ sends only a tenth of its equal part ("slow"), or sends as fast as its
 share allows and drops to a tenth of it after 5 s ("drop", back at full
 speed after ``--drop-seconds``), or sends ``--slow-share`` of its part and
 turns as fast as the server sends after 7 s ("rise"; "per-rise" for one
-download under DOWNLOAD_RATE_LIMIT). In each case one ``vodq serve``
-downloads, the pooled modes also run on a cluster of one ``vodq
-api`` and two ``vodq worker`` on PostgreSQL ("vodq cluster"), and then the
-yt-dlp command line downloads the same files with ``--limit-rate``. The
-command line has no pooled limit, so the pooled modes run three processes
-at a third of the rate each. HLS is fetched four fragments at once by
-both. The benchmark server logs every body write. The rate is the bytes it
-sent, for all streams together, in each 5-second window after the first 2
-seconds of the transfer.
+download under DOWNLOAD_RATE_LIMIT). "per-slow" is one download under it
+whose source sends ``--slow-share`` of the limit, in bursts with
+``--burst``. In each case one ``vodq serve`` downloads, the pooled modes
+also run on a cluster of one ``vodq api`` and two ``vodq worker`` on
+PostgreSQL ("vodq cluster"), and then the yt-dlp command line downloads
+the same files with ``--limit-rate``. The command line has no pooled
+limit, so the pooled modes run three processes at a third of the rate
+each. HLS is fetched four fragments at once by both. The benchmark server
+logs every body write. The rate is the bytes it sent, for all streams
+together, in each 5-second window after the first 2 seconds of the
+transfer.
 
 A second part runs one pooled download, adds three at once and later
 cancels one, and measures the 5-second windows that start at those moments.
@@ -87,9 +89,9 @@ DROP_AFTER_S = 5.0
 # starts then and contains the first 5 s at the new speed.
 RISE_AFTER_S = 7.0
 # Modes of one download under DOWNLOAD_RATE_LIMIT; the others share the pool.
-SINGLE_MODES = frozenset({"per", "per-rise"})
+SINGLE_MODES = frozenset({"per", "per-rise", "per-slow"})
 # Modes whose first source changes its speed, run over HTTP only.
-SOURCE_MODES = frozenset({"slow", "drop", "rise", "per-rise"})
+SOURCE_MODES = frozenset({"slow", "drop", "rise", "per-rise", "per-slow"})
 # HLS fragments fetched at once, by vodq and by the command line alike.
 HLS_FRAGMENTS = 4
 # HLS segments are 2 MiB by default, 2 s of an 8 Mbit/s stream, so that each
@@ -288,7 +290,7 @@ def urls_for(
             change = (RISE_AFTER_S, 1e12)
             slow_rate = per_stream_bps * Options.slow_share
             urls[0] = server.gen_url(names[0], size, rate=slow_rate, change=change)
-        if mode == "slow":
+        if mode in ("slow", "per-slow"):
             slow_rate = per_stream_bps * Options.slow_share
             for index in range(min(Options.slow_sources, len(names))):
                 urls[index] = server.gen_url(
@@ -984,8 +986,8 @@ def main() -> int:
     parser.add_argument(
         "--modes",
         default="per,pool,slow",
-        help="modes: per, pool, slow, drop, rise and per-rise (the last four "
-        "HTTP only)",
+        help="modes: per, pool, slow, drop, rise, per-rise and per-slow (the "
+        "last five HTTP only)",
     )
     parser.add_argument(
         "--variant",

@@ -7,7 +7,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -581,6 +581,69 @@ def test_plain_connection_held_by_source_sized_to_rate(
     assert set(resized) == {receive_buffer_for(1024 * KIB, 1)}
 
 
+def read_watched(
+    url: str,
+    watch: _Watch,
+    at_bytes: int = 0,
+    action: Callable[[socket.socket], None] | None = None,
+) -> bytes:
+    """Read ``url`` through yt-dlp with ``watch`` in blocks of 16 KiB, and
+    call ``action`` with the socket once ``at_bytes`` bytes are read."""
+    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
+        response = ydl.urlopen(url)
+        try:
+            sock = socket_of(response)
+            assert sock is not None
+            read = response.read(16 * KIB)
+            while len(read) < at_bytes:
+                read += response.read(16 * KIB)
+            if action is not None:
+                action(sock)
+            return read + b"".join(iter(lambda: response.read(16 * KIB), b""))
+        finally:
+            response.close()
+
+
+def resume_after_gap(
+    media_server: MediaServer, url: str, sock: socket.socket, gap_s: float
+) -> None:
+    """Once ``sock``'s receive queue has drained, wait ``gap_s`` seconds and
+    let the source send at full speed."""
+    deadline = time.monotonic() + 5.0
+    while connections.queued_bytes(sock) > 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(gap_s)
+    media_server.set_rate(url, None)
+
+
+def test_plain_connection_gap_sized_to_rate(
+    media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fast source that pauses once for 0.25 s, which is far less than half
+    # of the reads' time and shorter than a stall. A source with such gaps
+    # sends in bursts, which an autotuned buffer would take at once.
+    body = random.Random(14).randbytes(1024 * KIB)
+    url = media_server.add_file("gap.mp4", body, rate=4096 * KIB)
+    watch = _Watch(track_validators=False, bucket=TokenBucket(1024 * KIB))
+    resized = recorded_resizes(monkeypatch)
+    threads: list[threading.Thread] = []
+
+    def pause(sock: socket.socket) -> None:
+        # At one byte a second the source sends nothing until the resume.
+        media_server.set_rate(url, 1.0)
+        resume = threading.Thread(
+            target=resume_after_gap, args=(media_server, url, sock, 0.25)
+        )
+        resume.start()
+        threads.append(resume)
+
+    read = read_watched(url, watch, 256 * KIB, pause)
+    for thread in threads:
+        thread.join()
+    assert read == body
+    assert set(resized) == {receive_buffer_for(1024 * KIB, 1)}
+
+
 def test_plain_connection_held_to_rate_not_resized(
     media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -590,12 +653,7 @@ def test_plain_connection_held_to_rate_not_resized(
     url = media_server.add_file("fast.mp4", body, rate=2048 * KIB)
     watch = _Watch(track_validators=False, bucket=TokenBucket(512 * KIB))
     resized = recorded_resizes(monkeypatch)
-    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
-        response = ydl.urlopen(url)
-        try:
-            read = b"".join(iter(lambda: response.read(16 * KIB), b""))
-        finally:
-            response.close()
+    read = read_watched(url, watch)
     assert read == body
     assert resized == []
 
@@ -609,16 +667,9 @@ def test_plain_connection_held_by_source_charges_speedup(
     url = media_server.add_file("speedup.mp4", body, rate=128 * KIB)
     bucket = CountingBucket(512 * KIB)
     watch = _Watch(track_validators=False, bucket=bucket)
-    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
-        response = ydl.urlopen(url)
-        try:
-            read = response.read(16 * KIB)
-            while len(read) < 192 * KIB:
-                read += response.read(16 * KIB)
-            media_server.set_rate(url, None)
-            read += b"".join(iter(lambda: response.read(16 * KIB), b""))
-        finally:
-            response.close()
+    read = read_watched(
+        url, watch, 192 * KIB, lambda _sock: media_server.set_rate(url, None)
+    )
     assert read == body
     assert sum(bucket.charges) > len(body) + 16 * KIB
 

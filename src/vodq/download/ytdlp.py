@@ -141,18 +141,22 @@ STALL_S = 0.5
 # grew from 128 KiB to 780 KiB the moment the source turned fast, and the
 # source filled it at once. A pool of two at 1M on a cluster then ran +20%
 # in the window that held the change.
-# NOTE: a source that sends 2 s of 98% of a 500K limit in one burst every
-# 2 s ran +7.2% to +17.8% in 5 s windows at a test server. Its reads wait
-# little, so it is not found held back. The cause is not known: in one such
-# run the kernel's queue stayed at 80 KB or less and the reads ran an even
-# 42 blocks a second, while the server logged 131% and 64% in alternate
-# seconds. Marking it from a queue that jumps after draining made 1M worse.
-# NOTE: a reader starved of CPU waits as well, so a fast source can be taken
-# for a slow one. Its sized buffer then caps it on a round trip over about
-# 0.4 s, and outside the pool its bucket keeps only HELD_BURST_S to catch
-# up after a stall.
+# A single read that waited HELD_GAP_S seconds or more marks it as well,
+# because a source that sends in bursts leaves gaps, and an autotuned
+# buffer takes the start of each burst at once. A source sending 98% of a
+# 500K limit in one burst every 2 s was read at the limit. Yet the server
+# sent 2.56 times the limit into the buffer in the first 0.25 s of each
+# burst, and its 5 s windows ran up to +3.7% (+4.96% sliding by 0.05 s).
+# Marked at its first gap, the same source stays within +0.5% at 500K, 1M
+# and 10M.
+# NOTE: a reader starved of CPU waits as well, and a lost packet makes a
+# read wait a retransmission timeout (at least 0.2 s on Linux), so a fast
+# source can be taken for a slow one. Its sized buffer then caps it on a
+# round trip over about 0.4 s, and outside the pool its bucket keeps only
+# HELD_BURST_S to catch up after a stall.
 SOURCE_HELD_S = 1.0
 SOURCE_HELD_SHARE = 0.5
+HELD_GAP_S = 0.1
 # Once such a connection is found, a read that waited at least HELD_WAIT_S
 # seconds for its bytes leaves the bucket at most HELD_BURST_S seconds of
 # the rate. A full store (bandwidth.BURST_S) went out at once when the
@@ -593,7 +597,7 @@ class _MeteredRead:
     def _note_wait(self, waited: float) -> None:
         """Count ``waited`` seconds of a plain connection's read, and mark the
         connection held back by its source once its reads waited at least
-        SOURCE_HELD_SHARE of SOURCE_HELD_S."""
+        SOURCE_HELD_SHARE of SOURCE_HELD_S, or one read HELD_GAP_S."""
         if self._watch.fragmented or self._source_held:
             return
         now = time.monotonic()
@@ -604,9 +608,9 @@ class _MeteredRead:
             return
         self._waited_s += waited
         span = now - self._watched_from
-        if span < SOURCE_HELD_S:
+        if span < SOURCE_HELD_S and waited < HELD_GAP_S:
             return
-        if self._waited_s >= SOURCE_HELD_SHARE * span:
+        if self._waited_s >= SOURCE_HELD_SHARE * span or waited >= HELD_GAP_S:
             # From now on part of the queue's growth past its highest level
             # is charged as it arrives, as after a stall. The sized buffer
             # still fills at once when the source turns fast, and it grows
