@@ -162,9 +162,12 @@ HELD_GAP_S = 0.1
 # the rate. A full store (bandwidth.BURST_S) went out at once when the
 # source turned fast: the 5 s after a rise to full speed from half of a 1M
 # limit ran +5.0%, and +1.25% with the smaller store. A pooled download
-# keeps its full store, because its burst shows the rise to other workers
-# sooner: kept small, the worst window around a rise on a cluster ran
-# +6.8% to +7.2%, against +5.4% to +7.0%.
+# keeps a small store as well: three pooled sources sending 98% of their
+# shares in bursts every 3 s spent their full stores at each burst, and
+# the pool of 1M ran up to +4.37% in 5 s windows sliding by 0.05 s, and
+# +1.88% to +3.44% with small stores. A source turning fast in a pool of
+# two ran +0.86% to +1.25% (+2.5% to +3.4% with full stores), and on a
+# cluster +4.92% to +6.88% (+5.3% to +7.0%).
 HELD_WAIT_S = 0.01
 HELD_BURST_S = 0.05
 # Seconds after such a stall in which a fragment connection is charged for
@@ -622,10 +625,9 @@ class _MeteredRead:
 
     def _trim_store(self, waited: float) -> None:
         """Leave the bucket HELD_BURST_S of its rate after a read that waited
-        ``waited`` seconds for a source found holding the connection back,
-        unless the download is pooled."""
+        ``waited`` seconds for a source found holding the connection back."""
         bucket = self._watch.bucket
-        if bucket is not None and waited >= HELD_WAIT_S and not bucket.pooled:
+        if bucket is not None and waited >= HELD_WAIT_S:
             bucket.keep_at_most(HELD_BURST_S)
 
     def _stall(self, waited: float) -> None:
