@@ -616,15 +616,23 @@ def resume_after_gap(
     media_server.set_rate(url, None)
 
 
+def limited_file(
+    media_server: MediaServer, name: str, source_rate: float, limit: float
+) -> tuple[bytes, str, _Watch]:
+    """Serve 1 MiB named ``name`` at ``source_rate`` bytes/s; return its
+    body, its URL and a watch limited to ``limit`` bytes/s."""
+    body = random.Random(name).randbytes(1024 * KIB)
+    url = media_server.add_file(name, body, rate=source_rate)
+    return body, url, _Watch(track_validators=False, bucket=TokenBucket(limit))
+
+
 def test_plain_connection_gap_sized_to_rate(
     media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A fast source that pauses once for 0.25 s, which is far less than half
     # of the reads' time and shorter than a stall. A source with such gaps
     # sends in bursts, which an autotuned buffer would take at once.
-    body = random.Random(14).randbytes(1024 * KIB)
-    url = media_server.add_file("gap.mp4", body, rate=4096 * KIB)
-    watch = _Watch(track_validators=False, bucket=TokenBucket(1024 * KIB))
+    body, url, watch = limited_file(media_server, "gap.mp4", 4096 * KIB, 1024 * KIB)
     resized = recorded_resizes(monkeypatch)
     threads: list[threading.Thread] = []
 
@@ -649,9 +657,7 @@ def test_plain_connection_held_to_rate_not_resized(
 ) -> None:
     # A source four times as fast as the limit, for 2 s: the reads wait for
     # tokens, not for the source.
-    body = random.Random(12).randbytes(1024 * KIB)
-    url = media_server.add_file("fast.mp4", body, rate=2048 * KIB)
-    watch = _Watch(track_validators=False, bucket=TokenBucket(512 * KIB))
+    body, url, watch = limited_file(media_server, "fast.mp4", 2048 * KIB, 512 * KIB)
     resized = recorded_resizes(monkeypatch)
     read = read_watched(url, watch)
     assert read == body

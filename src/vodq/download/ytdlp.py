@@ -606,7 +606,7 @@ class _MeteredRead:
     def _note_wait(self, waited: float) -> None:
         """Count ``waited`` seconds of a plain connection's read, and mark the
         connection held back by its source once its reads waited at least
-        SOURCE_HELD_SHARE of SOURCE_HELD_S, or one read HELD_GAP_S."""
+        SOURCE_HELD_SHARE of SOURCE_HELD_S, or once one read waited HELD_GAP_S."""
         if self._watch.fragmented or self._source_held:
             return
         now = time.monotonic()
