@@ -149,12 +149,14 @@ STALL_S = 0.5
 # burst, and its 5 s windows ran up to +3.7% (+4.96% sliding by 0.05 s).
 # Marked at its first gap, the same source stays within +0.5% at 500K, 1M
 # and 10M.
-# NOTE: on loopback the sized buffer contains about 0.4 s of the rate
-# (Linux doubles its size), and it refills at each burst, uncharged past
-# the first. A test server writing 4 KiB at a time measured +5.4% to
-# +6.0% at 500K with bursts every 3 s. Charging each refill held a
-# download lowered to 128K at 60K, whose small buffer waits for window
-# probes.
+# Its bytes are then charged as they arrive (``_MeteredRead._arrivals``),
+# because the sized buffer still refills at once at each burst.
+# NOTE: a connection sized from its first read (PLAIN_SIZED_RATES) is not
+# watched, so it keeps its full store: a pool of two at 500K whose sources
+# send in bursts ran up to +5.9%. On loopback such a buffer is below two
+# segments and gets bytes at the sender's window probes, so its reads wait
+# for fast sources too; watching it trimmed their stores and held a
+# download lowered to 128K at 60K.
 # NOTE: a reader starved of CPU waits as well, and a lost packet makes a
 # read wait a retransmission timeout (at least 0.2 s on Linux), so a fast
 # source can be taken for a slow one. Its sized buffer then caps it on a
@@ -463,7 +465,9 @@ class _MeteredRead:
 
     A read that waited STALL_S for its source (a pause) drops the tokens
     that accrued meanwhile and limits the burst of its connection's refill
-    (``_stall``).
+    (``_stall``). A plain connection whose buffer is sized to the rate is
+    charged for the bytes that reach its queue, not for those read
+    (``_arrivals``).
     """
 
     def __init__(
@@ -506,6 +510,13 @@ class _MeteredRead:
         self._watched_from: float | None = None
         self._waited_s = 0.0
         self._source_held = False
+        # Once a plain connection's buffer is sized to the rate, it is
+        # charged for the bytes that arrive, not for those read
+        # (``_arrivals``): the bytes read since then, and the bytes charged
+        # since then, which are the most that were read and queued at once.
+        # None while reads are charged.
+        self._arrival_read = 0
+        self._arrival_paid: int | None = None
         # Until this time.monotonic(), after a stall of a fragment, the
         # growth of the kernel's queue past ``_refilled`` bytes is charged.
         self._refill_until = 0.0
@@ -531,23 +542,16 @@ class _MeteredRead:
         charge = len(data)
         if self._queued_at_cut is not None:
             self._read_since += len(data)
-        if self._queued_at_cut is not None and self._reads_free:
-            # Free after a cut: the queue at the cut, then what the window
-            # offered before it brought.
-            arrived = self._arrived_since()
-            if time.monotonic() - self._cut_at > INVITED_S:
-                # Bytes that come later were sent at the source's pace, so
-                # the window stops growing the free part.
-                self._invited = min(self._invited, arrived)
-            in_window = min(self._invited, arrived)
-            due = self._read_since - self._queued_at_cut - in_window
-            charge = max(0, due - self._charged_since)
-            self._charged_since += charge
+        free = self._queued_at_cut is not None and self._reads_free
+        if free:
+            charge = self._charge_after_cut()
         if data and amt is not None and amt >= 0 and waited >= STALL_S:
             self._stall(waited)
         if data and read_rate is not None and self._queued_at_cut is None:
             self._note_wait(waited)
-        if data and (self._source_held or time.monotonic() < self._refill_until):
+        if data and self._arrival_paid is not None and not free:
+            charge = self._arrivals(len(data))
+        elif data and time.monotonic() < self._refill_until:
             charge += self._refill()
         if data and self._source_held:
             self._trim_store(waited)
@@ -559,6 +563,24 @@ class _MeteredRead:
             # The end of the body: nothing is left to resize.
             self._watch.forget(self)
         return data
+
+    def _charge_after_cut(self) -> int:
+        """Return the bytes to charge for a read after a cut: none of the
+        queue at the cut, nor of what the window offered before it brought."""
+        assert self._queued_at_cut is not None, "only called after a cut"
+        arrived = self._arrived_since()
+        if time.monotonic() - self._cut_at > INVITED_S:
+            # Bytes that come later were sent at the source's pace, so the
+            # window stops growing the free part.
+            self._invited = min(self._invited, arrived)
+        in_window = min(self._invited, arrived)
+        taken = self._read_since - self._queued_at_cut
+        if self._arrival_paid is not None:
+            # Charged as they arrive, so the queue at the cut was paid.
+            taken = arrived
+        charge = max(0, taken - in_window - self._charged_since)
+        self._charged_since += charge
+        return charge
 
     @property
     def closed(self) -> bool:
@@ -590,6 +612,7 @@ class _MeteredRead:
             if not (low <= rate <= high or self._stalled or self._source_held):
                 return
             self._start_cut(free=False)
+            self._charge_arrivals()
 
         # Once the buffer has the size, reads skip the system calls.
         size = self._watch.receive_buffer_at(rate)
@@ -620,12 +643,11 @@ class _MeteredRead:
         if span < SOURCE_HELD_S and waited < HELD_GAP_S:
             return
         if self._waited_s >= SOURCE_HELD_SHARE * span or waited >= HELD_GAP_S:
-            # From now on part of the queue's growth past its highest level
-            # is charged as it arrives, as after a stall. The sized buffer
-            # still fills at once when the source turns fast, and it grows
-            # with a raise of the limit.
+            # From now on its bytes are charged as they arrive, the queue
+            # now included: the sized buffer refills at once at each burst,
+            # and when the source turns fast.
             self._source_held = True
-            self._refilled = queued_bytes(self._sock)
+            self._charge_arrivals()
         self._watched_from = now
         self._waited_s = 0.0
 
@@ -653,6 +675,33 @@ class _MeteredRead:
         if self._watch.fragmented:
             self._refill_until = time.monotonic() + REFILL_S
             self._refilled = 0
+
+    def _charge_arrivals(self) -> None:
+        """Charge the bytes that arrive from now on, instead of those read,
+        the queue now included, which was not charged."""
+        if self._arrival_paid is None:
+            self._arrival_read = 0
+            self._arrival_paid = 0
+
+    def _arrivals(self, nbytes: int) -> int:
+        """Return the bytes that arrived since the last read, which read
+        ``nbytes``: what it read, and the growth of the kernel's queue.
+
+        The queue takes a burst of the source at once, uncharged while its
+        bytes wait to be read. A sized buffer holds about 0.4 s of the rate
+        on 127.0.0.1 (Linux doubles its size), so a source sending 98% of a
+        500K limit in a burst every 3 s ran +5.4% in 5 s windows, its
+        refills charged only as they were read.
+        """
+        assert self._arrival_paid is not None, "only once arrivals are charged"
+        self._arrival_read += nbytes
+        # http.client reads through a buffer of its own, which may hold
+        # bytes that left the kernel's queue unread. Counting them only once
+        # read keeps the charge from exceeding what arrived.
+        seen = self._arrival_read + queued_bytes(self._sock)
+        arrived = max(0, seen - self._arrival_paid)
+        self._arrival_paid = max(self._arrival_paid, seen)
+        return arrived
 
     def _refill(self) -> int:
         """Return the bytes to charge for the receive queue's growth since
