@@ -616,6 +616,29 @@ def resume_after_gap(
     media_server.set_rate(url, None)
 
 
+def read_through_gap(
+    media_server: MediaServer, url: str, watch: _Watch, at_bytes: int
+) -> bytes:
+    """Read ``url`` as ``read_watched`` does, its source sending nothing
+    for 0.25 s once ``at_bytes`` bytes are read and the queue has drained,
+    then sending at full speed."""
+    threads: list[threading.Thread] = []
+
+    def pause(sock: socket.socket) -> None:
+        # At one byte a second the source sends nothing until the resume.
+        media_server.set_rate(url, 1.0)
+        resume = threading.Thread(
+            target=resume_after_gap, args=(media_server, url, sock, 0.25)
+        )
+        resume.start()
+        threads.append(resume)
+
+    read = read_watched(url, watch, at_bytes, pause)
+    for thread in threads:
+        thread.join()
+    return read
+
+
 def limited_file(
     media_server: MediaServer, name: str, source_rate: float, limit: float
 ) -> tuple[bytes, str, _Watch]:
@@ -634,20 +657,7 @@ def test_plain_connection_gap_sized_to_rate(
     # sends in bursts, which an autotuned buffer would take at once.
     body, url, watch = limited_file(media_server, "gap.mp4", 4096 * KIB, 1024 * KIB)
     resized = recorded_resizes(monkeypatch)
-    threads: list[threading.Thread] = []
-
-    def pause(sock: socket.socket) -> None:
-        # At one byte a second the source sends nothing until the resume.
-        media_server.set_rate(url, 1.0)
-        resume = threading.Thread(
-            target=resume_after_gap, args=(media_server, url, sock, 0.25)
-        )
-        resume.start()
-        threads.append(resume)
-
-    read = read_watched(url, watch, 256 * KIB, pause)
-    for thread in threads:
-        thread.join()
+    read = read_through_gap(media_server, url, watch, 256 * KIB)
     assert read == body
     assert set(resized) == {receive_buffer_for(1024 * KIB, 1)}
 
@@ -691,19 +701,7 @@ def test_plain_band_connection_charges_refill_on_arrival(
     body = random.Random("band").randbytes(384 * KIB)
     url = media_server.add_file("band.mp4", body, rate=4096 * KIB)
     bucket, watch = recording_watch(192 * KIB)
-    threads: list[threading.Thread] = []
-
-    def pause(sock: socket.socket) -> None:
-        media_server.set_rate(url, 1.0)
-        resume = threading.Thread(
-            target=resume_after_gap, args=(media_server, url, sock, 0.25)
-        )
-        resume.start()
-        threads.append(resume)
-
-    read = read_watched(url, watch, 128 * KIB, pause)
-    for thread in threads:
-        thread.join()
+    read = read_through_gap(media_server, url, watch, 128 * KIB)
     assert read == body
     assert max(bucket.charges) > 16 * KIB
     assert sum(bucket.charges) == len(body)

@@ -155,7 +155,7 @@ STALL_S = 0.5
 # watched, so it keeps its full store: a pool of two at 500K whose sources
 # send in bursts ran up to +5.9%. On loopback such a buffer is below two
 # segments and gets bytes at the sender's window probes, so its reads wait
-# for fast sources too; watching it trimmed their stores and held a
+# for fast sources too. Watching it trimmed their stores and held a
 # download lowered to 128K at 60K.
 # NOTE: a reader starved of CPU waits as well, and a lost packet makes a
 # read wait a retransmission timeout (at least 0.2 s on Linux), so a fast
@@ -512,9 +512,9 @@ class _MeteredRead:
         self._source_held = False
         # Once a plain connection's buffer is sized to the rate, it is
         # charged for the bytes that arrive, not for those read
-        # (``_arrivals``): the bytes read since then, and the bytes charged
-        # since then, which are the most that were read and queued at once.
-        # None while reads are charged.
+        # (``_arrivals``). These count the bytes read since then, and the
+        # bytes charged since then: the most that were read and queued at
+        # once. None while reads are charged.
         self._arrival_read = 0
         self._arrival_paid: int | None = None
         # Until this time.monotonic(), after a stall of a fragment, the
@@ -574,11 +574,11 @@ class _MeteredRead:
             # window stops growing the free part.
             self._invited = min(self._invited, arrived)
         in_window = min(self._invited, arrived)
-        taken = self._read_since - self._queued_at_cut
+        due = self._read_since - self._queued_at_cut
         if self._arrival_paid is not None:
             # Charged as they arrive, so the queue at the cut was paid.
-            taken = arrived
-        charge = max(0, taken - in_window - self._charged_since)
+            due = arrived
+        charge = max(0, due - in_window - self._charged_since)
         self._charged_since += charge
         return charge
 
