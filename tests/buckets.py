@@ -1,4 +1,4 @@
-"""A token bucket for tests that records its charges instead of waiting."""
+"""Token buckets for tests that record their charges and trims."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ class RecordingBucket(TokenBucket):
     def __init__(self, rate: float | None) -> None:
         super().__init__(rate)
         self.charges: list[int] = []
+        # The seconds of each keep_at_most call, in order.
+        self.kept: list[float] = []
 
     def consume(self, nbytes: int, cancelled: threading.Event | None = None) -> None:
         self.charges.append(nbytes)
+
+    def keep_at_most(self, seconds: float) -> None:
+        self.kept.append(seconds)
+        super().keep_at_most(seconds)
 
 
 class CountingBucket(RecordingBucket):

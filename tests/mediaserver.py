@@ -249,9 +249,17 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     # MediaServer.stop() joins handler threads itself, with a deadline.
     block_on_close = False
 
-    def __init__(self, media: MediaServer) -> None:
+    def __init__(self, media: MediaServer, segment: int | None = None) -> None:
         self.media = media
+        self.segment = segment
         super().__init__(("127.0.0.1", 0), _Handler)
+
+    def server_bind(self) -> None:
+        if self.segment is not None:
+            # Set before listen, so that the SYN-ACK announces it and both
+            # ends send segments of at most this size, as over a real path.
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, self.segment)
+        super().server_bind()
 
     def handle_error(
         self,
@@ -512,7 +520,9 @@ class MediaServer:
     active() may be full URLs or paths. The query string is ignored.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, segment: int | None = None) -> None:
+        """``segment``: the largest TCP segment, in bytes, of every connection
+        (None: the loopback's own, about 64 KiB)."""
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
@@ -528,7 +538,7 @@ class MediaServer:
         self._stopped = False
         self.errors: list[str] = []
         """Unexpected handler exceptions (not client disconnects), as repr strings."""
-        self._httpd = _HTTPServer(self)
+        self._httpd = _HTTPServer(self, segment)
         host, port = self._httpd.server_address[:2]
         self.base_url = f"http://{host!s}:{port}"
 

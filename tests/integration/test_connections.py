@@ -707,6 +707,34 @@ def test_plain_band_connection_charges_refill_on_arrival(
     assert sum(bucket.charges) == len(body)
 
 
+def read_band_gap(media_server: MediaServer) -> RecordingBucket:
+    """Read 384 KiB from ``media_server`` under 192K, its source sending
+    nothing for 0.25 s after 128 KiB; return the bucket."""
+    body = random.Random("band gap").randbytes(384 * KIB)
+    url = media_server.add_file("band-gap.mp4", body, rate=4096 * KIB)
+    bucket, watch = recording_watch(192 * KIB)
+    read = read_through_gap(media_server, url, watch, 128 * KIB)
+    assert read == body
+    return bucket
+
+
+def test_plain_band_connection_watched_over_small_segments() -> None:
+    # Segments of 1448 bytes, as over a real path: the buffer sized to 192K
+    # holds many, so the gap marks the source, and its store is trimmed.
+    with MediaServer(segment=1448) as server:
+        bucket = read_band_gap(server)
+    assert HELD_BURST_S in bucket.kept
+
+
+def test_plain_band_connection_unwatched_over_loopback_segments(
+    media_server: MediaServer,
+) -> None:
+    # 64 KiB segments: the sized buffer has room for less than one, so its reads
+    # wait for the sender's window probes, and the store is left whole.
+    bucket = read_band_gap(media_server)
+    assert bucket.kept == []
+
+
 def read_held_then_charge(
     media_server: MediaServer, name: str, bucket: TokenBucket
 ) -> bool:

@@ -339,6 +339,17 @@ def resize_receive_buffer(
     return value == target
 
 
+def segment_size(sock: socket.socket | None) -> int | None:
+    """Return the largest segment, in bytes, that ``sock`` exchanges with its
+    peer (TCP_MAXSEG), or None when there is no socket or it is closed."""
+    if sock is None:
+        return None
+    try:
+        return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))
+    except (OSError, ValueError):
+        return None
+
+
 def window_granule(sock: socket.socket) -> int:
     """Return the unit, in bytes, of the windows that ``sock`` offers: 2 to
     the power of its receive window scale, agreed at connect."""

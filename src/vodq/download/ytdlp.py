@@ -62,6 +62,7 @@ from vodq.download.connections import (
     queued_bytes,
     receive_buffer_for,
     resize_receive_buffer,
+    segment_size,
     sized_receive_buffers,
     socket_of,
 )
@@ -116,6 +117,14 @@ RESIZE_BELOW = 0.25
 # against -2.5%), and above it a burst is a small part of a window. Its
 # window is clamped as after a cut (see resize_receive_buffer).
 PLAIN_SIZED_RATES = (98_304.0, 262_144.0)
+# Such a connection is watched for its source as well (see SOURCE_HELD_S)
+# when its sized buffer has room for at least this many of its segments. A
+# smaller buffer gets bytes only at the sender's window probes, so its
+# reads wait about 0.2 s for fast sources too: watched, a download lowered
+# to 128K on 127.0.0.1 (64 KiB segments) lost its store and ran at 60K.
+# Over a path with segments of 1448 bytes every buffer in the band holds
+# enough.
+SEGMENTS_WATCHED = 2
 
 # Seconds after a cut during which the bytes that arrive before the buffer
 # has shrunk are read free. Without a bound, a source slower than the old
@@ -151,12 +160,11 @@ STALL_S = 0.5
 # and 10M.
 # Its bytes are then charged as they arrive (``_MeteredRead._arrivals``),
 # because the sized buffer still refills at once at each burst.
-# NOTE: a connection sized from its first read (PLAIN_SIZED_RATES) is not
-# watched, so it keeps its full store: a pool of two at 500K whose sources
-# send in bursts ran up to +5.9%. On loopback such a buffer is below two
-# segments and gets bytes at the sender's window probes, so its reads wait
-# for fast sources too. Watching it trimmed their stores and held a
-# download lowered to 128K at 60K.
+# NOTE: a connection sized from its first read (PLAIN_SIZED_RATES) whose
+# buffer has room for fewer than SEGMENTS_WATCHED segments is not watched,
+# so it keeps its full store. On 127.0.0.1 that is every such connection: a
+# pool of two at 500K whose sources send in bursts ran up to +5.9%, and
+# one download at 128K up to +10.6%.
 # NOTE: a reader starved of CPU waits as well, and a lost packet makes a
 # read wait a retransmission timeout (at least 0.2 s on Linux), so a fast
 # source can be taken for a slow one. Its sized buffer then caps it on a
@@ -517,6 +525,9 @@ class _MeteredRead:
         # once. None while reads are charged.
         self._arrival_read = 0
         self._arrival_paid: int | None = None
+        # Whether a connection sized from its first read (PLAIN_SIZED_RATES)
+        # is watched for its source all the same (``_holds_segments``).
+        self._band_watched = False
         # Until this time.monotonic(), after a stall of a fragment, the
         # growth of the kernel's queue past ``_refilled`` bytes is charged.
         self._refill_until = 0.0
@@ -547,7 +558,11 @@ class _MeteredRead:
             charge = self._charge_after_cut()
         if data and amt is not None and amt >= 0 and waited >= STALL_S:
             self._stall(waited)
-        if data and read_rate is not None and self._queued_at_cut is None:
+        if (
+            data
+            and read_rate is not None
+            and (self._queued_at_cut is None or (not free and self._band_watched))
+        ):
             self._note_wait(waited)
         if data and self._arrival_paid is not None and not free:
             charge = self._arrivals(len(data))
@@ -613,6 +628,7 @@ class _MeteredRead:
                 return
             self._start_cut(free=False)
             self._charge_arrivals()
+            self._band_watched = self._holds_segments(rate)
 
         # Once the buffer has the size, reads skip the system calls.
         size = self._watch.receive_buffer_at(rate)
@@ -676,6 +692,14 @@ class _MeteredRead:
             self._refill_until = time.monotonic() + REFILL_S
             self._refilled = 0
 
+    def _holds_segments(self, rate: float) -> bool:
+        """Return whether a buffer sized to ``rate`` has room for
+        SEGMENTS_WATCHED of the connection's segments, so that its reads wait
+        only for the source."""
+        segment = segment_size(self._sock)
+        size = self._watch.receive_buffer_at(rate)
+        return segment is not None and size >= SEGMENTS_WATCHED * segment
+
     def _charge_arrivals(self) -> None:
         """Charge the bytes that arrive from now on, instead of those read,
         the queue now included, which was not charged."""
@@ -688,10 +712,10 @@ class _MeteredRead:
         ``nbytes``: what it read, and the growth of the kernel's queue.
 
         The queue takes a burst of the source at once, uncharged while its
-        bytes wait to be read. A sized buffer holds about 0.4 s of the rate
-        on 127.0.0.1 (Linux doubles its size), so a source sending 98% of a
-        500K limit in a burst every 3 s ran +5.4% in 5 s windows, its
-        refills charged only as they were read.
+        bytes wait to be read. A sized buffer contains about 0.4 s of the
+        rate on 127.0.0.1, because Linux doubles its size. Its refills
+        charged only as they were read, a source sending 98% of a 500K limit
+        in a burst every 3 s ran +5.4% in 5 s windows.
         """
         assert self._arrival_paid is not None, "only once arrivals are charged"
         self._arrival_read += nbytes
