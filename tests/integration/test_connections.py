@@ -720,7 +720,8 @@ def read_band_gap(media_server: MediaServer) -> RecordingBucket:
 
 def test_plain_band_connection_watched_over_small_segments() -> None:
     # Segments of 1448 bytes, as over a real path: the buffer sized to 192K
-    # holds many, so the gap marks the source, and its store is trimmed.
+    # has room for many, so the gap marks the source, and its store is
+    # trimmed.
     with MediaServer(segment=1448) as server:
         bucket = read_band_gap(server)
     assert HELD_BURST_S in bucket.kept
@@ -729,8 +730,9 @@ def test_plain_band_connection_watched_over_small_segments() -> None:
 def test_plain_band_connection_unwatched_over_loopback_segments(
     media_server: MediaServer,
 ) -> None:
-    # 64 KiB segments: the sized buffer has room for less than one, so its reads
-    # wait for the sender's window probes, and the store is left whole.
+    # 64 KiB segments: the sized buffer has room for less than one, so its
+    # reads wait for the sender's window probes, and the store is left
+    # whole.
     bucket = read_band_gap(media_server)
     assert bucket.kept == []
 
