@@ -122,8 +122,8 @@ PLAIN_SIZED_RATES = (98_304.0, 262_144.0)
 # smaller buffer gets bytes only at the sender's window probes, so its
 # reads wait about 0.2 s for fast sources too: watched, a download lowered
 # to 128K on 127.0.0.1 (64 KiB segments) lost its store and ran at 60K.
-# Over a path with segments of 1448 bytes every buffer in the band holds
-# enough.
+# Over a path with segments of 1448 bytes every buffer in the band has
+# room enough.
 SEGMENTS_WATCHED = 2
 
 # Seconds after a cut during which the bytes that arrive before the buffer
@@ -525,8 +525,9 @@ class _MeteredRead:
         # once. None while reads are charged.
         self._arrival_read = 0
         self._arrival_paid: int | None = None
-        # Whether a connection sized from its first read (PLAIN_SIZED_RATES)
-        # is watched for its source all the same (``_holds_segments``).
+        # Whether a connection sized before it was found held back (in
+        # PLAIN_SIZED_RATES, or after a stall) is watched for its source all
+        # the same (``_holds_segments``).
         self._band_watched = False
         # Until this time.monotonic(), after a stall of a fragment, the
         # growth of the kernel's queue past ``_refilled`` bytes is charged.
