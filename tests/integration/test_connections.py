@@ -589,19 +589,13 @@ def read_watched(
 ) -> bytes:
     """Read ``url`` through yt-dlp with ``watch`` in blocks of 16 KiB, and
     call ``action`` with the socket once ``at_bytes`` bytes are read."""
-    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
-        response = ydl.urlopen(url)
-        try:
-            sock = socket_of(response)
-            assert sock is not None
-            read = response.read(16 * KIB)
-            while len(read) < at_bytes:
-                read += response.read(16 * KIB)
-            if action is not None:
-                action(sock)
-            return read + b"".join(iter(lambda: response.read(16 * KIB), b""))
-        finally:
-            response.close()
+    with open_response(watch, url, None) as (response, sock):
+        read = response.read(16 * KIB)
+        while len(read) < at_bytes:
+            read += response.read(16 * KIB)
+        if action is not None:
+            action(sock)
+        return read + b"".join(iter(lambda: response.read(16 * KIB), b""))
 
 
 def resume_after_gap(
@@ -692,7 +686,7 @@ def test_plain_connection_held_by_source_charges_speedup(
     assert sum(bucket.charges) == len(body)
 
 
-def test_plain_band_connection_charges_refill_on_arrival(
+def test_band_refill_charged_on_arrival(
     media_server: MediaServer,
 ) -> None:
     # At 192K the buffer is sized from the first read. After a gap of the
@@ -709,7 +703,7 @@ def test_plain_band_connection_charges_refill_on_arrival(
 
 def read_band_gap(media_server: MediaServer) -> RecordingBucket:
     """Read 384 KiB from ``media_server`` under 192K, its source sending
-    nothing for 0.25 s after 128 KiB; return the bucket."""
+    nothing for 0.25 s after 128 KiB. Return the bucket."""
     body = random.Random("band gap").randbytes(384 * KIB)
     url = media_server.add_file("band-gap.mp4", body, rate=4096 * KIB)
     bucket, watch = recording_watch(192 * KIB)
@@ -718,7 +712,7 @@ def read_band_gap(media_server: MediaServer) -> RecordingBucket:
     return bucket
 
 
-def test_plain_band_connection_watched_over_small_segments() -> None:
+def test_band_connection_watched_small_segments() -> None:
     # Segments of 1448 bytes, as over a real path: the buffer sized to 192K
     # has room for many, so the gap marks the source, and its store is
     # trimmed.
@@ -727,7 +721,7 @@ def test_plain_band_connection_watched_over_small_segments() -> None:
     assert HELD_BURST_S in bucket.kept
 
 
-def test_plain_band_connection_unwatched_over_loopback_segments(
+def test_band_connection_unwatched_on_loopback(
     media_server: MediaServer,
 ) -> None:
     # 64 KiB segments: the sized buffer has room for less than one, so its

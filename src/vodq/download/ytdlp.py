@@ -521,8 +521,8 @@ class _MeteredRead:
         # Once a plain connection's buffer is sized to the rate, it is
         # charged for the bytes that arrive, not for those read
         # (``_arrivals``). These count the bytes read since then, and the
-        # bytes charged since then: the most that were read and queued at
-        # once. None while reads are charged.
+        # bytes charged since then, which is the maximum that were read and
+        # queued at one time. None while reads are charged.
         self._arrival_read = 0
         self._arrival_paid: int | None = None
         # Whether a connection sized before it was found held back (in
@@ -702,21 +702,21 @@ class _MeteredRead:
         return segment is not None and size >= SEGMENTS_WATCHED * segment
 
     def _charge_arrivals(self) -> None:
-        """Charge the bytes that arrive from now on, instead of those read,
-        the queue now included, which was not charged."""
+        """Charge the bytes that arrive from now on instead of those read.
+        The bytes queued now were not charged, so they count as arrived."""
         if self._arrival_paid is None:
             self._arrival_read = 0
             self._arrival_paid = 0
 
     def _arrivals(self, nbytes: int) -> int:
-        """Return the bytes that arrived since the last read, which read
-        ``nbytes``: what it read, and the growth of the kernel's queue.
+        """Return the bytes that arrived since the last read: the ``nbytes``
+        this read took, and the growth of the kernel's queue.
 
         The queue takes a burst of the source at once, uncharged while its
         bytes wait to be read. A sized buffer contains about 0.4 s of the
-        rate on 127.0.0.1, because Linux doubles its size. Its refills
-        charged only as they were read, a source sending 98% of a 500K limit
-        in a burst every 3 s ran +5.4% in 5 s windows.
+        rate on 127.0.0.1, because Linux doubles its size. While its refills
+        were charged only as they were read, a source sending 98% of a 500K
+        limit in a burst every 3 s ran +5.4% in 5 s windows.
         """
         assert self._arrival_paid is not None, "only once arrivals are charged"
         self._arrival_read += nbytes
