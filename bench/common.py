@@ -109,7 +109,15 @@ def print_table(title: str, rows: Sequence[Mapping[str, Any]]) -> None:
     if not rows:
         print("  (no rows)")
         return
-    columns = list(rows[0])
+    # Some rows lack a column, such as a case run without the cluster. Each
+    # column goes after the one before it in the first row that has it.
+    columns: list[str] = []
+    for record in rows:
+        for before, column in zip([None, *record], record, strict=False):
+            if column in columns:
+                continue
+            at = 0 if before is None else columns.index(before) + 1
+            columns.insert(at, column)
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
