@@ -14,12 +14,12 @@ While a download fetches fragments, each new connection gets a receive
 buffer of ``RECEIVE_BUFFER_S`` seconds of its share of the rate in force,
 set before it connects so that the window agreed in the handshake fits it.
 Plain HTTP connections keep the kernel's autotuning, because they last the
-whole download and a buffer set here never grows by itself again. Only at
-96 KiB/s to 256 KiB/s, where the bursts of an autotuned buffer are a large
-part of a 5 s window, does a plain connection get a buffer sized to its
-rate from its first read (``ytdlp.PLAIN_SIZED_RATES``); at other rates it
-gets one once its source limits it, pauses or leaves a gap between
-bursts (``ytdlp.SOURCE_HELD_S``).
+whole download and a buffer set here never grows by itself again. Only up
+to 256 KiB/s, where the bursts of an autotuned buffer are a large part of
+a 5 s window, does a plain connection get a buffer sized to its rate from
+its first read (``ytdlp.PLAIN_SIZED_MAX_RATE``). At higher rates it gets
+one once its source limits it, pauses or leaves a gap between bursts
+(``ytdlp.SOURCE_HELD_S``).
 
 A large cut of the rate clamps the windows of the connections already
 open and shrinks their buffers (``resize_receive_buffer``), plain HTTP

@@ -107,16 +107,19 @@ MIN_READ_BLOCK_BYTES = 4096
 RESIZE_BELOW = 0.25
 
 
-# A plain HTTP connection whose rate lies in this band, in bytes per second,
-# gets a receive buffer sized to the rate from its first read, and its bytes
-# are charged as usual. With the kernel's autotuned buffer the source sends
-# in bursts of 112 to 128 KiB, because Linux offers the window again when
-# half the buffer is free. Three downloads pooled at 500K, 167 KB/s each,
-# then had 5 s windows up to 6.6% off; sized, within 2.1% in 3 runs. Below
-# the band a sized buffer did worse on 127.0.0.1 (64K per download +6.9%,
-# against -2.5%), and above it a burst is a small part of a window. Its
-# window is clamped as after a cut (see resize_receive_buffer).
-PLAIN_SIZED_RATES = (98_304.0, 262_144.0)
+# A plain HTTP connection whose rate is at most this, in bytes per second,
+# gets a receive buffer sized to the rate from its first read, and is
+# charged for the bytes that reach its queue (``_MeteredRead._arrivals``).
+# With the kernel's autotuned buffer the source sends in bursts of half the
+# buffer, because Linux offers the window again when half of it is free:
+# 112 to 128 KiB at 167 KB/s, about 208 KiB at 64K. Three downloads pooled
+# at 500K then had 5 s windows up to 6.6% off, and sized within 2.1% in 3
+# runs. One download at 64K, measured at the client against a server with
+# the kernel's own send buffer (bench/cut_wire.py --from 64K --to 64K), had
+# windows of -19.5% to +17.5%, and sized within 1.6%. Above this rate a
+# burst is a small part of a window. The window is clamped as after a cut
+# (see resize_receive_buffer).
+PLAIN_SIZED_MAX_RATE = 262_144.0
 # Such a connection is watched for its source as well (see SOURCE_HELD_S)
 # when its sized buffer has room for at least this many of its segments. A
 # smaller buffer gets bytes only at the sender's window probes, so its
@@ -160,7 +163,7 @@ STALL_S = 0.5
 # and 10M.
 # Its bytes are then charged as they arrive (``_MeteredRead._arrivals``),
 # because the sized buffer still refills at once at each burst.
-# NOTE: a connection sized from its first read (PLAIN_SIZED_RATES) whose
+# NOTE: a connection sized from its first read (PLAIN_SIZED_MAX_RATE) whose
 # buffer has room for fewer than SEGMENTS_WATCHED segments is not watched,
 # so it keeps its full store. On 127.0.0.1 that is every such connection: a
 # pool of two at 500K whose sources send in bursts ran up to +5.9%, and
@@ -525,9 +528,9 @@ class _MeteredRead:
         # queued at one time. None while reads are charged.
         self._arrival_read = 0
         self._arrival_paid: int | None = None
-        # Whether a connection sized before it was found held back (in
-        # PLAIN_SIZED_RATES, or after a stall) is watched for its source all
-        # the same (``_holds_segments``).
+        # Whether a connection sized before it was found held back (at most
+        # PLAIN_SIZED_MAX_RATE, or after a stall) is watched for its source
+        # all the same (``_holds_segments``).
         self._band_watched = False
         # Until this time.monotonic(), after a stall of a fragment, the
         # growth of the kernel's queue past ``_refilled`` bytes is charged.
@@ -622,10 +625,10 @@ class _MeteredRead:
         else:
             self._reference = max(self._reference, rate)
         if self._queued_at_cut is None:
-            low, high = PLAIN_SIZED_RATES
             if self._watch.fragmented or rate is None:
                 return
-            if not (low <= rate <= high or self._stalled or self._source_held):
+            sized = rate <= PLAIN_SIZED_MAX_RATE
+            if not (sized or self._stalled or self._source_held):
                 return
             self._start_cut(free=False)
             self._charge_arrivals()
@@ -748,7 +751,7 @@ class _MeteredRead:
         """Record the queue and the offered window at a cut: the buffer
         shrinks from them, and the free reads are counted from them.
 
-        ``free`` False sizes a plain connection in PLAIN_SIZED_RATES: its
+        ``free`` False sizes a plain connection up to PLAIN_SIZED_MAX_RATE: its
         bytes came at the rate in force, so none is read free.
         """
         self._reads_free = free
