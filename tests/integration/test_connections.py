@@ -557,6 +557,30 @@ def test_plain_connection_at_lowest_rate_sized(media_server: MediaServer) -> Non
     assert end == 2 * (receive_buffer_for(64 * KIB, 1) + granule)
 
 
+def plain_watch(rate: float, *, downloading: bool = True) -> _Watch:
+    """Return the watch of a plain download limited to ``rate`` bytes/s."""
+    watch = _Watch(track_validators=False, bucket=TokenBucket(rate))
+    watch.downloading = downloading
+    return watch
+
+
+def test_plain_download_connects_sized_at_low_rate() -> None:
+    # Sized only from its first read, the connection took 131 KiB, 2 s of
+    # 64K, in its first window.
+    watch = plain_watch(64 * KIB)
+    assert watch.receive_buffer() == receive_buffer_for(64 * KIB, 1)
+
+
+def test_plain_download_connects_autotuned_above_max() -> None:
+    watch = plain_watch(2 * ytdlp.PLAIN_SIZED_MAX_RATE)
+    assert watch.receive_buffer() is None
+
+
+def test_extractor_requests_connect_autotuned() -> None:
+    watch = plain_watch(64 * KIB, downloading=False)
+    assert watch.receive_buffer() is None
+
+
 def recorded_resizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the buffer size of every resize_receive_buffer call from now on."""
     resized: list[int] = []

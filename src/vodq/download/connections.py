@@ -16,8 +16,8 @@ set before it connects so that the window agreed in the handshake fits it.
 Plain HTTP connections keep the kernel's autotuning, because they last the
 whole download and a buffer set here never grows by itself again. Only up
 to 256 KiB/s, where the bursts of an autotuned buffer are a large part of
-a 5 s window, does a plain connection get a buffer sized to its rate from
-its first read (``ytdlp.PLAIN_SIZED_MAX_RATE``). At higher rates it gets
+a 5 s window, does a plain connection get a buffer sized to its rate
+before it connects (``ytdlp.PLAIN_SIZED_MAX_RATE``). At higher rates it gets
 one once its source limits it, pauses or leaves a gap between bursts
 (``ytdlp.SOURCE_HELD_S``).
 

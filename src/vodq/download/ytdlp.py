@@ -108,8 +108,9 @@ RESIZE_BELOW = 0.25
 
 
 # A plain HTTP connection whose rate is at most this, in bytes per second,
-# gets a receive buffer sized to the rate from its first read, and is
-# charged for the bytes that reach its queue (``_MeteredRead._arrivals``).
+# gets a receive buffer sized to the rate before it connects (or from its
+# first read, when the rate falls later), and is charged for the bytes that
+# reach its queue (``_MeteredRead._arrivals``).
 # With the kernel's autotuned buffer the source sends in bursts of half the
 # buffer, because Linux offers the window again when half of it is free:
 # 112 to 128 KiB at 167 KB/s, about 208 KiB at 64K. Three downloads pooled
@@ -320,8 +321,10 @@ class _Watch:
         self.slots = FragmentSlots(
             hls_fragments, lambda: self.bucket.rate if self.bucket else None, cancelled
         )
-        # Whether yt-dlp downloads the media as fragments (HLS, DASH).
+        # Whether yt-dlp downloads the media as fragments (HLS, DASH), and
+        # whether it has started to (extractor requests come before).
         self.fragmented = False
+        self.downloading = False
         # The metered reads of the responses still referenced.
         self.reads: weakref.WeakSet[_MeteredRead] = weakref.WeakSet()
 
@@ -337,12 +340,21 @@ class _Watch:
             self.bucket.consume(cost, self.cancelled)
 
     def receive_buffer(self) -> int | None:
-        """Return the receive buffer in bytes of a fragment connection opened
-        now, or None for the kernel's (plain HTTP, or no limit)."""
-        if not self.fragmented or self.bucket is None:
+        """Return the receive buffer in bytes of a connection opened now, or
+        None for the kernel's autotuned one.
+
+        A fragment connection gets its share of the rate. So does the plain
+        file's connection at most PLAIN_SIZED_MAX_RATE, which an autotuned
+        buffer let take about 2 s of a 64K limit at its first window.
+        """
+        if self.bucket is None or self.bucket.rate is None:
             return None
         rate = self.bucket.rate
-        return receive_buffer_for(rate, self.slots.capacity_at(rate))
+        if self.fragmented:
+            return receive_buffer_for(rate, self.slots.capacity_at(rate))
+        if self.downloading and rate <= PLAIN_SIZED_MAX_RATE:
+            return receive_buffer_for(rate, 1)
+        return None
 
     def receive_buffer_at(self, rate: float | None) -> int:
         """Return the receive buffer in bytes of one connection of this
@@ -437,6 +449,7 @@ class _WatchedYoutubeDL(yt_dlp.YoutubeDL):  # type: ignore[misc]
         self.vodq_watch.fragmented = isinstance(downloader, type) and issubclass(
             downloader, FragmentFD
         )
+        self.vodq_watch.downloading = True
         return super().dl(name, info, *args, **kwargs)
 
     def urlopen(self, req: Any) -> Any:
