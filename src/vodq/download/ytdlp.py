@@ -108,9 +108,9 @@ RESIZE_BELOW = 0.25
 
 
 # A plain HTTP connection whose rate is at most this, in bytes per second,
-# gets a receive buffer sized to the rate before it connects (or from its
-# first read, when the rate falls later), and is charged for the bytes that
-# reach its queue (``_MeteredRead._arrivals``).
+# gets a receive buffer sized to the rate before it connects. One whose rate
+# falls this low later gets it at its next read. Either way it is charged
+# for the bytes that reach its queue (``_MeteredRead._arrivals``).
 # With the kernel's autotuned buffer the source sends in bursts of half the
 # buffer, because Linux offers the window again when half of it is free:
 # 112 to 128 KiB at 167 KB/s, about 208 KiB at 64K. Three downloads pooled
