@@ -164,7 +164,7 @@ STALL_S = 0.5
 # and 10M.
 # Its bytes are then charged as they arrive (``_MeteredRead._arrivals``),
 # because the sized buffer still refills at once at each burst.
-# NOTE: a connection sized from its first read (PLAIN_SIZED_MAX_RATE) whose
+# NOTE: a connection sized for its low rate (PLAIN_SIZED_MAX_RATE) whose
 # buffer has room for fewer than SEGMENTS_WATCHED segments is not watched,
 # so it keeps its full store. On 127.0.0.1 that is every such connection: a
 # pool of two at 500K whose sources send in bursts ran up to +5.9%, and
@@ -344,8 +344,8 @@ class _Watch:
         None for the kernel's autotuned one.
 
         A fragment connection gets its share of the rate. So does the plain
-        file's connection at most PLAIN_SIZED_MAX_RATE, which an autotuned
-        buffer let take about 2 s of a 64K limit at its first window.
+        file's connection at a rate of at most PLAIN_SIZED_MAX_RATE: with an
+        autotuned buffer its first window took about 2 s of a 64K limit.
         """
         if self.bucket is None or self.bucket.rate is None:
             return None
