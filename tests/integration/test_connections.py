@@ -18,10 +18,12 @@ from mediaserver import MediaServer
 from vodq.bandwidth import SpareTokens, TokenBucket
 from vodq.download import DownloadJob, connections, ytdlp
 from vodq.download.connections import (
+    FRAGMENT_BUFFER_S,
     MAX_RECEIVE_BUFFER_BYTES,
     MIN_RECEIVE_BUFFER_BYTES,
     queued_bytes,
     receive_buffer_for,
+    round_trip,
     sized_receive_buffers,
     socket_of,
 )
@@ -54,6 +56,11 @@ def test_receive_buffer_fast_rate_has_ceiling() -> None:
     assert receive_buffer_for(1024 * 1024 * KIB, 1) == MAX_RECEIVE_BUFFER_BYTES
 
 
+def test_receive_buffer_holds_given_seconds() -> None:
+    # Half a second of a quarter of 2 MiB/s.
+    assert receive_buffer_for(2048 * KIB, 4, 0.5) == 262_144
+
+
 @pytest.fixture
 def listener() -> Iterator[tuple[str, int]]:
     server = socket.create_server(("127.0.0.1", 0))
@@ -72,6 +79,21 @@ def test_sized_connection_gets_receive_buffer(listener: tuple[str, int]) -> None
         assert sock.gettimeout() == 5
     finally:
         sock.close()
+
+
+def test_round_trip_of_loopback_connection_is_short(
+    listener: tuple[str, int],
+) -> None:
+    with socket.create_connection(listener, timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        # The listener's kernel acknowledges the request; no accept needed.
+        time.sleep(0.05)
+        seconds = round_trip(sock)
+    assert seconds is not None and 0 < seconds < 0.05
+
+
+def test_round_trip_without_socket_is_unknown() -> None:
+    assert round_trip(None) is None
 
 
 def test_unsized_connection_keeps_default(listener: tuple[str, int]) -> None:
@@ -114,7 +136,8 @@ def test_hls_fragments_connect_with_rate_share(
     url = media_server.add_hls("sized", segments)
     sizes = download_sizes(tmp_path, monkeypatch, url, 4096 * KIB)
     assert len(sizes) >= len(segments)
-    assert set(sizes) == {receive_buffer_for(4096 * KIB, 4)}
+    # The round trip on 127.0.0.1 is far below the buffer's seconds.
+    assert set(sizes) == {receive_buffer_for(4096 * KIB, 4, FRAGMENT_BUFFER_S)}
 
 
 def test_plain_file_keeps_autotuned_buffer(
@@ -576,6 +599,41 @@ def test_plain_download_connects_autotuned_above_max() -> None:
     assert watch.receive_buffer() is None
 
 
+def fragment_watch(rate: float, round_trip_s: float) -> _Watch:
+    """Return the watch of an HLS download limited to ``rate`` bytes/s whose
+    latest response came over a round trip of ``round_trip_s`` seconds."""
+    watch = _Watch(track_validators=False, bucket=TokenBucket(rate))
+    watch.fragmented = True
+    watch.round_trip_s = round_trip_s
+    return watch
+
+
+def test_fragment_buffer_on_short_round_trip() -> None:
+    watch = fragment_watch(512 * KIB, 0.0001)
+    assert watch.receive_buffer() == receive_buffer_for(512 * KIB, 4, 0.1)
+
+
+def test_fragment_buffer_holds_two_round_trips() -> None:
+    # A buffer of 0.1 s of its share would cap the connection at a third of
+    # it over a round trip of 0.3 s.
+    watch = fragment_watch(512 * KIB, 0.3)
+    assert watch.receive_buffer() == receive_buffer_for(512 * KIB, 4, 0.6)
+
+
+def test_plain_buffer_holds_two_round_trips() -> None:
+    watch = plain_watch(64 * KIB)
+    watch.round_trip_s = 0.25
+    assert watch.receive_buffer() == receive_buffer_for(64 * KIB, 1, 0.5)
+
+
+def test_response_notes_round_trip(media_server: MediaServer) -> None:
+    url = media_server.add_file("trip.mp4", random.Random(9).randbytes(16 * KIB))
+    watch = _Watch(track_validators=False)
+    with _WatchedYoutubeDL(PARAMS, watch, extractors=False) as ydl:
+        ydl.urlopen(url).close()
+    assert 0 < watch.round_trip_s < 0.05
+
+
 def test_extractor_requests_connect_autotuned() -> None:
     watch = plain_watch(64 * KIB, downloading=False)
     assert watch.receive_buffer() is None
@@ -989,8 +1047,10 @@ def test_metered_read_pause_charges_plain_reads() -> None:
 
 
 def test_metered_read_pause_charges_fragment_refill() -> None:
-    # The tail lands in the 128 KiB buffer at once, before the reads.
-    bucket, watch = recording_watch(1024 * KIB)
+    # The tail lands in the 128 KiB buffer at once, before the reads. At 2M
+    # a fragment connection opens with 52 KiB, so 128 KiB is within
+    # RESIZE_BELOW of it and counts as opened at the rate, not before a cut.
+    bucket, watch = recording_watch(2048 * KIB)
     watch.fragmented = True
 
     body, read, _, _ = read_through_pause(watch, 26, 120, connect_size=128 * KIB)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from buckets import RecordingBucket
+from fetching import while_fetching
 from vodq.bandwidth import TokenBucket
 from vodq.download.ytdlp import (
     MIN_READ_BLOCK_BYTES,
@@ -78,3 +79,26 @@ def test_metered_read_empty_read_free() -> None:
     bucket = RecordingBucket(1000)
     _metered(lambda amt=None: b"", bucket)(4096)
     assert bucket.charges == []
+
+
+def fragment_blocks(rate: float, indices: list[int]) -> dict[int, int]:
+    """Return the read block of each fragment of ``indices``, fetched at once
+    by a download limited to ``rate`` bytes/s."""
+    watch = _Watch(track_validators=False, bucket=TokenBucket(rate))
+    watch.fragmented = True
+    return while_fetching(watch.slots, indices, watch.read_block)
+
+
+def test_read_block_of_oldest_fragment_is_larger() -> None:
+    blocks = fragment_blocks(512_000, [0, 1, 2, 3])
+    assert blocks[0] > read_block_for(512_000)
+
+
+def test_read_block_of_newest_fragment_is_smaller() -> None:
+    blocks = fragment_blocks(512_000, [0, 1, 2, 3])
+    assert blocks[3] < read_block_for(512_000)
+
+
+def test_read_block_of_fragment_has_ceiling() -> None:
+    blocks = fragment_blocks(100 * 1024 * 1024, [0, 1, 2, 3])
+    assert blocks[0] == READ_BLOCK_BYTES

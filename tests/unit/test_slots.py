@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from vodq.download.slots import FRAGMENT_MIN_RATE, FragmentSlots
+import pytest
+
+from fetching import while_fetching
+from vodq.download.slots import FRAGMENT_MIN_RATE, OLDEST_WEIGHT, FragmentSlots
 from vodq.errors import DownloadCancelled
 
 
@@ -117,3 +120,37 @@ def test_slots_cancelled_download_stops_waiting() -> None:
         thread.join(10)
     assert stopped == [1]
     assert order == [0]
+
+
+def held_weights(indices: list[int]) -> dict[int, float]:
+    """Return the weight each of ``indices`` reads while all hold a slot."""
+    slots = FragmentSlots(len(indices), Rate(None))
+    return while_fetching(slots, indices, slots.weight)
+
+
+def test_slots_weight_outside_fragment_is_one() -> None:
+    assert FragmentSlots(4, Rate(None)).weight() == 1.0
+
+
+def test_slots_weight_of_only_fragment_is_one() -> None:
+    assert held_weights([7]) == {7: 1.0}
+
+
+def test_slots_weight_oldest_reads_most() -> None:
+    weights = held_weights([5, 6, 7, 8])
+    assert max(weights, key=weights.__getitem__) == 5
+
+
+def test_slots_weight_falls_with_age() -> None:
+    weights = held_weights([5, 6, 7, 8])
+    assert weights[5] > weights[6] > weights[7] > weights[8]
+
+
+def test_slots_weight_oldest_over_newest() -> None:
+    weights = held_weights([5, 6, 7, 8])
+    assert weights[5] / weights[8] == pytest.approx(OLDEST_WEIGHT)
+
+
+def test_slots_weights_keep_the_rate() -> None:
+    weights = held_weights([2, 9, 11])
+    assert sum(weights.values()) == pytest.approx(3.0)

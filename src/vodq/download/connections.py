@@ -11,8 +11,9 @@ four fragments at once, 5-second windows measured at the server strayed
 10% from the limit (bench/bench_rates.py, Linux 6.18).
 
 While a download fetches fragments, each new connection gets a receive
-buffer of ``RECEIVE_BUFFER_S`` seconds of its share of the rate in force,
-set before it connects so that the window agreed in the handshake fits it.
+buffer of ``FRAGMENT_BUFFER_S`` seconds of its share of the rate in force,
+or of ``BUFFERED_ROUND_TRIPS`` round trips of the path if that is more, set
+before it connects so that the window agreed in the handshake fits it.
 Plain HTTP connections keep the kernel's autotuning, because they last the
 whole download and a buffer set here never grows by itself again. Only up
 to 256 KiB/s, where the bursts of an autotuned buffer are a large part of
@@ -52,19 +53,31 @@ import yt_dlp.version
 
 from vodq.errors import ConfigError
 
-# A fragment connection's receive buffer, in seconds of its share of the
-# rate. The bytes the buffers take ahead of the reads are then at most this
-# many seconds of the rate, 4% of a 5 s window, for all fragments together.
-# NOTE: a connection cannot receive faster than its buffer per round trip,
-# so over a path with a round trip above this the downloads fall short of
-# their limit; so does a plain HTTP connection resized after a cut. A buffer
-# smaller than one segment (64 KiB on loopback) gets bytes only at the
-# sender's window probe, about every 0.2 s. On loopback a connection sized
-# to 320K or less then reads one to two buffers per probe. So a pooled
-# download there may borrow little or nothing of what its neighbours leave
-# (bandwidth.SpareTokens). At 113K, 4 test runs in 20 under load read 1.04
-# times the limit.
+# A plain connection's receive buffer once sized to its rate, in seconds of
+# the rate (ytdlp.PLAIN_SIZED_MAX_RATE, ytdlp.SOURCE_HELD_S).
 RECEIVE_BUFFER_S = 0.2
+# A fragment connection's receive buffer, in seconds of its share of the
+# rate. Each fragment's buffer fills at its start and drains at its end
+# unseen by the server, so a 5 s window there counts up to one buffer per
+# connection early or late. At 0.2 s, HLS at 500K with 256 KiB segments ran
+# up to 6.4% off in 5 s windows sliding by 0.05 s. At 0.1 s, with the ends
+# of the fragments spread out (slots.OLDEST_WEIGHT), it ran within 2.9%.
+FRAGMENT_BUFFER_S = 0.1
+# Either buffer has room for at least this many round trips of its
+# connection's part of the rate, as measured on the download's latest
+# response (``round_trip``): a connection receives at most one window per
+# round trip, so a smaller buffer caps it below its part.
+# NOTE: a download's first connection is sized before any round trip is
+# known, and the first fragments of a playlist from another host with the
+# playlist's. A plain file's connection is resized at its first read, but
+# a fragment's keeps its buffer to its end, so over a longer round trip the
+# first fragments fall short. A buffer smaller than one segment (64 KiB on
+# loopback) gets bytes only at the sender's window probe, about every
+# 0.2 s. On loopback a connection sized to 320K or less then reads one to
+# two buffers per probe. So a pooled download there may borrow little or
+# nothing of what its neighbours leave (bandwidth.SpareTokens). At 113K, 4
+# test runs in 20 under load read 1.04 times the limit.
+BUFFERED_ROUND_TRIPS = 2.0
 # Bounds of that buffer, in bytes. Linux doubles the value for its own
 # bookkeeping and keeps at least about 4.5 KiB.
 MIN_RECEIVE_BUFFER_BYTES = 4096
@@ -76,6 +89,9 @@ _MEMINFO_BYTES = 9 * 4
 # Offset of tcpi_rcv_wnd in struct tcp_info: the receive window last offered,
 # in bytes. Linux 6.2 and newer fill it, and older kernels return less.
 _TCPI_RCV_WND_OFFSET = 232
+# Offset of tcpi_rtt in struct tcp_info: the smoothed round trip, in
+# microseconds.
+_TCPI_RTT_OFFSET = 68
 # Offset of the byte of struct tcp_info whose high four bits are the receive
 # window scale (tcpi_rcv_wscale).
 _TCPI_WSCALE_OFFSET = 6
@@ -121,12 +137,15 @@ def check_supported() -> None:
         )
 
 
-def receive_buffer_for(rate: float | None, connections: int) -> int | None:
+def receive_buffer_for(
+    rate: float | None, connections: int, seconds: float = RECEIVE_BUFFER_S
+) -> int | None:
     """Return the receive buffer, in bytes, of one of ``connections`` sharing
-    ``rate`` bytes per second, or None when the rate is unlimited."""
+    ``rate`` bytes per second, holding ``seconds`` of its part, or None when
+    the rate is unlimited."""
     if rate is None:
         return None
-    size = rate / max(1, connections) * RECEIVE_BUFFER_S
+    size = rate / max(1, connections) * seconds
     return int(min(MAX_RECEIVE_BUFFER_BYTES, max(MIN_RECEIVE_BUFFER_BYTES, size)))
 
 
@@ -245,6 +264,21 @@ def offered_window(sock: socket.socket | None) -> int:
     if len(info) < _TCPI_RCV_WND_OFFSET + 4:
         return 0
     return int(struct.unpack_from("I", info, _TCPI_RCV_WND_OFFSET)[0])
+
+
+def round_trip(sock: socket.socket | None) -> float | None:
+    """Return the smoothed round trip of ``sock`` in seconds, or None when
+    unknown: no socket, a closed one, or not Linux."""
+    if sock is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, ValueError):
+        return None
+    if len(info) < _TCPI_RTT_OFFSET + 4:
+        return None
+    micros = int(struct.unpack_from("I", info, _TCPI_RTT_OFFSET)[0])
+    return micros / 1_000_000 if micros else None
 
 
 def _offers_no_window(sock: socket.socket) -> bool:

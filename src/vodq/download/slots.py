@@ -14,6 +14,13 @@ fragments by 3%.
 rate in force, at least one and at most the configured count. The waiting
 thread with the lowest fragment index goes first, so the file still grows in
 order.
+
+Fragments started together, given equal parts of the rate, end together
+too, and then start the next ones together. Each fragment's receive buffer
+fills at its start and drains at its end unseen by the server, so the
+server saw the buffers of all of them as one burst and one gap. ``weight``
+gives the older fragments larger parts, so each ends before the next
+younger one and the ends spread out over the time of a fragment.
 """
 
 from __future__ import annotations
@@ -32,6 +39,12 @@ FRAGMENT_MIN_RATE = 4 * MIN_RECEIVE_BUFFER_BYTES
 # How often a waiting fragment thread looks at the rate and its cancel flag
 # again, in seconds. A rate change also wakes it (``wake``).
 WAIT_S = 0.25
+# The part of the rate that the oldest fragment being fetched reads, as a
+# multiple of the newest's; those between get parts between, by age. With
+# equal parts, HLS at 500K with 256 KiB segments ran up to 6.4% off in 5 s
+# windows sliding by 0.05 s, and with these parts and smaller buffers
+# (connections.FRAGMENT_BUFFER_S) within 2.9% (bench/bench_rates.py).
+OLDEST_WEIGHT = 4.0
 
 
 class FragmentSlots:
@@ -50,6 +63,10 @@ class FragmentSlots:
         self._changed = threading.Condition()
         self._fetching = 0
         self._waiting: set[int] = set()
+        # The indices of the fragments being fetched, and the one that each
+        # fragment thread fetches.
+        self._current: set[int] = set()
+        self._local = threading.local()
 
     def capacity(self) -> int:
         """Return how many fragments may be fetched at once now."""
@@ -80,14 +97,35 @@ class FragmentSlots:
             finally:
                 self._waiting.discard(index)
             self._fetching += 1
+            self._current.add(index)
             # The next lowest waiter may fit now too.
             self._changed.notify_all()
+        self._local.index = index
         try:
             yield
         finally:
+            self._local.index = None
             with self._changed:
                 self._fetching -= 1
+                self._current.discard(index)
                 self._changed.notify_all()
+
+    def weight(self) -> float:
+        """Return the calling thread's part of the rate, as a multiple of an
+        equal part.
+
+        The oldest fragment being fetched (the lowest index) gets
+        OLDEST_WEIGHT times the newest's part. Outside a fragment, or for the
+        only one, the part is 1.0.
+        """
+        index = getattr(self._local, "index", None)
+        with self._changed:
+            held = sorted(self._current)
+        if index is None or index not in held or len(held) < 2:
+            return 1.0
+        age = held.index(index) / (len(held) - 1)
+        # Linear from OLDEST_WEIGHT to 1, divided by its mean.
+        return (OLDEST_WEIGHT - (OLDEST_WEIGHT - 1) * age) * 2 / (OLDEST_WEIGHT + 1)
 
     def wake(self) -> None:
         """Let waiting threads look at a new rate now."""

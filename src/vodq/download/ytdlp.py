@@ -55,13 +55,17 @@ from vodq.bandwidth import TokenBucket
 from vodq.download import DownloadJob, DownloadResult, connections, fragments
 from vodq.download.classify import HttpErrorSeen, classify
 from vodq.download.connections import (
+    BUFFERED_ROUND_TRIPS,
+    FRAGMENT_BUFFER_S,
     MAX_RECEIVE_BUFFER_BYTES,
+    RECEIVE_BUFFER_S,
     connect_buffer,
     is_closed,
     offered_window,
     queued_bytes,
     receive_buffer_for,
     resize_receive_buffer,
+    round_trip,
     segment_size,
     sized_receive_buffers,
     socket_of,
@@ -171,9 +175,8 @@ STALL_S = 0.5
 # one download at 128K up to +10.6%.
 # NOTE: a reader starved of CPU waits as well, and a lost packet makes a
 # read wait a retransmission timeout (at least 0.2 s on Linux), so a fast
-# source can be taken for a slow one. Its sized buffer then caps it on a
-# round trip over about 0.4 s, and outside the pool its bucket keeps only
-# HELD_BURST_S to catch up after a stall.
+# source can be taken for a slow one. Outside the pool its bucket then
+# keeps only HELD_BURST_S to catch up after a stall.
 SOURCE_HELD_S = 1.0
 SOURCE_HELD_SHARE = 0.5
 HELD_GAP_S = 0.1
@@ -327,10 +330,37 @@ class _Watch:
         self.downloading = False
         # The metered reads of the responses still referenced.
         self.reads: weakref.WeakSet[_MeteredRead] = weakref.WeakSet()
+        # The smoothed round trip, in seconds, of the latest response's
+        # connection; 0.0 until one is known.
+        self.round_trip_s = 0.0
 
     def read_block(self) -> int:
-        """Return the read size in bytes for the rate in force now."""
-        return read_block_for(self.bucket.rate if self.bucket else None)
+        """Return the read size in bytes for the rate in force now.
+
+        A fragment's is scaled by its weight (``FragmentSlots.weight``): the
+        fragment threads read a block each in turn from one bucket, so their
+        blocks set their parts of the rate.
+        """
+        rate = self.bucket.rate if self.bucket else None
+        block = read_block_for(rate)
+        if self.fragmented and rate is not None:
+            block = min(READ_BLOCK_BYTES, int(block * self.slots.weight()))
+        return block
+
+    def note_round_trip(self, sock: socket.socket | None) -> None:
+        """Keep the round trip of ``sock``, a new response's connection, for
+        the buffers of the connections opened or resized from now on."""
+        seconds = round_trip(sock)
+        if seconds is not None:
+            self.round_trip_s = seconds
+
+    def buffer_seconds(self) -> float:
+        """Return the seconds of its part of the rate that a sized connection's
+        receive buffer holds: FRAGMENT_BUFFER_S for a fragment's,
+        RECEIVE_BUFFER_S for a plain file's, or BUFFERED_ROUND_TRIPS round
+        trips if that is more."""
+        base = FRAGMENT_BUFFER_S if self.fragmented else RECEIVE_BUFFER_S
+        return max(base, BUFFERED_ROUND_TRIPS * self.round_trip_s)
 
     def charge(self, nbytes: int, read_rate: float | None) -> None:
         """Charge ``nbytes``, read while ``read_rate`` was in force, to the
@@ -350,10 +380,11 @@ class _Watch:
         if self.bucket is None or self.bucket.rate is None:
             return None
         rate = self.bucket.rate
+        seconds = self.buffer_seconds()
         if self.fragmented:
-            return receive_buffer_for(rate, self.slots.capacity_at(rate))
+            return receive_buffer_for(rate, self.slots.capacity_at(rate), seconds)
         if self.downloading and rate <= PLAIN_SIZED_MAX_RATE:
-            return receive_buffer_for(rate, 1)
+            return receive_buffer_for(rate, 1, seconds)
         return None
 
     def receive_buffer_at(self, rate: float | None) -> int:
@@ -361,7 +392,8 @@ class _Watch:
         download at ``rate``: a fragment connection's, or the plain file's,
         and the largest for no limit."""
         connections = self.slots.capacity_at(rate) if self.fragmented else 1
-        return receive_buffer_for(rate, connections) or MAX_RECEIVE_BUFFER_BYTES
+        size = receive_buffer_for(rate, connections, self.buffer_seconds())
+        return size or MAX_RECEIVE_BUFFER_BYTES
 
     def track(self, read: _MeteredRead) -> None:
         """Resize the connection of ``read`` at every rate change from now on."""
@@ -461,6 +493,7 @@ class _WatchedYoutubeDL(yt_dlp.YoutubeDL):  # type: ignore[misc]
             raise
         if isinstance(request, Request):
             self.vodq_watch.response(request, response)
+        self.vodq_watch.note_round_trip(socket_of(response))
         if self.vodq_watch.bucket is not None and isinstance(response, Response):
             metered = _MeteredRead(response.read, socket_of(response), self.vodq_watch)
             response.read = metered
