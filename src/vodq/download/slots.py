@@ -61,11 +61,10 @@ class FragmentSlots:
         self._rate = rate
         self._cancelled = cancelled
         self._changed = threading.Condition()
-        self._fetching = 0
         self._waiting: set[int] = set()
         # The indices of the fragments being fetched, and the one that each
         # fragment thread fetches.
-        self._current: set[int] = set()
+        self._fetching: set[int] = set()
         self._local = threading.local()
 
     def capacity(self) -> int:
@@ -90,14 +89,15 @@ class FragmentSlots:
         with self._changed:
             self._waiting.add(index)
             try:
-                while self._fetching >= self.capacity() or index > min(self._waiting):
+                while len(self._fetching) >= self.capacity() or index > min(
+                    self._waiting
+                ):
                     if self._is_cancelled():
                         raise DownloadCancelled("download cancelled")
                     self._changed.wait(WAIT_S)
             finally:
                 self._waiting.discard(index)
-            self._fetching += 1
-            self._current.add(index)
+            self._fetching.add(index)
             # The next lowest waiter may fit now too.
             self._changed.notify_all()
         self._local.index = index
@@ -106,8 +106,7 @@ class FragmentSlots:
         finally:
             self._local.index = None
             with self._changed:
-                self._fetching -= 1
-                self._current.discard(index)
+                self._fetching.discard(index)
                 self._changed.notify_all()
 
     def weight(self) -> float:
@@ -120,7 +119,7 @@ class FragmentSlots:
         """
         index = getattr(self._local, "index", None)
         with self._changed:
-            held = sorted(self._current)
+            held = sorted(self._fetching)
         if index is None or index not in held or len(held) < 2:
             return 1.0
         age = held.index(index) / (len(held) - 1)
