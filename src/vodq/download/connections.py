@@ -141,8 +141,8 @@ def receive_buffer_for(
     rate: float | None, connections: int, seconds: float = RECEIVE_BUFFER_S
 ) -> int | None:
     """Return the receive buffer, in bytes, of one of ``connections`` sharing
-    ``rate`` bytes per second, holding ``seconds`` of its part, or None when
-    the rate is unlimited."""
+    ``rate`` bytes per second, with room for ``seconds`` of its part, or None
+    when the rate is unlimited."""
     if rate is None:
         return None
     size = rate / max(1, connections) * seconds

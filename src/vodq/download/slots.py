@@ -119,10 +119,10 @@ class FragmentSlots:
         """
         index = getattr(self._local, "index", None)
         with self._changed:
-            held = sorted(self._fetching)
-        if index is None or index not in held or len(held) < 2:
+            fetching = sorted(self._fetching)
+        if index is None or index not in fetching or len(fetching) < 2:
             return 1.0
-        age = held.index(index) / (len(held) - 1)
+        age = fetching.index(index) / (len(fetching) - 1)
         # Linear from OLDEST_WEIGHT to 1, divided by its mean.
         return (OLDEST_WEIGHT - (OLDEST_WEIGHT - 1) * age) * 2 / (OLDEST_WEIGHT + 1)
 

@@ -356,7 +356,7 @@ class _Watch:
 
     def buffer_seconds(self) -> float:
         """Return the seconds of its part of the rate that a sized connection's
-        receive buffer holds: FRAGMENT_BUFFER_S for a fragment's,
+        receive buffer has room for: FRAGMENT_BUFFER_S for a fragment's,
         RECEIVE_BUFFER_S for a plain file's, or BUFFERED_ROUND_TRIPS round
         trips if that is more."""
         base = FRAGMENT_BUFFER_S if self.fragmented else RECEIVE_BUFFER_S
