@@ -18,7 +18,7 @@ order.
 Fragments started together, given equal parts of the rate, end together
 too, and then start the next ones together. Each fragment's receive buffer
 fills at its start and drains at its end unseen by the server, so the
-server saw the buffers of all of them as one burst and one gap. ``weight``
+server sends all of their buffers in one burst, after one gap. ``weight``
 gives the older fragments larger parts, so each ends before the next
 younger one and the ends spread out over the time of a fragment.
 """
@@ -40,10 +40,13 @@ FRAGMENT_MIN_RATE = 4 * MIN_RECEIVE_BUFFER_BYTES
 # again, in seconds. A rate change also wakes it (``wake``).
 WAIT_S = 0.25
 # The part of the rate that the oldest fragment being fetched reads, as a
-# multiple of the newest's; those between get parts between, by age. With
+# multiple of the newest's. Those between get parts between, by age. With
 # equal parts, HLS at 500K with 256 KiB segments ran up to 6.4% off in 5 s
 # windows sliding by 0.05 s, and with these parts and smaller buffers
 # (connections.FRAGMENT_BUFFER_S) within 2.9% (bench/bench_rates.py).
+# NOTE: 16 fragments at once at 300K to 2M still ended together and ran up
+# to 5.9% off in a test. Each connection's buffer is then the kernel's
+# smallest, and the reads seem paced by its window updates, not the blocks.
 OLDEST_WEIGHT = 4.0
 
 
@@ -89,9 +92,7 @@ class FragmentSlots:
         with self._changed:
             self._waiting.add(index)
             try:
-                while len(self._fetching) >= self.capacity() or index > min(
-                    self._waiting
-                ):
+                while self._is_full() or index > min(self._waiting):
                     if self._is_cancelled():
                         raise DownloadCancelled("download cancelled")
                     self._changed.wait(WAIT_S)
@@ -109,6 +110,10 @@ class FragmentSlots:
                 self._fetching.discard(index)
                 self._changed.notify_all()
 
+    def _is_full(self) -> bool:
+        """Return whether every slot is taken; called with ``_changed`` held."""
+        return len(self._fetching) >= self.capacity()
+
     def weight(self) -> float:
         """Return the calling thread's part of the rate, as a multiple of an
         equal part.
@@ -122,9 +127,10 @@ class FragmentSlots:
             fetching = sorted(self._fetching)
         if index is None or index not in fetching or len(fetching) < 2:
             return 1.0
-        age = fetching.index(index) / (len(fetching) - 1)
+        # 0.0 for the oldest fragment, 1.0 for the newest.
+        rank = fetching.index(index) / (len(fetching) - 1)
         # Linear from OLDEST_WEIGHT to 1, divided by its mean.
-        return (OLDEST_WEIGHT - (OLDEST_WEIGHT - 1) * age) * 2 / (OLDEST_WEIGHT + 1)
+        return (OLDEST_WEIGHT - (OLDEST_WEIGHT - 1) * rank) * 2 / (OLDEST_WEIGHT + 1)
 
     def wake(self) -> None:
         """Let waiting threads look at a new rate now."""

@@ -348,7 +348,7 @@ class _Watch:
         return block
 
     def note_round_trip(self, sock: socket.socket | None) -> None:
-        """Keep the round trip of ``sock``, a new response's connection, for
+        """Record the round trip of ``sock``, a new response's connection, for
         the buffers of the connections opened or resized from now on."""
         seconds = round_trip(sock)
         if seconds is not None:
@@ -379,12 +379,10 @@ class _Watch:
         """
         if self.bucket is None or self.bucket.rate is None:
             return None
+
         rate = self.bucket.rate
-        seconds = self.buffer_seconds()
-        if self.fragmented:
-            return receive_buffer_for(rate, self.slots.capacity_at(rate), seconds)
-        if self.downloading and rate <= PLAIN_SIZED_MAX_RATE:
-            return receive_buffer_for(rate, 1, seconds)
+        if self.fragmented or (self.downloading and rate <= PLAIN_SIZED_MAX_RATE):
+            return self.receive_buffer_at(rate)
         return None
 
     def receive_buffer_at(self, rate: float | None) -> int:
@@ -493,9 +491,10 @@ class _WatchedYoutubeDL(yt_dlp.YoutubeDL):  # type: ignore[misc]
             raise
         if isinstance(request, Request):
             self.vodq_watch.response(request, response)
-        self.vodq_watch.note_round_trip(socket_of(response))
+        sock = socket_of(response)
+        self.vodq_watch.note_round_trip(sock)
         if self.vodq_watch.bucket is not None and isinstance(response, Response):
-            metered = _MeteredRead(response.read, socket_of(response), self.vodq_watch)
+            metered = _MeteredRead(response.read, sock, self.vodq_watch)
             response.read = metered
             self.vodq_watch.track(metered)
         return response
